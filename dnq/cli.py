@@ -1,0 +1,105 @@
+"""The ``dnq`` command: ``dnq train`` and ``dnq ptq``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .data import DATASET_NAMES, DataError
+from .methods import METHODS
+from .models import MODELS
+from .quant import RANGE_METHODS, WEIGHT_MODES
+from .train import ConfigError, NonFiniteLossError, TrainConfig
+
+
+def _opt_bits(s: str) -> int | None:
+    return None if s.lower() in ("none", "same", "0") else int(s)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = TrainConfig()
+    p = argparse.ArgumentParser(prog="dnq", description="Quantization-ready training (DNQ) and simple PTQ.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a model with sgd, dnq, dnq-w, dnq-a, gaussian or sam",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    t.add_argument("--data", default=d.data, help=f"dataset: {', '.join(DATASET_NAMES)}")
+    t.add_argument("--model", default=d.model, help=f"model: {', '.join(MODELS)}")
+    t.add_argument("--method", default=d.method, help=f"method: {', '.join(METHODS)}")
+    t.add_argument("--out", required=True, help="run folder (created; never overwritten without --overwrite)")
+    t.add_argument("--wbits", type=int, default=d.wbits, help="target weight bits of the DNQ noise (2..8)")
+    t.add_argument("--abits", type=int, default=d.abits, help="target activation bits of the DNQ noise (2..8)")
+    t.add_argument("--epochs", type=int, default=d.epochs)
+    t.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch size (all processes)")
+    t.add_argument("--lr", type=float, default=d.lr)
+    t.add_argument("--momentum", type=float, default=d.momentum, help="Nesterov momentum")
+    t.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    t.add_argument("--label-smoothing", type=float, default=d.label_smoothing)
+    t.add_argument("--lr-warmup-epochs", type=int, default=d.lr_warmup_epochs, help="linear LR warm-up before the cosine")
+    t.add_argument("--lambda-max", type=float, default=d.lambda_max, help="noise strength after the ramp")
+    t.add_argument("--lambda-start", type=int, default=d.lambda_start, help="epoch at which the noise starts")
+    t.add_argument("--lambda-warmup", type=int, default=d.lambda_warmup, help="epochs of the linear ramp to lambda-max")
+    t.add_argument("--ema-beta", type=float, default=d.ema_beta, help="EMA of the error statistics across epochs")
+    t.add_argument("--temperature", type=float, default=d.temperature, help="salience softmax temperature T")
+    t.add_argument("--act-rho", type=float, default=d.act_rho, help="activation-noise injection rate rho")
+    t.add_argument("--noise-first-last-bits", type=_opt_bits, default=d.noise_first_last_bits,
+                   help="bits of the first/last layer's noise statistics (default: the target bits)")
+    t.add_argument("--calib-size", type=int, default=d.calib_size, help="calibration samples for activation statistics")
+    t.add_argument("--sam-rho", type=float, default=d.sam_rho, help="SAM neighbourhood radius")
+    t.add_argument("--swa-start", type=float, default=d.swa_start,
+                   help="enable SWA over the last part of training, from this fraction of the epochs (e.g. 0.75)")
+    t.add_argument("--seed", type=int, default=d.seed)
+    t.add_argument("--data-root", default=d.data_root, help="folder of the torchvision datasets (default ./data)")
+    t.add_argument("--download", action="store_true", help="allow downloading CIFAR into --data-root")
+    t.add_argument("--device", default=d.device, help="auto, cpu, cuda or cuda:N")
+    t.add_argument("--no-amp", dest="amp", action="store_false", help="disable bf16 autocast on CUDA")
+    t.add_argument("--compile", action="store_true", help="torch.compile the model")
+    t.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size)
+    t.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint")
+    t.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+    t.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
+
+    q = sub.add_parser("ptq", help="post-training quantization of a finished run; writes RUN/ptq.json",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    q.add_argument("run", help="run folder written by dnq train")
+    q.add_argument("--bits", default="W8A8,W6A6,W4A4,W3A3,W2A4", help="comma-separated WxAy settings (2..8 bits)")
+    q.add_argument("--range", dest="ranges", default=",".join(RANGE_METHODS),
+                   help=f"comma-separated clipping-range methods: {', '.join(RANGE_METHODS)}")
+    q.add_argument("--weight-mode", default="symmetric", choices=WEIGHT_MODES)
+    q.add_argument("--first-last-bits", type=_opt_bits, default=8,
+                   help="bits of the first and last layer ('none' quantizes them like the rest)")
+    q.add_argument("--calib-size", type=int, default=256, help="calibration training samples")
+    q.add_argument("--no-fold-bn", dest="fold_bn", action="store_false", help="do not fold BatchNorm into convolutions")
+    q.add_argument("--device", default="cpu")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--data-root", default=None)
+    q.add_argument("--quiet", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "train":
+            from .train import train
+
+            opts = {k: v for k, v in vars(args).items() if k not in ("command", "resume", "overwrite", "quiet")}
+            train(TrainConfig(**opts), resume=args.resume, overwrite=args.overwrite, quiet=args.quiet)
+        elif args.command == "ptq":
+            from .ptq import format_table, run_ptq
+
+            report = run_ptq(args.run, args.bits, args.ranges, args.weight_mode, args.first_last_bits, args.calib_size,
+                             args.fold_bn, args.device, args.seed, args.data_root, args.quiet)
+            print(format_table(report))
+            print(f"wrote {args.run}/ptq.json")
+    except (ConfigError, DataError, ValueError, FileNotFoundError) as e:
+        print(f"dnq {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except NonFiniteLossError as e:
+        print(f"dnq train: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,302 @@
+"""Datasets as tensors, and a batch loader that augments on the device.
+
+Every dataset is loaded whole into memory as ``uint8`` images (N, C, H, W) plus ``int64``
+labels, the way airbench does it: on CUDA the whole training set lives on the GPU and
+random crop + flip run there in batches, so data loading never starves the GPU.
+
+Dataset specs (the ``--data`` flag):
+
+* ``digits``: scikit-learn's bundled 8x8 handwritten digits (1,797 real images, no download),
+  split 80/20 with a fixed, stratified, seeded split (:data:`DIGITS_SPLIT_SEED`).
+* ``cifar10`` / ``cifar100``: torchvision datasets read from ``data_root``; downloaded only
+  when ``download=True`` (``--download``).
+* ``npz:PATH``: a ``.npz`` file with ``x_train, y_train, x_test, y_test`` (uint8 images, HWC or
+  CHW, or HW for grayscale).
+* ``synthetic:CLASSES[:N_TRAIN[:SIZE]]``: random uint8 images (3 x SIZE x SIZE, default 32) for
+  throughput checks; labels are random, so accuracy is meaningless.
+
+Example:
+    >>> from dnq.data import load_dataset
+    >>> ds = load_dataset("digits")
+    >>> tuple(ds.x_train.shape), ds.num_classes
+    ((1437, 1, 8, 8), 10)
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+DIGITS_SPLIT_SEED = 0
+DATASET_NAMES = ("digits", "cifar10", "cifar100", "npz:PATH", "synthetic:CLASSES[:N_TRAIN[:SIZE]]")
+
+
+class DataError(ValueError):
+    """A dataset spec or file that cannot be used; the message names the fix."""
+
+
+@dataclass
+class Dataset:
+    """A whole dataset in memory.
+
+    Attributes:
+        name: the spec it was loaded from.
+        x_train, x_test: ``uint8`` images of shape (N, C, H, W).
+        y_train, y_test: ``int64`` labels.
+        num_classes: number of classes.
+        mean, std: per-channel statistics of the training images, in [0, 1] units.
+        augment: whether standard random-crop + flip augmentation applies (32x32 data).
+        max_value: the value of a white pixel (255, or 16 for digits).
+    """
+
+    name: str
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    num_classes: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    augment: bool
+    max_value: float = 255.0
+
+    @property
+    def in_channels(self) -> int:
+        return int(self.x_train.shape[1])
+
+    @property
+    def image_size(self) -> int:
+        return int(self.x_train.shape[-1])
+
+    def to(self, device) -> "Dataset":
+        """Move the image and label tensors to ``device`` (returns self)."""
+        for k in ("x_train", "y_train", "x_test", "y_test"):
+            setattr(self, k, getattr(self, k).to(device))
+        return self
+
+    def normalize(self, x: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+        """Map uint8 images to normalized float images."""
+        mean = torch.tensor(self.mean, device=x.device, dtype=dtype).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, device=x.device, dtype=dtype).view(1, -1, 1, 1)
+        return (x.to(dtype) / self.max_value - mean) / std
+
+    def calibration_inputs(self, n: int = 256, seed: int = 0, dtype=torch.float32) -> torch.Tensor:
+        """``n`` normalized, non-augmented training images chosen with a seeded permutation."""
+        if n < 1:
+            raise DataError(f"calibration size must be >= 1, got {n}")
+        g = torch.Generator().manual_seed(seed)
+        idx = torch.randperm(len(self.x_train), generator=g)[: min(n, len(self.x_train))]
+        return self.normalize(self.x_train[idx.to(self.x_train.device)], dtype)
+
+
+def _channel_stats(x: torch.Tensor, max_value: float) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    xf = x.double() / max_value
+    mean = xf.mean(dim=(0, 2, 3))
+    std = xf.std(dim=(0, 2, 3)).clamp_min(1e-3)
+    return tuple(float(v) for v in mean), tuple(float(v) for v in std)
+
+
+def _to_nchw(x: np.ndarray, key: str, path: str) -> np.ndarray:
+    if x.dtype != np.uint8:
+        raise DataError(f"{path}: {key} has dtype {x.dtype}; expected uint8 images (0..255)")
+    if x.ndim == 3:  # N, H, W grayscale
+        return x[:, None]
+    if x.ndim != 4:
+        raise DataError(f"{path}: {key} has shape {x.shape}; expected (N,H,W,C), (N,C,H,W) or (N,H,W)")
+    if x.shape[-1] in (1, 3) and x.shape[1] not in (1, 3):
+        return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+    if x.shape[1] in (1, 3):
+        return x
+    raise DataError(f"{path}: cannot tell channels in {key} of shape {x.shape}; "
+                    "store images as (N,H,W,C) or (N,C,H,W) with 1 or 3 channels")
+
+
+def _load_digits() -> tuple[np.ndarray, ...]:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    d = load_digits()
+    x = d.images.astype(np.uint8)[:, None]  # values 0..16
+    y = d.target.astype(np.int64)
+    return tuple(train_test_split(x, y, test_size=0.2, random_state=DIGITS_SPLIT_SEED, stratify=y))
+
+
+def _load_torchvision(name: str, data_root: str | None, download: bool):
+    import torchvision
+
+    root = os.path.expanduser(data_root or "data")
+    cls = {"cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100}[name]
+    try:
+        tr = cls(root, train=True, download=download)
+        te = cls(root, train=False, download=download)
+    except RuntimeError:  # torchvision: "Dataset not found or corrupted."
+        raise DataError(
+            f"{name} not found (or corrupted) under --data-root {os.path.abspath(root)!r}. "
+            f"Pass --download to fetch it there, or point --data-root at a folder that holds it."
+        ) from None
+    xtr = np.ascontiguousarray(tr.data.transpose(0, 3, 1, 2))
+    xte = np.ascontiguousarray(te.data.transpose(0, 3, 1, 2))
+    return xtr, xte, np.asarray(tr.targets, np.int64), np.asarray(te.targets, np.int64)
+
+
+def _load_npz(path: str):
+    path = os.path.expanduser(path)
+    if not os.path.isfile(path):
+        raise DataError(f"npz file not found: {os.path.abspath(path)!r}; give --data npz:PATH with an existing file")
+    with np.load(path, allow_pickle=False) as f:
+        missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in f.files]
+        if missing:
+            raise DataError(f"{path}: missing arrays {missing}; an npz dataset needs x_train, y_train, x_test, y_test")
+        xtr = _to_nchw(f["x_train"], "x_train", path)
+        xte = _to_nchw(f["x_test"], "x_test", path)
+        ytr, yte = f["y_train"].astype(np.int64), f["y_test"].astype(np.int64)
+    if len(xtr) != len(ytr) or len(xte) != len(yte):
+        raise DataError(f"{path}: image and label counts differ ({len(xtr)}/{len(ytr)} train, {len(xte)}/{len(yte)} test)")
+    if xtr.shape[1:] != xte.shape[1:]:
+        raise DataError(f"{path}: train images {xtr.shape[1:]} and test images {xte.shape[1:]} differ in shape")
+    return xtr, xte, ytr, yte
+
+
+def _load_synthetic(arg: str):
+    parts = arg.split(":")
+    try:
+        classes = int(parts[0])
+        n_train = int(parts[1]) if len(parts) > 1 else 10_000
+        size = int(parts[2]) if len(parts) > 2 else 32
+    except ValueError:
+        raise DataError(f"bad synthetic spec {arg!r}; use synthetic:CLASSES[:N_TRAIN[:SIZE]], e.g. synthetic:100:50000") from None
+    if classes < 2 or n_train < 1 or size < 4:
+        raise DataError(f"bad synthetic spec {arg!r}: need CLASSES >= 2, N_TRAIN >= 1, SIZE >= 4")
+    rng = np.random.default_rng(1234)
+    n_test = max(n_train // 5, 1)
+    xtr = rng.integers(0, 256, (n_train, 3, size, size), dtype=np.uint8)
+    xte = rng.integers(0, 256, (n_test, 3, size, size), dtype=np.uint8)
+    return xtr, xte, rng.integers(0, classes, n_train), rng.integers(0, classes, n_test), classes
+
+
+def load_dataset(spec: str, data_root: str | None = None, download: bool = False) -> Dataset:
+    """Load a dataset from its spec (see the module docstring).
+
+    Args:
+        spec: ``digits``, ``cifar10``, ``cifar100``, ``npz:PATH`` or ``synthetic:CLASSES[:N[:SIZE]]``.
+        data_root: folder of the torchvision datasets (default ``./data``).
+        download: allow torchvision to download CIFAR into ``data_root``.
+
+    Raises:
+        DataError: unknown spec, missing files, or malformed arrays; the message names the fix.
+    """
+    max_value, num_classes = 255.0, None
+    if spec == "digits":
+        xtr, xte, ytr, yte = _load_digits()
+        max_value = 16.0
+    elif spec in ("cifar10", "cifar100"):
+        xtr, xte, ytr, yte = _load_torchvision(spec, data_root, download)
+        num_classes = 10 if spec == "cifar10" else 100
+    elif spec.startswith("npz:"):
+        xtr, xte, ytr, yte = _load_npz(spec[4:])
+    elif spec.startswith("synthetic:"):
+        xtr, xte, ytr, yte, num_classes = _load_synthetic(spec[len("synthetic:"):])
+    else:
+        raise DataError(f"unknown dataset {spec!r}; valid: {', '.join(DATASET_NAMES)}")
+    x_train, x_test = torch.from_numpy(np.ascontiguousarray(xtr)), torch.from_numpy(np.ascontiguousarray(xte))
+    y_train, y_test = torch.from_numpy(np.asarray(ytr, np.int64)), torch.from_numpy(np.asarray(yte, np.int64))
+    if num_classes is None:
+        num_classes = int(max(y_train.max(), y_test.max())) + 1
+    if int(min(y_train.min(), y_test.min())) < 0:
+        raise DataError(f"{spec}: labels must be 0..K-1, found a negative label")
+    mean, std = _channel_stats(x_train, max_value)
+    return Dataset(spec, x_train, y_train, x_test, y_test, num_classes, mean, std,
+                   augment=x_train.shape[-1] == 32 and x_train.shape[-2] == 32, max_value=max_value)
+
+
+def random_crop_flip(x: torch.Tensor, generator: torch.Generator, padding: int = 4) -> torch.Tensor:
+    """Random crop with zero padding and random horizontal flip, batched on ``x``'s device.
+
+    Equivalent per image to torchvision's ``RandomCrop(size, padding)`` followed by
+    ``RandomHorizontalFlip()``, but one gather for the whole batch.
+
+    Args:
+        x: images (N, C, H, W), any dtype.
+        generator: a ``torch.Generator`` on ``x.device`` (makes the augmentation reproducible).
+        padding: zero padding on every side before the crop.
+    """
+    n, c, h, w = x.shape
+    dev = x.device
+    xp = torch.nn.functional.pad(x, (padding,) * 4)
+    oy = torch.randint(0, 2 * padding + 1, (n,), device=dev, generator=generator)
+    ox = torch.randint(0, 2 * padding + 1, (n,), device=dev, generator=generator)
+    flip = torch.rand(n, device=dev, generator=generator) < 0.5
+    rows = (oy[:, None] + torch.arange(h, device=dev))[:, None, :, None]
+    cols = ox[:, None] + torch.arange(w, device=dev)
+    cols = torch.where(flip[:, None], cols.flip(1), cols)[:, None, None, :]
+    return xp[torch.arange(n, device=dev)[:, None, None, None], torch.arange(c, device=dev)[None, :, None, None], rows, cols]
+
+
+class BatchLoader:
+    """Seeded mini-batches from a :class:`Dataset` split, sharded across ranks.
+
+    The order of epoch ``e`` depends only on ``(seed, e)``, so a resumed run sees exactly the
+    batches of an uninterrupted one. Each global batch of ``batch_size`` samples is split into
+    ``world_size`` equal contiguous shards; rank ``r`` gets shard ``r``, so the union of the
+    ranks' batches is the single-process batch.
+
+    Args:
+        ds: the dataset.
+        batch_size: global batch size (divisible by ``world_size``).
+        train: training split (shuffled, last partial batch dropped, augmented if ``ds.augment``)
+            or test split (in order, all samples).
+        seed: base seed of the shuffling and augmentation.
+        rank, world_size: this process's shard.
+        dtype, channels_last: layout of the normalized float batches.
+    """
+
+    def __init__(self, ds: Dataset, batch_size: int, train: bool, seed: int = 0, rank: int = 0,
+                 world_size: int = 1, dtype=torch.float32, channels_last: bool = False, augment: bool | None = None):
+        if batch_size < 1:
+            raise DataError(f"batch size must be >= 1, got {batch_size}")
+        if batch_size % world_size:
+            raise DataError(f"batch size {batch_size} is not divisible by the {world_size} processes; "
+                            f"use a multiple of {world_size}")
+        self.ds, self.batch_size, self.train, self.seed = ds, batch_size, train, seed
+        self.rank, self.world_size, self.dtype, self.channels_last = rank, world_size, dtype, channels_last
+        self.augment = ds.augment if augment is None else augment
+        self.x = ds.x_train if train else ds.x_test
+        self.y = ds.y_train if train else ds.y_test
+        self.epoch = 0
+        if train and len(self.x) < batch_size:
+            raise DataError(f"batch size {batch_size} is larger than the {len(self.x)} training samples")
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        n = len(self.x)
+        return n // self.batch_size if self.train else -(-n // self.batch_size)
+
+    def _generator(self) -> torch.Generator:
+        g = torch.Generator(device=self.x.device)
+        g.manual_seed(1_000_003 * (self.seed + 1) + 7919 * self.epoch + 17)
+        return g
+
+    def __iter__(self):
+        n, b, dev = len(self.x), self.batch_size, self.x.device
+        g = self._generator()
+        order = torch.randperm(n, device=dev, generator=g) if self.train else torch.arange(n, device=dev)
+        per = b // self.world_size
+        for i in range(len(self)):
+            idx = order[i * b: (i + 1) * b]
+            if self.world_size > 1:
+                if self.train:
+                    idx = idx[self.rank * per: (self.rank + 1) * per]
+                else:
+                    idx = idx[self.rank::self.world_size]
+            x = self.x[idx]
+            if self.train and self.augment:
+                x = random_crop_flip(x, g)
+            x = self.ds.normalize(x, self.dtype)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            yield x, self.y[idx]

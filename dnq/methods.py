@@ -1,0 +1,179 @@
+"""Training methods as small strategy objects sharing one trainer.
+
+A method decides what happens in one optimization step (between ``zero_grad`` and
+``optimizer.step``) and at the start of an epoch; the trainer owns everything else.
+
+* ``sgd``: plain forward/backward (the baseline).
+* ``dnq``: differential weight noise + salience-masked activation noise (:mod:`dnq.noise`).
+* ``dnq-w`` / ``dnq-a``: weight noise only / activation noise only.
+* ``gaussian``: ablation; the same weight noise added for good at every step, so it
+  accumulates (not differential).
+* ``sam``: Sharpness-Aware Minimization (Foret et al., ICLR 2021): the gradient is taken at
+  ``W + rho * g / ||g||`` and applied to ``W``. The second pass does not update BatchNorm
+  running statistics.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn as nn
+
+from .noise import QuantNoise
+
+METHODS = ("sgd", "dnq", "dnq-w", "dnq-a", "gaussian", "sam")
+
+
+def upcast(t: torch.Tensor) -> torch.Tensor:
+    """Half-precision logits to float32 for the loss (float32 / float64 pass through)."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def forward_backward(model: nn.Module, x: torch.Tensor, y: torch.Tensor, criterion, autocast) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward and backward pass; returns the detached loss and logits."""
+    with autocast():
+        out = model(x)
+        loss = criterion(upcast(out), y)
+    loss.backward()
+    return loss.detach(), out.detach()
+
+
+class Method:
+    """The baseline (``sgd``): one forward/backward per step."""
+
+    name = "sgd"
+    uses_noise = False
+
+    def setup(self, model: nn.Module, calib_x: torch.Tensor, device: torch.device, seed: int, rank: int) -> None:
+        """Called once by the trainer with the unwrapped model and the calibration inputs."""
+        self.model, self.calib_x, self.device, self.seed, self.rank = model, calib_x, device, seed, rank
+
+    def on_epoch_start(self, epoch: int, lam: float) -> None:
+        self.lam = lam
+
+    def step(self, model: nn.Module, x, y, criterion, autocast):
+        """``model`` may be the DDP / compiled wrapper of :attr:`model`."""
+        return forward_backward(model, x, y, criterion, autocast)
+
+    def epoch_metrics(self) -> dict:
+        return {}
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+class NoiseMethod(Method):
+    """DNQ and its ablations: statistics refreshed each epoch, noise drawn per step."""
+
+    uses_noise = True
+
+    def __init__(self, name: str, wbits: int, abits: int, weight: bool, act: bool, differential: bool = True,
+                 ema_beta: float = 0.9, temperature: float = 1.0, rho: float = 0.5, first_last_bits: int | None = None):
+        self.name, self.wbits, self.abits = name, wbits, abits
+        self.weight, self.act, self.differential = weight, act, differential
+        self.kw = dict(beta=ema_beta, temperature=temperature, rho=rho, first_last_bits=first_last_bits)
+
+    def setup(self, model, calib_x, device, seed, rank):
+        super().setup(model, calib_x, device, seed, rank)
+        self.noise = QuantNoise(model, self.wbits, self.abits, weight=self.weight, act=self.act, **self.kw).attach()
+
+    def _generators(self, epoch: int):
+        # Weight noise: one stream shared by all ranks (the model is one model). Activation noise:
+        # a stream per rank (each rank sees different samples). Both depend only on (seed, epoch).
+        base = 2_147_483_647 * (self.seed + 1) + 104_729 * epoch
+        self.w_gen = torch.Generator(device=self.device).manual_seed(base + 1)
+        self.noise.act_generator = torch.Generator(device=self.device).manual_seed(base + 3 + 2 * self.rank)
+
+    def on_epoch_start(self, epoch, lam):
+        super().on_epoch_start(epoch, lam)
+        self.noise.update(self.calib_x)
+        self._generators(epoch)
+        self.noise.act_lambda = lam if self.act else 0.0
+
+    def step(self, model, x, y, criterion, autocast):
+        if not self.weight:
+            return forward_backward(model, x, y, criterion, autocast)
+        if self.differential:
+            with self.noise.perturbed_weights(self.lam, self.w_gen):
+                return forward_backward(model, x, y, criterion, autocast)
+        self.noise.add_weight_noise_(self.lam, self.w_gen)
+        return forward_backward(model, x, y, criterion, autocast)
+
+    def epoch_metrics(self):
+        return {"noise": self.noise.summary()}
+
+    def state_dict(self):
+        return {"noise": self.noise.state_dict()}
+
+    def load_state_dict(self, state):
+        self.noise.load_state_dict(state["noise"])
+
+
+@contextlib.contextmanager
+def _frozen_bn_stats(model: nn.Module):
+    """Restore every BatchNorm buffer (running mean/var, batch count) on exit."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    saved = [[b.clone() for b in m.buffers()] for m in bns]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for m, bufs in zip(bns, saved):
+                for b, s in zip(m.buffers(), bufs):
+                    b.copy_(s)
+
+
+class SAM(Method):
+    """Sharpness-Aware Minimization with radius ``rho`` (Foret et al. 2021, Algorithm 1)."""
+
+    name = "sam"
+
+    def __init__(self, rho: float = 0.05):
+        if rho <= 0:
+            raise ValueError(f"SAM rho must be > 0, got {rho}")
+        self.rho = rho
+
+    def step(self, model, x, y, criterion, autocast):
+        loss, out = forward_backward(model, x, y, criterion, autocast)
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        grads = [p.grad for p in params]
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(upcast(g)) for g in grads]))
+        scale = self.rho / (norm + 1e-12)
+        clean = [p.detach().clone() for p in params]
+        with torch.no_grad():
+            torch._foreach_add_(params, torch._foreach_mul(grads, scale.to(grads[0].dtype)))
+        for p in params:
+            p.grad = None
+        try:
+            with _frozen_bn_stats(self.model):
+                forward_backward(model, x, y, criterion, autocast)
+        finally:
+            with torch.no_grad():
+                torch._foreach_copy_(params, clean)
+        return loss, out
+
+    def epoch_metrics(self):
+        return {"sam_rho": self.rho}
+
+
+def make_method(name: str, wbits: int = 4, abits: int = 4, sam_rho: float = 0.05, ema_beta: float = 0.9,
+                temperature: float = 1.0, act_rho: float = 0.5, noise_first_last_bits: int | None = None) -> Method:
+    """Build a method by name (see :data:`METHODS`)."""
+    kw = dict(ema_beta=ema_beta, temperature=temperature, rho=act_rho, first_last_bits=noise_first_last_bits)
+    if name == "sgd":
+        return Method()
+    if name == "dnq":
+        return NoiseMethod(name, wbits, abits, weight=True, act=True, **kw)
+    if name == "dnq-w":
+        return NoiseMethod(name, wbits, abits, weight=True, act=False, **kw)
+    if name == "dnq-a":
+        return NoiseMethod(name, wbits, abits, weight=False, act=True, **kw)
+    if name == "gaussian":
+        return NoiseMethod(name, wbits, abits, weight=True, act=False, differential=False, **kw)
+    if name == "sam":
+        return SAM(sam_rho)
+    raise ValueError(f"unknown method {name!r}; valid methods: {', '.join(METHODS)}")

@@ -1,0 +1,350 @@
+"""A small fake-quantization simulator for post-training quantization (PTQ).
+
+Uniform affine quantizers for 2 to 8 bits: weights per output channel (symmetric or
+asymmetric), activations per tensor (asymmetric) at the input of every Conv/Linear layer.
+Clipping ranges come from min-max, a percentile, or an MSE search, calibrated on a small
+calibration set. BatchNorm is folded into the preceding convolution before the weights are
+quantized, and the first and last layers stay at 8 bits by default.
+
+Why our own: ``torch.ao.quantization`` is deprecated, and torchao / quanto cannot simulate
+2-4-bit activations on convolutions. Fake quantization (quantize then dequantize in float)
+gives the accuracy of integer inference with the same rounding and clipping.
+
+Example:
+    >>> import torch
+    >>> from dnq.models import build_model
+    >>> from dnq.quant import quantize
+    >>> model = build_model("cnn-digits", 10, 1, 8).eval()
+    >>> qmodel = quantize(model, wbits=4, abits=4, calib_data=torch.randn(64, 1, 8, 8))
+    >>> qmodel is model
+    False
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+import warnings
+from collections.abc import Iterable
+
+import torch
+import torch.nn as nn
+
+RANGE_METHODS = ("minmax", "percentile", "mse")
+WEIGHT_MODES = ("symmetric", "asymmetric")
+MIN_BITS, MAX_BITS = 2, 8
+QUANT_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+_MSE_GRID = torch.linspace(0.2, 1.0, 81)
+
+
+def check_bits(bits: int, what: str = "bits") -> int:
+    """Validate a bit-width (an int in 2..8) and return it."""
+    if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
+        raise ValueError(f"{what} must be an integer in {MIN_BITS}..{MAX_BITS}, got {bits!r}")
+    return bits
+
+
+def parse_bits(spec: str) -> list[tuple[int, int]]:
+    """Parse ``"W8A8,W4A4,W2A4"`` into ``[(8, 8), (4, 4), (2, 4)]``."""
+    out = []
+    for item in spec.split(","):
+        m = re.fullmatch(r"\s*[Ww](\d+)[Aa](\d+)\s*", item)
+        if not m:
+            raise ValueError(f"bad bit setting {item!r}; write settings like W8A8,W4A4,W2A4 "
+                             f"(weight and activation bits, each in {MIN_BITS}..{MAX_BITS})")
+        out.append((check_bits(int(m[1]), "weight bits"), check_bits(int(m[2]), "activation bits")))
+    return out
+
+
+def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+    """Quantize then dequantize: ``(clamp(round(x / scale) + zp, qmin, qmax) - zp) * scale``.
+
+    Rounding is round-half-to-even (``torch.round``), as in integer kernels.
+    """
+    return (torch.clamp(torch.round(x / scale) + zero_point, qmin, qmax) - zero_point) * scale
+
+
+def _channel_view(t: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return t.view(-1, *([1] * (w.dim() - 1)))
+
+
+def weight_qparams(w: torch.Tensor, bits: int, mode: str = "symmetric", method: str = "minmax",
+                   percentile: float = 99.99):
+    """Per-output-channel quantization parameters of a weight tensor.
+
+    Symmetric: a narrow signed grid ``[-(2^(b-1)-1), 2^(b-1)-1] * scale`` with zero point 0 and
+    ``scale = max|w| / (2^(b-1)-1)`` (max-abs); asymmetric: ``[0, 2^b - 1]`` over ``[min, max]``
+    (the range always contains 0). ``method`` shrinks the range: ``percentile`` uses the
+    ``percentile``-th percentile of ``|w|`` (or of ``w`` at both ends), ``mse`` searches the
+    clipping ratio in [0.2, 1] that minimizes the channel's squared error.
+
+    Returns:
+        ``(scale, zero_point, qmin, qmax)`` with ``scale`` and ``zero_point`` of shape (C_out,).
+    """
+    check_bits(bits)
+    if mode not in WEIGHT_MODES:
+        raise ValueError(f"unknown weight mode {mode!r}; valid: {', '.join(WEIGHT_MODES)}")
+    if method not in RANGE_METHODS:
+        raise ValueError(f"unknown range method {method!r}; valid: {', '.join(RANGE_METHODS)}")
+    flat = w.detach().reshape(w.shape[0], -1).float()
+    if mode == "symmetric":
+        qmax = 2 ** (bits - 1) - 1
+        qmin = -qmax
+        if method == "percentile":
+            hi = torch.quantile(flat.abs(), percentile / 100.0, dim=1)
+        else:
+            hi = flat.abs().amax(dim=1)
+        lo = -hi
+    else:
+        qmin, qmax = 0, 2 ** bits - 1
+        if method == "percentile":
+            lo = torch.quantile(flat, 1 - percentile / 100.0, dim=1)
+            hi = torch.quantile(flat, percentile / 100.0, dim=1)
+        else:
+            lo, hi = flat.amin(dim=1), flat.amax(dim=1)
+        lo, hi = lo.clamp(max=0), hi.clamp(min=0)
+
+    def params(lo, hi):
+        if mode == "symmetric":
+            scale = (hi / qmax).clamp_min(1e-12)
+            return scale, torch.zeros_like(scale)
+        scale = ((hi - lo) / (qmax - qmin)).clamp_min(1e-12)
+        return scale, torch.clamp(torch.round(-lo / scale), qmin, qmax)
+
+    scale, zp = params(lo, hi)
+    if method == "mse":
+        best = torch.full_like(scale, math.inf)
+        for r in _MSE_GRID.tolist():
+            s, z = params(lo * r, hi * r)
+            err = (fake_quantize(flat, s[:, None], z[:, None], qmin, qmax) - flat).pow(2).sum(dim=1)
+            better = err < best
+            best = torch.where(better, err, best)
+            scale, zp = torch.where(better, s, scale), torch.where(better, z, zp)
+    return scale.to(w.dtype), zp.to(w.dtype), qmin, qmax
+
+
+def quantize_weight(w: torch.Tensor, bits: int, mode: str = "symmetric", method: str = "minmax",
+                    percentile: float = 99.99) -> torch.Tensor:
+    """Fake-quantize a weight tensor per output channel (see :func:`weight_qparams`)."""
+    scale, zp, qmin, qmax = weight_qparams(w, bits, mode, method, percentile)
+    return fake_quantize(w, _channel_view(scale, w), _channel_view(zp, w), qmin, qmax)
+
+
+def act_qparams(lo: float, hi: float, bits: int):
+    """Asymmetric per-tensor parameters for the range ``[lo, hi]`` (widened to contain 0).
+
+    Returns:
+        ``(scale, zero_point, qmin, qmax)`` as Python numbers.
+    """
+    check_bits(bits)
+    lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
+    qmin, qmax = 0, 2 ** bits - 1
+    scale = (hi - lo) / (qmax - qmin)
+    if not (math.isfinite(scale) and scale > 0):  # a constant-zero input: any scale is exact
+        scale = 1.0
+    zp = min(max(round(-lo / scale), qmin), qmax)
+    return scale, float(zp), qmin, qmax
+
+
+class ActObserver:
+    """Collects the range of a tensor over calibration batches, and a seeded subsample of
+    its values (at most ``max_samples``) for the percentile and MSE range methods."""
+
+    def __init__(self, max_samples: int = 1 << 20, seed: int = 0):
+        self.lo, self.hi = math.inf, -math.inf
+        self.samples: list[torch.Tensor] = []
+        self.max_samples, self.count = max_samples, 0
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def observe(self, x: torch.Tensor) -> None:
+        x = x.detach().float().reshape(-1)
+        self.lo = min(self.lo, float(x.min()))
+        self.hi = max(self.hi, float(x.max()))
+        keep = max(self.max_samples // 8, 1)
+        if x.numel() > keep:
+            idx = torch.randint(0, x.numel(), (keep,), generator=self.gen).to(x.device)
+            x = x[idx]
+        self.samples.append(x.cpu())
+        self.count += x.numel()
+        if self.count > self.max_samples:  # keep a bounded, uniform-ish subsample
+            allv = torch.cat(self.samples)
+            idx = torch.randperm(allv.numel(), generator=self.gen)[: self.max_samples // 2]
+            self.samples, self.count = [allv[idx]], self.max_samples // 2
+
+    def range(self, bits: int, method: str = "minmax", percentile: float = 99.99) -> tuple[float, float]:
+        if not math.isfinite(self.lo):
+            raise RuntimeError("observer saw no data; the calibration set never reached this layer")
+        if method == "minmax":
+            return self.lo, self.hi
+        vals = torch.cat(self.samples)
+        if method == "percentile":
+            q = torch.quantile(vals, torch.tensor([1 - percentile / 100.0, percentile / 100.0]))
+            return float(q[0]), float(q[1])
+        if method == "mse":
+            best, best_r = math.inf, (self.lo, self.hi)
+            for r in _MSE_GRID.tolist():
+                s, z, qmin, qmax = act_qparams(self.lo * r, self.hi * r, bits)
+                err = float((fake_quantize(vals, torch.tensor(s), torch.tensor(z), qmin, qmax) - vals).pow(2).mean())
+                if err < best:
+                    best, best_r = err, (self.lo * r, self.hi * r)
+            return best_r
+        raise ValueError(f"unknown range method {method!r}; valid: {', '.join(RANGE_METHODS)}")
+
+
+class ActQuantizer(nn.Module):
+    """Asymmetric per-tensor fake quantizer, attached to a layer as ``input_quantizer``."""
+
+    def __init__(self, scale: float, zero_point: float, qmin: int, qmax: int, bits: int):
+        super().__init__()
+        self.register_buffer("scale", torch.tensor(float(scale)))
+        self.register_buffer("zero_point", torch.tensor(float(zero_point)))
+        self.qmin, self.qmax, self.bits = qmin, qmax, bits
+
+    def forward(self, x):
+        return fake_quantize(x, self.scale.to(x.dtype), self.zero_point.to(x.dtype), self.qmin, self.qmax)
+
+    def extra_repr(self):
+        return f"bits={self.bits}, scale={float(self.scale):.4g}, zero_point={int(self.zero_point)}"
+
+
+def _quantize_input_hook(module, args):
+    return (module.input_quantizer(args[0]), *args[1:])
+
+
+def quant_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The Conv/Linear layers of ``model`` (the layers that get quantized), by name."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, QUANT_LAYERS)]
+
+
+def _conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
+    """(conv, bn) module names where the BN reads only the conv's output, found with torch.fx."""
+    import torch.fx
+
+    graph = torch.fx.symbolic_trace(model).graph
+    mods = dict(model.named_modules())
+    pairs = []
+    for node in graph.nodes:
+        if node.op != "call_module" or not isinstance(mods.get(node.target), nn.modules.batchnorm._BatchNorm):
+            continue
+        src = node.args[0]
+        if (isinstance(src, torch.fx.Node) and src.op == "call_module" and len(src.users) == 1
+                and isinstance(mods.get(src.target), (nn.Conv1d, nn.Conv2d, nn.Conv3d))):
+            pairs.append((src.target, node.target))
+    return pairs
+
+
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """Return a deep copy of ``model`` in eval mode with every BatchNorm that directly follows a
+    convolution folded into that convolution (weight scaled, bias added) and replaced by
+    ``nn.Identity``. The outputs in eval mode are unchanged up to rounding. Models that torch.fx
+    cannot trace are copied unfolded, with a warning."""
+    model = copy.deepcopy(model).eval()
+    try:
+        pairs = _conv_bn_pairs(model)
+    except Exception as e:  # noqa: BLE001 - fx raises many types on untraceable code
+        warnings.warn(f"BatchNorm not folded: torch.fx could not trace the model ({type(e).__name__}: {e}); "
+                      "BatchNorm stays in floating point", stacklevel=2)
+        return model
+    for conv_name, bn_name in pairs:
+        conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
+        with torch.no_grad():
+            std = torch.sqrt(bn.running_var + bn.eps)
+            gamma = bn.weight if bn.affine else torch.ones_like(std)
+            beta = bn.bias if bn.affine else torch.zeros_like(std)
+            factor = gamma / std
+            bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+            conv.weight.mul_(_channel_view(factor, conv.weight))
+            conv.bias = nn.Parameter((bias - bn.running_mean) * factor + beta)
+        model.set_submodule(bn_name, nn.Identity())
+    return model
+
+
+def _batches(calib_data, batch_size: int) -> Iterable[torch.Tensor]:
+    batches = calib_data.split(batch_size) if isinstance(calib_data, torch.Tensor) else calib_data
+    for b in batches:
+        b = b[0] if isinstance(b, (tuple, list)) else b
+        if len(b):
+            yield b
+
+
+@torch.no_grad()
+def quantize(model: nn.Module, wbits: int, abits: int, calib_data, *, weight_mode: str = "symmetric",
+             range_method: str = "minmax", act_range_method: str | None = None, first_last_bits: int | None = 8,
+             fold_bn: bool = True, percentile: float = 99.99, batch_size: int = 256, seed: int = 0) -> nn.Module:
+    """Post-training fake quantization of a model; the original is never touched.
+
+    Args:
+        model: a trained float model (any mode; the copy is put in eval mode).
+        wbits, abits: weight and activation bits (2..8).
+        calib_data: a tensor of inputs (N, ...), or an iterable of input batches or
+            ``(inputs, targets)`` pairs, for the activation ranges (256 samples is typical).
+        weight_mode: ``"symmetric"`` or ``"asymmetric"`` per-channel weight quantizer.
+        range_method: ``"minmax"``, ``"percentile"`` or ``"mse"`` for the weights.
+        act_range_method: the same for activations (default: ``range_method``).
+        first_last_bits: bits of the first and last quantized layer (weights and input
+            activations); ``None`` quantizes them like the rest.
+        fold_bn: fold BatchNorm into the preceding convolution before quantizing weights.
+        percentile: the percentile of the ``"percentile"`` method.
+        batch_size: calibration batch size when ``calib_data`` is a tensor.
+        seed: seed of the activation subsampling (percentile / MSE methods).
+
+    Returns:
+        A new model in eval mode with quantized weights and an ``input_quantizer`` (with a
+        forward pre-hook) on every Conv/Linear; ``qmodel.ptq_layers`` lists each layer's setting.
+    """
+    check_bits(wbits, "weight bits")
+    check_bits(abits, "activation bits")
+    if first_last_bits is not None:
+        check_bits(first_last_bits, "first/last layer bits")
+    act_range_method = act_range_method or range_method
+    for m in (range_method, act_range_method):
+        if m not in RANGE_METHODS:
+            raise ValueError(f"unknown range method {m!r}; valid: {', '.join(RANGE_METHODS)}")
+    qmodel = fold_batchnorm(model) if fold_bn else copy.deepcopy(model).eval()
+    layers = quant_layers(qmodel)
+    if not layers:
+        raise ValueError("the model has no Conv/Linear layer to quantize")
+    try:
+        device = next(qmodel.parameters()).device
+    except StopIteration:
+        device = torch.device("cpu")
+
+    observers, order, handles = {}, [], []
+    for name, layer in layers:
+        observers[name] = ActObserver(seed=seed)
+
+        def hook(mod, args, name=name):
+            if name not in order:
+                order.append(name)
+            observers[name].observe(args[0])
+
+        handles.append(layer.register_forward_pre_hook(hook))
+    try:
+        seen = 0
+        for x in _batches(calib_data, batch_size):
+            qmodel(x.to(device))
+            seen += len(x)
+    finally:
+        for h in handles:
+            h.remove()
+    if not seen:
+        raise ValueError("calib_data is empty; pass at least one calibration batch")
+    unused = [n for n, _ in layers if n not in order]
+    if unused:
+        warnings.warn(f"layers never called on the calibration data stay in floating point: {unused}", stacklevel=2)
+    edge = {order[0], order[-1]} if first_last_bits is not None and order else set()
+
+    mods = dict(layers)
+    info = []
+    for name in order:
+        layer = mods[name]
+        wb, ab = (first_last_bits, first_last_bits) if name in edge else (wbits, abits)
+        layer.weight.copy_(quantize_weight(layer.weight, wb, weight_mode, range_method, percentile))
+        lo, hi = observers[name].range(ab, act_range_method, percentile)
+        scale, zp, qmin, qmax = act_qparams(lo, hi, ab)
+        layer.input_quantizer = ActQuantizer(scale, zp, qmin, qmax, ab).to(device)
+        layer.register_forward_pre_hook(_quantize_input_hook)
+        info.append({"layer": name, "wbits": wb, "abits": ab, "act_lo": lo, "act_hi": hi})
+    qmodel.ptq_layers = info
+    return qmodel

@@ -1,0 +1,95 @@
+import numpy as np
+import pytest
+import torch
+import torchvision.transforms.functional as TF
+
+from dnq.data import BatchLoader, DataError, load_dataset, random_crop_flip
+
+
+def test_digits_split_is_fixed_and_stratified():
+    a, b = load_dataset("digits"), load_dataset("digits")
+    assert a.x_train.shape == (1437, 1, 8, 8) and a.x_test.shape == (360, 1, 8, 8)
+    assert torch.equal(a.x_train, b.x_train) and torch.equal(a.y_test, b.y_test)
+    assert int(a.x_train.max()) == 16 and a.max_value == 16.0 and not a.augment
+    counts = torch.bincount(a.y_test, minlength=10)
+    assert counts.min() >= 35 and counts.max() <= 37  # 20% of ~180 per class
+    x = a.normalize(a.x_train)
+    assert abs(float(x.mean())) < 1e-4 and abs(float(x.std()) - 1) < 1e-3
+
+
+def test_npz_hwc_and_chw_load_the_same(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (20, 32, 32, 3), dtype=np.uint8)
+    y = rng.integers(0, 4, 20)
+    np.savez(tmp_path / "hwc.npz", x_train=x, y_train=y, x_test=x[:5], y_test=y[:5])
+    np.savez(tmp_path / "chw.npz", x_train=x.transpose(0, 3, 1, 2), y_train=y, x_test=x[:5].transpose(0, 3, 1, 2), y_test=y[:5])
+    a, b = load_dataset(f"npz:{tmp_path / 'hwc.npz'}"), load_dataset(f"npz:{tmp_path / 'chw.npz'}")
+    assert a.x_train.shape == (20, 3, 32, 32) and torch.equal(a.x_train, b.x_train)
+    assert torch.equal(a.x_train[3, 1], torch.from_numpy(x[3, :, :, 1]))
+    assert a.augment and a.num_classes == int(y.max()) + 1
+
+
+def test_npz_errors_name_the_problem(tmp_path):
+    with pytest.raises(DataError, match="not found"):
+        load_dataset(f"npz:{tmp_path / 'missing.npz'}")
+    np.savez(tmp_path / "bad.npz", x_train=np.zeros((2, 8, 8, 3), np.uint8), y_train=np.zeros(2))
+    with pytest.raises(DataError, match="x_test"):
+        load_dataset(f"npz:{tmp_path / 'bad.npz'}")
+    np.savez(tmp_path / "f.npz", x_train=np.zeros((2, 8, 8, 3)), y_train=np.zeros(2), x_test=np.zeros((2, 8, 8, 3)), y_test=np.zeros(2))
+    with pytest.raises(DataError, match="uint8"):
+        load_dataset(f"npz:{tmp_path / 'f.npz'}")
+
+
+def test_missing_cifar_names_path_and_flag(tmp_path):
+    with pytest.raises(DataError) as e:
+        load_dataset("cifar100", data_root=str(tmp_path))
+    assert str(tmp_path) in str(e.value) and "--download" in str(e.value)
+
+
+def test_unknown_dataset_lists_valid_ones():
+    with pytest.raises(DataError) as e:
+        load_dataset("mnist")
+    assert "digits" in str(e.value) and "cifar10" in str(e.value) and "npz:PATH" in str(e.value)
+
+
+def test_random_crop_flip_matches_torchvision_per_image():
+    torch.manual_seed(0)
+    x = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8)
+    out = random_crop_flip(x, torch.Generator().manual_seed(5))
+    g = torch.Generator().manual_seed(5)  # replay the draws
+    oy = torch.randint(0, 9, (6,), generator=g)
+    ox = torch.randint(0, 9, (6,), generator=g)
+    flip = torch.rand(6, generator=g) < 0.5
+    for i in range(6):
+        ref = TF.crop(TF.pad(x[i], [4]), int(oy[i]), int(ox[i]), 32, 32)
+        if flip[i]:
+            ref = TF.hflip(ref)
+        assert torch.equal(out[i], ref)
+
+
+def test_loader_is_seeded_per_epoch_and_shards_cover_the_batch():
+    ds = load_dataset("digits")
+    a = BatchLoader(ds, 64, True, seed=3)
+    a.set_epoch(2)
+    first = [y.clone() for _, y in a]
+    a.set_epoch(2)
+    again = [y for _, y in a]
+    assert all(torch.equal(u, v) for u, v in zip(first, again))
+    a.set_epoch(3)
+    assert not torch.equal(next(iter(a))[1], first[0])
+    shards = []
+    for r in range(2):
+        s = BatchLoader(ds, 64, True, seed=3, rank=r, world_size=2)
+        s.set_epoch(2)
+        shards.append([x for x, _ in s])
+    a.set_epoch(2)
+    for (x, _), s0, s1 in zip(a, *shards):
+        assert torch.equal(torch.cat([s0, s1]), x)
+    with pytest.raises(DataError, match="divisible"):
+        BatchLoader(ds, 63, True, world_size=2)
+
+
+def test_test_loader_sees_every_sample_once():
+    ds = load_dataset("digits")
+    ys = torch.cat([y for _, y in BatchLoader(ds, 100, False)])
+    assert torch.equal(ys, ds.y_test)
