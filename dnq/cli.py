@@ -44,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--act-rho", type=float, default=d.act_rho, help="activation-noise injection rate rho")
     t.add_argument("--noise-first-last-bits", type=_opt_bits, default=d.noise_first_last_bits,
                    help="bits of the first/last layer's noise statistics (default: the target bits)")
+    t.add_argument("--act-sampler", default=d.act_sampler, choices=("auto", "fresh", "table"),
+                   help="activation-noise random numbers: fresh per call, or slices of a per-epoch table "
+                        "(auto: table on CPU, fresh on CUDA)")
     t.add_argument("--calib-size", type=int, default=d.calib_size, help="calibration samples for activation statistics")
     t.add_argument("--sam-rho", type=float, default=d.sam_rho, help="SAM neighbourhood radius")
     t.add_argument("--swa-start", type=float, default=d.swa_start,

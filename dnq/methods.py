@@ -72,10 +72,11 @@ class NoiseMethod(Method):
     uses_noise = True
 
     def __init__(self, name: str, wbits: int, abits: int, weight: bool, act: bool, differential: bool = True,
-                 ema_beta: float = 0.9, temperature: float = 1.0, rho: float = 0.5, first_last_bits: int | None = None):
+                 ema_beta: float = 0.9, temperature: float = 1.0, rho: float = 0.5, first_last_bits: int | None = None,
+                 sampler: str = "auto"):
         self.name, self.wbits, self.abits = name, wbits, abits
         self.weight, self.act, self.differential = weight, act, differential
-        self.kw = dict(beta=ema_beta, temperature=temperature, rho=rho, first_last_bits=first_last_bits)
+        self.kw = dict(beta=ema_beta, temperature=temperature, rho=rho, first_last_bits=first_last_bits, sampler=sampler)
 
     def setup(self, model, calib_x, device, seed, rank):
         super().setup(model, calib_x, device, seed, rank)
@@ -86,7 +87,7 @@ class NoiseMethod(Method):
         # a stream per rank (each rank sees different samples). Both depend only on (seed, epoch).
         base = 2_147_483_647 * (self.seed + 1) + 104_729 * epoch
         self.w_gen = torch.Generator(device=self.device).manual_seed(base + 1)
-        self.noise.act_generator = torch.Generator(device=self.device).manual_seed(base + 3 + 2 * self.rank)
+        self.noise.new_epoch(base + 3 + 2 * self.rank)
 
     def on_epoch_start(self, epoch, lam):
         super().on_epoch_start(epoch, lam)
@@ -161,9 +162,11 @@ class SAM(Method):
 
 
 def make_method(name: str, wbits: int = 4, abits: int = 4, sam_rho: float = 0.05, ema_beta: float = 0.9,
-                temperature: float = 1.0, act_rho: float = 0.5, noise_first_last_bits: int | None = None) -> Method:
+                temperature: float = 1.0, act_rho: float = 0.5, noise_first_last_bits: int | None = None,
+                act_sampler: str = "auto") -> Method:
     """Build a method by name (see :data:`METHODS`)."""
-    kw = dict(ema_beta=ema_beta, temperature=temperature, rho=act_rho, first_last_bits=noise_first_last_bits)
+    kw = dict(ema_beta=ema_beta, temperature=temperature, rho=act_rho, first_last_bits=noise_first_last_bits,
+              sampler=act_sampler)
     if name == "sgd":
         return Method()
     if name == "dnq":

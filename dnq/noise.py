@@ -38,6 +38,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import random
 from dataclasses import dataclass
 
 import torch
@@ -45,6 +46,9 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from .quant import act_qparams, check_bits, fake_quantize, quant_layers, quantize_weight
+
+
+SAMPLERS = ("auto", "fresh", "table")
 
 
 @dataclass
@@ -145,17 +149,19 @@ def activation_error_stats(model: nn.Module, bits: int, calib_x: torch.Tensor, b
     return stats, order
 
 
-def channel_salience_probs(x: torch.Tensor, channel_dim: int, temperature: float = 1.0, rho: float = 0.5) -> torch.Tensor:
+def channel_salience_probs(x: torch.Tensor, channel_dim: int, temperature: float = 1.0, rho: float = 0.5,
+                           scratch: torch.Tensor | None = None) -> torch.Tensor:
     """Per-sample, per-channel injection probabilities ``clip(softmax(I / T) * C * rho, 0, 1)``.
 
     ``I_c = mean |x|`` over every dimension but the batch (0) and ``channel_dim``. The result is
-    shaped to broadcast against ``x`` (size 1 in the averaged dimensions).
+    shaped to broadcast against ``x`` (size 1 in the averaged dimensions). ``scratch`` (float32,
+    shaped like ``x``) saves an allocation.
     """
     cd = channel_dim % x.dim()
     if cd == 0:
         raise ValueError("the channel dimension cannot be the batch dimension")
     reduce = [d for d in range(1, x.dim()) if d != cd]
-    sal = x.detach().abs().float()
+    sal = torch.abs(x.detach(), out=scratch) if scratch is not None else x.detach().abs().float()
     if reduce:
         sal = sal.mean(dim=reduce, keepdim=True)
     c = x.shape[cd]
@@ -174,10 +180,18 @@ class QuantNoise:
         temperature, rho: salience softmax temperature ``T`` and injection rate ``rho``.
         first_last_bits: if set, the first and last layers use these bits for their statistics
             (to match a PTQ that keeps them at 8 bits); default: every layer at the target bits.
+        sampler: where the activation noise's uniform and normal numbers come from. ``"fresh"``
+            draws them for every call. ``"table"`` draws two tables per epoch (twice the largest
+            activation) and takes each call's numbers from a slice at a random offset: every
+            draw has exactly the stated distribution, element-wise independent within a call,
+            but draws of different steps can overlap in the table (as in the shared noise table
+            of Salimans et al. 2017). On the CPU random-number generation costs several times a
+            convolution, so ``"auto"`` (default) uses ``"table"`` on the CPU, ``"fresh"`` on CUDA.
     """
 
     def __init__(self, model: nn.Module, wbits: int, abits: int, weight: bool = True, act: bool = True,
-                 beta: float = 0.9, temperature: float = 1.0, rho: float = 0.5, first_last_bits: int | None = None):
+                 beta: float = 0.9, temperature: float = 1.0, rho: float = 0.5, first_last_bits: int | None = None,
+                 sampler: str = "auto"):
         check_bits(wbits, "weight bits")
         check_bits(abits, "activation bits")
         if not 0.0 <= beta < 1.0:
@@ -186,6 +200,9 @@ class QuantNoise:
             raise ValueError(f"need temperature > 0 and rho >= 0, got T={temperature}, rho={rho}")
         if first_last_bits is not None:
             check_bits(first_last_bits, "first/last layer bits")
+        if sampler not in SAMPLERS:
+            raise ValueError(f"unknown activation-noise sampler {sampler!r}; valid: {', '.join(SAMPLERS)}")
+        self.sampler = sampler
         self.model, self.wbits, self.abits = model, wbits, abits
         self.weight, self.act, self.beta = weight, act, beta
         self.temperature, self.rho, self.first_last_bits = temperature, rho, first_last_bits
@@ -199,6 +216,9 @@ class QuantNoise:
         self.updates = 0
         self.act_lambda = 0.0
         self.act_generator: torch.Generator | None = None
+        self._host_rng = random.Random(0)
+        self._table: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._ws: tuple[torch.Tensor, torch.Tensor] | None = None
         self._hooks: list = []
         self._clean: list[torch.Tensor] | None = None
 
@@ -342,6 +362,39 @@ class QuantNoise:
             h.remove()
         self._hooks = []
 
+    def new_epoch(self, seed: int) -> None:
+        """Reseed the activation-noise streams (called at every epoch start by the trainer, with
+        a seed that depends on run seed, epoch and rank); the noise table is drawn anew."""
+        dev = self.params[0].device
+        self.act_generator = torch.Generator(device=dev).manual_seed(seed)
+        self._host_rng = random.Random(seed)
+        self._table = None
+
+    def _uniform_normal(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``U(0,1)`` and ``N(0,1)`` tensors shaped like ``x`` (fresh, or slices of the epoch's table)."""
+        g, n = self.act_generator, x.numel()
+        sampler = self.sampler
+        if sampler == "auto":
+            sampler = "fresh" if x.device.type == "cuda" else "table"
+        if sampler == "fresh":
+            return (torch.rand(x.shape, device=x.device, generator=g),
+                    torch.randn(x.shape, device=x.device, generator=g))
+        if self._table is None or self._table[0].numel() < n:
+            size = 2 * n if self._table is None else max(2 * n, self._table[0].numel())
+            self._table = (torch.rand(size, device=x.device, generator=g), torch.randn(size, device=x.device, generator=g))
+        o = self._host_rng.randrange(0, self._table[0].numel() - n + 1)
+        return self._table[0][o:o + n].view(x.shape), self._table[1][o:o + n].view(x.shape)
+
+    def _workspace(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Two scratch tensors shaped like ``x``, reused across layers and steps: fresh multi-MB
+        allocations cost page faults that made each elementwise op several times slower on the
+        CPU. Safe to reuse: ``x + delta`` does not keep ``delta`` for the backward pass."""
+        n = x.numel()
+        ws = self._ws
+        if ws is None or ws[0].numel() < n or ws[0].device != x.device or ws[0].dtype != torch.float32:
+            ws = self._ws = (torch.empty(n, device=x.device), torch.empty(n, device=x.device))
+        return ws[0][:n].view(x.shape), ws[1][:n].view(x.shape)
+
     def _make_act_hook(self, name: str, cdim: int):
         def hook(mod, args):
             lam = self.act_lambda
@@ -350,11 +403,13 @@ class QuantNoise:
             x = args[0]
             if x.dim() < 2:
                 return None
-            g = self.act_generator
             with torch.no_grad():
-                p = channel_salience_probs(x, cdim, self.temperature, self.rho)
-                mask = torch.rand(x.shape, device=x.device, generator=g) < p
-                delta = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=g)
-                delta.mul_(self.a_var[name] ** 0.5).add_(self.a_mean[name]).mul_(mask).mul_(lam)
+                mask, delta = self._workspace(x)
+                p = channel_salience_probs(x, cdim, self.temperature, self.rho, scratch=mask)
+                u, z = self._uniform_normal(x)
+                # float ops only (boolean tensors are slow on the CPU): ceil(p - u) is 1 with
+                # probability p and 0 otherwise, as u ~ U[0, 1) and p - u lies in (-1, 1]
+                torch.sub(p, u, out=mask).ceil_()
+                torch.mul(z, lam * self.a_var[name] ** 0.5, out=delta).add_(lam * self.a_mean[name]).mul_(mask)
             return (x + delta, *args[1:])
         return hook

@@ -43,7 +43,7 @@ from .data import DATASET_NAMES, BatchLoader, DataError, load_dataset
 from .io import atomic_torch_save, atomic_write_json, atomic_write_text, safe_load
 from .methods import METHODS, make_method, upcast
 from .models import MODELS, build_model
-from .noise import LambdaSchedule
+from .noise import SAMPLERS, LambdaSchedule
 from .quant import MAX_BITS, MIN_BITS
 
 
@@ -79,6 +79,7 @@ class TrainConfig:
     temperature: float = 1.0
     act_rho: float = 0.5
     noise_first_last_bits: int | None = None
+    act_sampler: str = "auto"
     calib_size: int = 256
     sam_rho: float = 0.05
     swa_start: float | None = None
@@ -123,6 +124,8 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError("need 0 <= momentum < 1, weight_decay >= 0 and 0 <= label_smoothing < 1")
     if cfg.lambda_max < 0 or cfg.temperature <= 0 or cfg.act_rho < 0 or not 0 <= cfg.ema_beta < 1:
         raise ConfigError("need lambda_max >= 0, temperature > 0, act_rho >= 0 and 0 <= ema_beta < 1")
+    if cfg.act_sampler not in SAMPLERS:
+        raise ConfigError(f"unknown act_sampler {cfg.act_sampler!r}; valid: {', '.join(SAMPLERS)}")
     if cfg.sam_rho <= 0:
         raise ConfigError(f"sam_rho must be > 0, got {cfg.sam_rho}")
     if cfg.swa_start is not None and not 0 < cfg.swa_start < 1:
@@ -341,7 +344,7 @@ def _train(cfg, resume, overwrite, quiet, rank, world, local_rank) -> dict:
         calib_x = calib_x.contiguous(memory_format=torch.channels_last)
 
     method = make_method(cfg.method, cfg.wbits, cfg.abits, cfg.sam_rho, cfg.ema_beta, cfg.temperature,
-                         cfg.act_rho, cfg.noise_first_last_bits)
+                         cfg.act_rho, cfg.noise_first_last_bits, cfg.act_sampler)
     method.setup(model, calib_x, device, cfg.seed, rank)
     schedule = LambdaSchedule(cfg.lambda_max, cfg.lambda_start, cfg.lambda_warmup)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0,
@@ -411,6 +414,7 @@ def _train(cfg, resume, overwrite, quiet, rank, world, local_rank) -> dict:
         rec = {"epoch": epoch, "train_loss": float(tr[0]) / (steps * world), "train_acc": float(tr[1]) / (seen * world),
                "test_loss": test_loss, "test_acc": test_acc, "lr": optimizer.param_groups[0]["lr"],
                "lambda": lam, "time_s": time.perf_counter() - t0, **method.epoch_metrics()}
+        rec["images_per_s"] = seen * world / rec["time_s"]
         if rank == 0:
             state = {"epoch": epoch, "config": cfg.to_dict(), "world_size": world, "model": model.state_dict(),
                      "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
@@ -421,7 +425,8 @@ def _train(cfg, resume, overwrite, quiet, rank, world, local_rank) -> dict:
             atomic_write_text(metrics_path, "\n".join(history) + "\n")
             if show:
                 tqdm.write(f"epoch {epoch + 1}/{cfg.epochs}  loss {rec['train_loss']:.4f}  train acc {rec['train_acc']:.4f}  "
-                           f"test loss {test_loss:.4f}  test acc {test_acc:.4f}  lambda {lam:.3g}  ({rec['time_s']:.1f}s)")
+                           f"test loss {test_loss:.4f}  test acc {test_acc:.4f}  lambda {lam:.3g}  "
+                           f"({rec['time_s']:.1f}s, {rec['images_per_s']:.0f} img/s)")
         _barrier(world)
 
     final = model

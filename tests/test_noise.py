@@ -90,14 +90,15 @@ def test_salience_probabilities_closed_form():
     torch.testing.assert_close(pt.view(2, 6), (torch.softmax(s, 1) * 6 * 0.5).clamp(0, 1))
 
 
-def test_activation_mask_frequencies_match_probabilities():
+@pytest.mark.parametrize("sampler", ["fresh", "table"])
+def test_activation_mask_frequencies_match_probabilities(sampler):
     torch.manual_seed(0)
     conv = nn.Conv2d(4, 2, 1)
     model = nn.Sequential(conv).train()
-    noise = QuantNoise(model, 4, 4, weight=False, act=True, rho=0.5, temperature=0.3).attach()
+    noise = QuantNoise(model, 4, 4, weight=False, act=True, rho=0.5, temperature=0.3, sampler=sampler).attach()
     noise.a_mean, noise.a_var, noise.order = {"0": 1.0}, {"0": 0.0}, ["0"]  # delta_a == 1: mask is visible
     noise.act_lambda = 1.0
-    noise.act_generator = torch.Generator().manual_seed(0)
+    noise.new_epoch(0)
     x = torch.randn(2, 4, 50, 50)
     seen = []
     conv.register_forward_pre_hook(lambda m, a: seen.append(a[0] - x))  # runs after the noise hook
@@ -114,6 +115,25 @@ def test_activation_mask_frequencies_match_probabilities():
     seen.clear()
     model(x)
     assert torch.equal(seen[0], torch.zeros_like(x))  # no noise outside training
+
+
+@pytest.mark.parametrize("sampler", ["fresh", "table"])
+def test_activation_noise_has_the_measured_mean_and_variance(sampler):
+    conv = nn.Linear(64, 2)
+    model = nn.Sequential(conv).train()
+    noise = QuantNoise(model, 4, 4, weight=False, act=True, rho=1e6, sampler=sampler).attach()  # p == 1 everywhere
+    noise.a_mean, noise.a_var, noise.order = {"0": 0.3}, {"0": 0.25}, ["0"]
+    noise.act_lambda = 2.0
+    noise.new_epoch(1)
+    x = torch.zeros(4000, 64)
+    seen = []
+    conv.register_forward_pre_hook(lambda m, a: seen.append(a[0].clone()))
+    for _ in range(3):  # later calls reuse the table at other offsets
+        model(x)
+    for d in seen:
+        assert abs(float(d.mean()) - 2.0 * 0.3) < 4 * 1.0 / 512  # lambda * mu, sd of the mean 1/sqrt(256000)
+        assert abs(float(d.std()) - 2.0 * 0.5) < 0.01
+    assert not torch.equal(seen[0], seen[1])
 
 
 def test_weight_stats_ema():
