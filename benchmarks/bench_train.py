@@ -1,7 +1,7 @@
 """Step time of every training method as a ratio to plain SGD, on the same model and batch, in one run.
 
-Methods are measured round-robin (one short burst each, repeated), so a noisy machine slows
-all of them alike; the figure of merit is median(step time of METHOD) / median(step time of sgd).
+Methods are measured round-robin (one short burst each, in a shuffled order, repeated; the
+first step of each burst is not timed), so a noisy machine slows all of them alike; the figure of merit is median(step time of METHOD) / median(step time of sgd).
 
     python benchmarks/bench_train.py                      # cnn-digits (batch 128) and resnet20 (batch 128, 32x32)
     python benchmarks/bench_train.py --models resnet20 --device cuda --json out.json
@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import random
 import statistics
 import time
 
@@ -26,7 +27,8 @@ from dnq.models import build_model
 SHAPES = {"cnn-digits": (1, 8, 10), "mlp-digits": (1, 8, 10)}
 
 
-def bench(model_name: str, batch: int, device: torch.device, rounds: int, steps: int, methods, amp: bool) -> dict:
+def bench(model_name: str, batch: int, device: torch.device, rounds: int, steps: int, methods, amp: bool,
+          act_sampler: str = "auto") -> dict:
     c, s, k = SHAPES.get(model_name, (3, 32, 100))
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, c, s, s, generator=g).to(device)
@@ -39,7 +41,7 @@ def bench(model_name: str, batch: int, device: torch.device, rounds: int, steps:
         model = build_model(model_name, k, c, s).to(device).train()
         if device.type == "cuda":
             model = model.to(memory_format=torch.channels_last)
-        method = make_method(name, wbits=4, abits=4)
+        method = make_method(name, wbits=4, abits=4, act_sampler=act_sampler)
         method.setup(model, calib, device, 0, 0)
         method.on_epoch_start(0, 1.0)
         opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, nesterov=True, weight_decay=5e-4)
@@ -56,8 +58,12 @@ def bench(model_name: str, batch: int, device: torch.device, rounds: int, steps:
     for name in methods:  # warm-up
         for _ in range(3):
             step(name)
+    order = list(methods)
+    rng = random.Random(0)
     for _ in range(rounds):
-        for name in methods:
+        rng.shuffle(order)  # no method always runs first after a switch
+        for name in order:
+            step(name)  # the first step after a switch is not timed
             for _ in range(steps):
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
@@ -81,6 +87,8 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=5, help="steps per method per round")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--no-amp", dest="amp", action="store_false")
+    p.add_argument("--act-sampler", default="auto", choices=("auto", "fresh", "table"),
+                   help="activation-noise random numbers (see dnq.noise.QuantNoise)")
     p.add_argument("--json", help="also write the results here")
     a = p.parse_args(argv)
     methods = a.methods.split(",")
@@ -89,9 +97,9 @@ def main(argv=None):
     results = []
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {a.device}")
     for m in a.models.split(","):
-        r = bench(m, a.batch_size, torch.device(a.device), a.rounds, a.steps, methods, a.amp)
+        r = bench(m, a.batch_size, torch.device(a.device), a.rounds, a.steps, methods, a.amp, a.act_sampler)
         results.append(r)
-        print(f"\n{m}, batch {a.batch_size}:")
+        print(f"\n{m}, batch {a.batch_size}, activation-noise sampler {a.act_sampler}:")
         print(f"  {'method':<10}{'median step (ms)':>18}{'ratio to sgd':>14}")
         for n in methods:
             print(f"  {n:<10}{r['median_step_ms'][n]:>18.2f}{r['ratio_to_sgd'][n]:>13.2f}x")

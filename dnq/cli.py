@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bits of the first and last layer ('none' quantizes them like the rest)")
     q.add_argument("--calib-size", type=int, default=256, help="calibration training samples")
     q.add_argument("--no-fold-bn", dest="fold_bn", action="store_false", help="do not fold BatchNorm into convolutions")
-    q.add_argument("--device", default="cpu")
+    q.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--data-root", default=None)
     q.add_argument("--quiet", action="store_true")

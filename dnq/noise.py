@@ -218,7 +218,7 @@ class QuantNoise:
         self.act_generator: torch.Generator | None = None
         self._host_rng = random.Random(0)
         self._table: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._ws: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._ws: torch.Tensor | None = None
         self._hooks: list = []
         self._clean: list[torch.Tensor] | None = None
 
@@ -385,15 +385,14 @@ class QuantNoise:
         o = self._host_rng.randrange(0, self._table[0].numel() - n + 1)
         return self._table[0][o:o + n].view(x.shape), self._table[1][o:o + n].view(x.shape)
 
-    def _workspace(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Two scratch tensors shaped like ``x``, reused across layers and steps: fresh multi-MB
-        allocations cost page faults that made each elementwise op several times slower on the
-        CPU. Safe to reuse: ``x + delta`` does not keep ``delta`` for the backward pass."""
+    def _workspace(self, x: torch.Tensor) -> torch.Tensor:
+        """A float32 scratch tensor shaped like ``x``, reused across layers and steps: fresh
+        multi-MB allocations cost page faults that made each elementwise op several times slower
+        on the CPU. Safe to reuse: the noise's autograd nodes do not keep it for backward."""
         n = x.numel()
-        ws = self._ws
-        if ws is None or ws[0].numel() < n or ws[0].device != x.device or ws[0].dtype != torch.float32:
-            ws = self._ws = (torch.empty(n, device=x.device), torch.empty(n, device=x.device))
-        return ws[0][:n].view(x.shape), ws[1][:n].view(x.shape)
+        if self._ws is None or self._ws.numel() < n or self._ws.device != x.device:
+            self._ws = torch.empty(n, device=x.device)
+        return self._ws[:n].view(x.shape)
 
     def _make_act_hook(self, name: str, cdim: int):
         def hook(mod, args):
@@ -404,12 +403,14 @@ class QuantNoise:
             if x.dim() < 2:
                 return None
             with torch.no_grad():
-                mask, delta = self._workspace(x)
+                mask = self._workspace(x)
                 p = channel_salience_probs(x, cdim, self.temperature, self.rho, scratch=mask)
                 u, z = self._uniform_normal(x)
                 # float ops only (boolean tensors are slow on the CPU): ceil(p - u) is 1 with
                 # probability p and 0 otherwise, as u ~ U[0, 1) and p - u lies in (-1, 1]
                 torch.sub(p, u, out=mask).ceil_()
-                torch.mul(z, lam * self.a_var[name] ** 0.5, out=delta).add_(lam * self.a_mean[name]).mul_(mask)
-            return (x + delta, *args[1:])
+            # x + lam * M * (mu + sigma * z), in two passes over x
+            out = torch.addcmul(x, mask, z, value=lam * self.a_var[name] ** 0.5)
+            mu = lam * self.a_mean[name]
+            return (out.add_(mask, alpha=mu) if mu else out, *args[1:])
         return hook

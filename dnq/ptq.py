@@ -31,7 +31,7 @@ def parse_ranges(spec: str) -> list[str]:
 
 
 def run_ptq(run_dir, bits: str = DEFAULT_BITS, ranges: str = ",".join(RANGE_METHODS), weight_mode: str = "symmetric",
-            first_last_bits: int | None = 8, calib_size: int = 256, fold_bn: bool = True, device: str = "cpu",
+            first_last_bits: int | None = 8, calib_size: int = 256, fold_bn: bool = True, device: str = "auto",
             seed: int = 0, data_root: str | None = None, quiet: bool = False, write: bool = True) -> dict:
     """Quantize the final model of ``run_dir`` for every (bits, range method) and evaluate it.
 
@@ -44,7 +44,7 @@ def run_ptq(run_dir, bits: str = DEFAULT_BITS, ranges: str = ",".join(RANGE_METH
     if weight_mode not in WEIGHT_MODES:
         raise ValueError(f"unknown weight mode {weight_mode!r}; valid: {', '.join(WEIGHT_MODES)}")
     run_dir = Path(run_dir)
-    dev = torch.device(device)
+    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
     model, meta = load_model(run_dir, dev)
     ds = load_dataset(meta["data"], data_root).to(dev)
     test = BatchLoader(ds, 1024, False)

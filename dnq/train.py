@@ -254,8 +254,9 @@ def _set_rng_state(state: dict, device: torch.device) -> None:
 
 def model_meta(cfg: TrainConfig, ds) -> dict:
     """What :func:`load_model` needs to rebuild the network and its input normalization."""
+    data = f"npz:{os.path.abspath(os.path.expanduser(cfg.data[4:]))}" if cfg.data.startswith("npz:") else cfg.data
     return {"arch": cfg.model, "num_classes": ds.num_classes, "in_channels": ds.in_channels,
-            "image_size": ds.image_size, "data": cfg.data, "mean": list(ds.mean), "std": list(ds.std),
+            "image_size": ds.image_size, "data": data, "mean": list(ds.mean), "std": list(ds.std),
             "max_value": ds.max_value}
 
 

@@ -34,5 +34,15 @@ for line in open(sys.argv[1]):
 PYEOF
 done
 
+echo "== torch.compile: resnet20 with dnq, 2 epochs"
+"$PY" -m dnq train --data synthetic:100:50000 --model resnet20 --method dnq --epochs 2 --batch-size 512 --lr 0.2 \
+    --compile --out "$OUT/resnet20-dnq-compile" --overwrite --quiet
+"$PY" - "$OUT/resnet20-dnq-compile/metrics.jsonl" <<'PYEOF'
+import json, sys
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    print(f"  epoch {r['epoch'] + 1}: {r['time_s']:.2f} s, {r['images_per_s']:.0f} images/s (epoch 1 includes compilation)")
+PYEOF
+
 echo "== step-time ratios on the GPU"
 "$PY" benchmarks/bench_train.py --models resnet20,resnet56 --batch-size 512 --rounds 10 --json "$OUT/bench_train_cuda.json"

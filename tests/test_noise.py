@@ -189,3 +189,17 @@ def test_lambda_schedule():
 def test_noise_rejects_bad_bits(tiny_cnn):
     with pytest.raises(ValueError, match="2..8"):
         QuantNoise(tiny_cnn, 1, 4)
+
+
+@pytest.mark.parametrize("name", ["vit-tiny", "mobilenetv2", "resnet20"])
+def test_dnq_step_on_every_architecture(name):
+    torch.manual_seed(0)
+    model = build_model(name, 10, 3, 32).train()
+    calib, x, y = torch.randn(16, 3, 32, 32), torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    method = _setup("dnq", model, calib)
+    sites = set(method.noise.a_mean)
+    assert sites == {n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    before = [p.detach().clone() for p in method.noise.params]
+    method.step(model, x, y, nn.CrossEntropyLoss(), _null)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    assert all(torch.equal(a, p) for a, p in zip(before, method.noise.params))
