@@ -1,0 +1,352 @@
+"""Hessian-vector products of an average loss, streamed over data.
+
+:class:`HessianOperator` represents the Hessian ``H = sum_b (n_b / N) * Hess(L_b)`` of the
+average loss over a data iterable (``L_b`` is the mean loss of batch ``b`` of ``n_b``
+samples), with respect to all or some of a model's parameters, evaluated in eval mode
+(BatchNorm running statistics, no dropout). Products with a block of ``k`` vectors at once
+(:meth:`HessianOperator.matmat`) share the work of each batch:
+
+* ``"fwd-rev"``: forward-over-reverse, ``torch.func.jvp`` of ``torch.func.grad``, vmapped over
+  the ``k`` tangents (one forward, a gradient pass and its tangent, per batch and block);
+* ``"rev-rev"``: double backward, one ``torch.autograd.grad`` with ``is_grads_batched=True``
+  for the whole block, on the graph of a ``create_graph=True`` gradient;
+* ``"cached"``: as ``"rev-rev"``, but the gradient graphs of every batch are built once and
+  kept (``retain_graph``), so a product costs only the batched double backward. Used when the
+  graphs fit in ``cache_bytes`` (their size is measured on the first batch).
+
+``method="auto"`` times the candidates on the first batch and keeps the fastest; a method that
+fails (an operator without a forward-mode or batching rule) is skipped, and ``"rev-rev"`` with a
+loop over the block is the exact fallback of last resort.
+
+The user's model is left as it was: parameters and buffers are read, never written (products
+use ``torch.func.functional_call`` on detached copies), and the training flags of every module
+are restored after each pass.
+
+Example:
+    >>> import torch, torch.nn as nn
+    >>> from landscape import HessianOperator
+    >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    >>> data = [(torch.randn(16, 4), torch.randint(0, 3, (16,)))]
+    >>> op = HessianOperator(model, nn.functional.cross_entropy, data)
+    >>> v = torch.randn(op.dim)
+    >>> op.matvec(v).shape == v.shape
+    True
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import time
+from collections.abc import Callable, Iterable
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.func import functional_call, grad, jvp, vmap
+from tqdm.auto import tqdm
+
+METHODS = ("auto", "fwd-rev", "rev-rev", "cached")
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module):
+    """Put every module in eval mode and restore each module's own flag on exit."""
+    flags = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        yield model
+    finally:
+        for m, f in flags:
+            m.training = f
+
+
+def select_params(model: nn.Module, params=None) -> list[str]:
+    """Names of the trainable parameters selected by ``params``.
+
+    Args:
+        params: ``None`` (all parameters that require grad), or names / glob patterns
+            (``"layer1.*"``, ``"*.weight"``).
+
+    Raises:
+        ValueError: a pattern that matches nothing, or an empty selection.
+    """
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    if params is None:
+        chosen = names
+    else:
+        if isinstance(params, str):
+            params = [params]
+        chosen, seen = [], set()
+        for pat in params:
+            hits = [n for n in names if fnmatch.fnmatchcase(n, pat)]
+            if not hits:
+                raise ValueError(f"parameter pattern {pat!r} matches no trainable parameter; "
+                                 f"names look like {names[:4]}")
+            for n in hits:
+                if n not in seen:
+                    seen.add(n)
+                    chosen.append(n)
+        chosen = [n for n in names if n in seen]  # model order
+    if not chosen:
+        raise ValueError("no trainable parameter selected")
+    return chosen
+
+
+def _as_batches(data) -> list | Iterable:
+    if isinstance(data, tuple) and len(data) == 2 and isinstance(data[0], torch.Tensor):
+        return [data]  # one fixed batch
+    return data
+
+
+class HessianOperator:
+    """The Hessian of the average loss of ``model`` over ``data`` as a linear operator.
+
+    Args:
+        model: any ``nn.Module``; evaluated in eval mode, never modified.
+        loss_fn: ``loss_fn(outputs, targets)`` returning the *mean* loss over the batch.
+        data: one ``(inputs, targets)`` batch, or a re-iterable of such batches (a list, a
+            ``DataLoader``); a short last batch gets its proper weight ``n_b / N``.
+        params: ``None`` for all trainable parameters, or names / glob patterns.
+        method: ``"auto"``, ``"fwd-rev"``, ``"rev-rev"`` or ``"cached"`` (see the module doc).
+        cache_bytes: memory budget of the ``"cached"`` method (default 2 GiB).
+        progress: show a progress bar over batches for each product.
+
+    Under ``torch.distributed``, each rank passes its own shard of the data; products are
+    all-reduced weighted by sample counts, so every rank gets the same answer.
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: Callable, data, params=None, *, method: str = "auto",
+                 cache_bytes: int = 2 << 30, progress: bool = False):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        if not callable(loss_fn):
+            raise TypeError("loss_fn must be callable as loss_fn(outputs, targets)")
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
+        self.model, self.loss_fn, self.data = model, loss_fn, _as_batches(data)
+        self.names = select_params(model, params)
+        named = dict(model.named_parameters())
+        self._params = {n: named[n].detach() for n in self.names}
+        self.shapes = [self._params[n].shape for n in self.names]
+        self.numels = [self._params[n].numel() for n in self.names]
+        self.dim = sum(self.numels)
+        first = self._params[self.names[0]]
+        self.dtype, self.device = first.dtype, first.device
+        self.cache_bytes, self.progress = cache_bytes, progress
+        self.requested_method = method
+        self.method: str | None = None if method == "auto" else method
+        self.num_matvecs = 0
+        self.timings: dict[str, float] = {}
+        self._cache: list | None = None
+        self._count: float | None = None
+
+    # -- vector helpers ---------------------------------------------------------------------
+    def flatten(self, tensors) -> torch.Tensor:
+        """Concatenate parameter-shaped tensors (a dict by name, or a list in :attr:`names` order)."""
+        if isinstance(tensors, dict):
+            tensors = [tensors[n] for n in self.names]
+        return torch.cat([t.reshape(-1) for t in tensors])
+
+    def unflatten(self, vec: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Split a flat vector (or a (dim, k) block, giving (k, *shape) tensors) by parameter."""
+        out, i = {}, 0
+        for n, s, c in zip(self.names, self.shapes, self.numels):
+            if vec.dim() == 1:
+                out[n] = vec[i:i + c].view(s)
+            else:
+                out[n] = vec[i:i + c].T.reshape(vec.shape[1], *s)
+            i += c
+        return out
+
+    def block_slices(self) -> dict[str, slice]:
+        """The slice of the flat vector that belongs to each parameter."""
+        out, i = {}, 0
+        for n, c in zip(self.names, self.numels):
+            out[n] = slice(i, i + c)
+            i += c
+        return out
+
+    # -- the loss as a function of the selected parameters -----------------------------------
+    def _frozen(self) -> dict[str, torch.Tensor]:
+        named = dict(self.model.named_parameters())
+        fixed = {n: p.detach() for n, p in named.items() if n not in self._params}
+        fixed.update({n: b for n, b in self.model.named_buffers()})
+        return fixed
+
+    def _loss(self, params: dict, x, y, frozen: dict) -> torch.Tensor:
+        out = functional_call(self.model, {**frozen, **params}, (x,))
+        return self.loss_fn(out, y)
+
+    def _batches(self):
+        it = iter(self.data)
+        if self.progress:
+            it = tqdm(it, desc="hvp", leave=False)
+        for b in it:
+            x, y = b[0], b[1]
+            yield x.to(self.device) if isinstance(x, torch.Tensor) else x, y.to(self.device)
+
+    # -- products per batch ------------------------------------------------------------------
+    def _fwd_rev(self, x, y, V: dict, frozen) -> dict:
+        g = grad(lambda p: self._loss(p, x, y, frozen))
+        return vmap(lambda v: jvp(g, (self._params,), (v,))[1])(V)
+
+    def _graph(self, x, y, frozen):
+        p = {n: t.clone().requires_grad_(True) for n, t in self._params.items()}
+        loss = self._loss(p, x, y, frozen)
+        g = torch.autograd.grad(loss, list(p.values()), create_graph=True)
+        return list(p.values()), g
+
+    def _rev_rev(self, graph, V: dict, retain: bool) -> dict:
+        leaves, g = graph
+        outs = [V[n] for n in self.names]
+        k = outs[0].shape[0]
+        try:
+            res = torch.autograd.grad(g, leaves, grad_outputs=outs, retain_graph=retain, is_grads_batched=True,
+                                      allow_unused=True)
+        except RuntimeError:
+            if k == 1 and not retain:
+                raise
+            cols = [torch.autograd.grad(g, leaves, grad_outputs=[o[i] for o in outs], retain_graph=True, allow_unused=True)
+                    for i in range(k)]
+            res = [torch.stack([c[j] if c[j] is not None else torch.zeros_like(leaves[j]) for c in cols])
+                   for j in range(len(leaves))]
+        return {n: (r if r is not None else torch.zeros((k, *s), dtype=self.dtype, device=self.device))
+                for n, r, s in zip(self.names, res, self.shapes)}
+
+    def _batch_product(self, method, x, y, V, frozen, graph=None):
+        if method == "fwd-rev":
+            return self._fwd_rev(x, y, V, frozen)
+        if graph is None:
+            return self._rev_rev(self._graph(x, y, frozen), V, retain=False)
+        return self._rev_rev(graph, V, retain=True)
+
+    # -- method choice -----------------------------------------------------------------------
+    def _choose(self, V: dict, frozen) -> None:
+        x, y = next(iter(self._batches()))
+        candidates = ["cached", "fwd-rev", "rev-rev"] if self.method is None else [self.method]
+        best, errors = None, {}
+        for m in candidates:
+            try:
+                if m == "cached":
+                    size = self._graph_bytes(x, y, frozen)
+                    nb = len(self.data) if hasattr(self.data, "__len__") else None
+                    if nb is None or size * nb > self.cache_bytes:
+                        errors[m] = f"graphs need ~{size} B per batch, budget {self.cache_bytes} B"
+                        continue
+                    graph = self._graph(x, y, frozen)
+                    self._batch_product("cached", x, y, V, frozen, graph)  # warm-up
+                    t0 = time.perf_counter()
+                    self._batch_product("cached", x, y, V, frozen, graph)
+                    # a cached product skips the graph construction that the others pay for
+                    t = time.perf_counter() - t0
+                else:
+                    self._batch_product(m, x, y, V, frozen)
+                    t0 = time.perf_counter()
+                    self._batch_product(m, x, y, V, frozen)
+                    t = time.perf_counter() - t0
+            except (RuntimeError, NotImplementedError) as e:
+                errors[m] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                continue
+            self.timings[m] = t
+            if best is None or t < self.timings[best]:
+                best = m
+        if best is None:
+            raise RuntimeError(f"no Hessian-vector product method works for this model: {errors}")
+        self.method, self.method_errors = best, errors
+
+    def _graph_bytes(self, x, y, frozen) -> int:
+        total = 0
+
+        def pack(t):
+            nonlocal total
+            total += t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            self._graph(x, y, frozen)
+        return total
+
+    # -- public products ---------------------------------------------------------------------
+    def matmat(self, V: torch.Tensor) -> torch.Tensor:
+        """``H @ V`` for a (dim, k) block (or a (dim,) vector); counts ``k`` matvecs."""
+        if V.dim() == 1:
+            return self.matmat(V[:, None])[:, 0]
+        if V.shape[0] != self.dim:
+            raise ValueError(f"expected vectors of length {self.dim} (the selected parameters), got {V.shape[0]}")
+        k = V.shape[1]
+        Vd = self.unflatten(V.to(device=self.device, dtype=self.dtype))
+        with eval_mode(self.model):
+            frozen = self._frozen()
+            if self.method is None or (self.requested_method == "auto" and len(self.timings) == 0):
+                self._choose(Vd, frozen)
+            acc = torch.zeros(self.dim, k, dtype=self.dtype, device=self.device)
+            n_total = 0
+            if self.method == "cached":
+                if self._cache is None:
+                    self._cache = [(len(y), self._graph(x, y, frozen)) for x, y in self._batches()]
+                for n, graph in self._cache:
+                    acc += n * self._to_block(self._rev_rev(graph, Vd, retain=True))
+                    n_total += n
+            else:
+                for x, y in self._batches():
+                    acc += len(y) * self._to_block(self._batch_product(self.method, x, y, Vd, frozen))
+                    n_total += len(y)
+        acc = self._reduce(acc, n_total)
+        self.num_matvecs += k
+        return acc
+
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        """``H @ v`` for a flat vector of length :attr:`dim`."""
+        return self.matmat(v)
+
+    __matmul__ = matmat
+
+    def _to_block(self, d: dict) -> torch.Tensor:
+        return torch.cat([d[n].reshape(d[n].shape[0], -1) for n in self.names], dim=1).T
+
+    def _reduce(self, acc: torch.Tensor, n: int) -> torch.Tensor:
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            cnt = torch.tensor([float(n)], dtype=torch.float64, device=acc.device)
+            dist.all_reduce(acc)
+            dist.all_reduce(cnt)
+            n = cnt.item()
+        if n == 0:
+            raise ValueError("the data yielded no samples")
+        return acc / n
+
+    def gradient(self) -> tuple[torch.Tensor, float]:
+        """The flat gradient of the average loss and the average loss itself (eval mode)."""
+        g_acc = torch.zeros(self.dim, dtype=self.dtype, device=self.device)
+        loss_acc, n_total = 0.0, 0
+        with eval_mode(self.model):
+            frozen = self._frozen()
+            for x, y in self._batches():
+                p = {n: t.clone().requires_grad_(True) for n, t in self._params.items()}
+                loss = self._loss(p, x, y, frozen)
+                g = torch.autograd.grad(loss, list(p.values()), allow_unused=True)
+                g = [gi if gi is not None else torch.zeros_like(t) for gi, t in zip(g, p.values())]
+                g_acc += len(y) * torch.cat([gi.reshape(-1) for gi in g])
+                loss_acc += len(y) * float(loss.detach())
+                n_total += len(y)
+        both = self._reduce(torch.cat([g_acc, torch.tensor([loss_acc], dtype=self.dtype, device=self.device)])[:, None],
+                            n_total)[:, 0]
+        return both[:-1], float(both[-1])
+
+    def to_scipy(self):
+        """A ``scipy.sparse.linalg.LinearOperator`` (float64 NumPy in and out)."""
+        import numpy as np
+        from scipy.sparse.linalg import LinearOperator
+
+        def mm(X):
+            X = np.asarray(X)
+            one = X.ndim == 1
+            T = torch.from_numpy(np.ascontiguousarray(X.reshape(self.dim, -1))).to(self.dtype)
+            out = self.matmat(T).detach().cpu().double().numpy()
+            return out[:, 0] if one else out
+
+        return LinearOperator((self.dim, self.dim), matvec=mm, rmatvec=mm, matmat=mm, rmatmat=mm, dtype=np.float64)
+
+    def __repr__(self) -> str:
+        return (f"HessianOperator(dim={self.dim}, params={len(self.names)} tensors, method={self.method or 'auto'}, "
+                f"matvecs={self.num_matvecs})")

@@ -1,0 +1,53 @@
+"""Small result dataclasses with ``to_dict()`` for JSON and a readable ``repr``."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import torch
+
+
+def _plain(v):
+    if isinstance(v, torch.Tensor):
+        return v.detach().cpu().tolist()
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    if isinstance(v, (np.floating, np.integer)):
+        return v.item()
+    if isinstance(v, dict):
+        return {str(k): _plain(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    return v
+
+
+def _short(v) -> str:
+    if isinstance(v, (torch.Tensor, np.ndarray)):
+        if v.ndim == 0 or (v.ndim == 1 and v.shape[0] <= 4):
+            return np.array2string(np.asarray(v.detach().cpu() if isinstance(v, torch.Tensor) else v), precision=5)
+        return f"<{type(v).__name__} {tuple(v.shape)}>"
+    if isinstance(v, float):
+        return f"{v:.6g}" if math.isfinite(v) else str(v)
+    if isinstance(v, dict):
+        return f"<dict of {len(v)}>" if len(v) > 4 else "{" + ", ".join(f"{k}: {_short(x)}" for k, x in v.items()) + "}"
+    if isinstance(v, list) and len(v) > 4:
+        return f"<list of {len(v)}>"
+    return repr(v)
+
+
+class Result:
+    """Mixin for the result dataclasses."""
+
+    #: fields left out of ``to_dict`` (large, parameter-shaped tensors)
+    _exclude: tuple[str, ...] = ()
+
+    def to_dict(self, include_large: bool = False) -> dict:
+        """JSON-ready dictionary (tensors and arrays become lists)."""
+        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)
+                if include_large or f.name not in self._exclude}
+
+    def __repr__(self) -> str:
+        body = ", ".join(f"{f.name}={_short(getattr(self, f.name))}" for f in dataclasses.fields(self))
+        return f"{type(self).__name__}({body})"
