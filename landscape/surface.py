@@ -8,7 +8,8 @@ surface, never per point) whose parameters are overwritten point by point. On a 
 the second is 2-4x faster for small CNNs (vmap turns convolutions into slower grouped ones and
 falls back to loops for some pooling ops); the first can pay on GPUs. The user's model itself is
 never written (it is in eval mode during the evaluation, every module's flag restored after). NaN or Inf losses stay NaN in the result. Under
-``torch.distributed`` the grid points are split across ranks and gathered, so every rank
+``torch.distributed`` the grid points are split across ranks (each rank evaluates its points on
+the data it is given: pass every rank the whole evaluation set) and gathered, so every rank
 returns the whole surface.
 
 Example:
