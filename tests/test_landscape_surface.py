@@ -146,3 +146,25 @@ def test_bad_surface_arguments():
         surface_1d(model, CE, data(), d[0], steps=0)
     with pytest.raises(ValueError, match="not trainable parameters"):
         surface_1d(model, CE, data(), {"nope": torch.zeros(1)})
+
+
+def test_plot_helpers_build_figures():
+    from landscape import hessian_trace, spectral_density
+    from landscape.plot import plot_density, plot_eigenvalues, plot_surface_1d, plot_surface_2d, plot_trace
+
+    model = bn_cnn()
+    batches = data()
+    op = HessianOperator(model, CE, batches)
+    tr = hessian_trace(op, 12, method="hutchinson")
+    assert len(plot_trace(tr).data[0].x) == 12
+    eig = top_eigenvalues(op, k=2, tol=1e-3)
+    assert list(plot_eigenvalues(eig).data[0].y) == eig.eigenvalues
+    esd = spectral_density(op, num_runs=2, lanczos_steps=8)
+    assert len(plot_density(esd).data[0].x) == len(esd.grid)
+    d = random_directions(model, 2)
+    s1 = surface_1d(model, CE, batches, d[0], steps=5)
+    assert len(plot_surface_1d(s1, mark=1.0).data) == 2
+    s2 = surface_2d(model, CE, batches, d, steps=4)
+    fig = plot_surface_2d(s2)
+    assert fig.data[0].type == "surface" and np.asarray(fig.data[0].z).shape == (4, 4)
+    assert plot_surface_2d(s2, kind="contour").data[0].type == "contour"

@@ -1,0 +1,200 @@
+"""Curvature and surface instruments side by side with PyHessian, curvlinops and loss-landscapes.
+
+One command, one run. Every time is also given in gradient-equivalents: the median time of one
+full-data gradient (forward + backward over all batches) measured in the same run, so the
+figures survive a noisy machine. Accuracy is against a reference computed here with our
+Lanczos at a tight tolerance (cross-checked with SciPy's ARPACK on the same operator).
+
+    python benchmarks/bench_instruments.py [--json out.json] [--skip-resnet]
+
+Workloads: the digits CNN (cnn-digits, 14,458 parameters, trained 30 epochs with SGD, seed 0)
+on all 1,797 digits images in batches of 256; resnet20 at initialization on a batch of 128
+32x32 images (the CIFAR-10 subset in ../shared when present, else random images).
+hessian-eigenthings is not on PyPI and cannot be installed here; it is left out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+import landscape
+from dnq.data import load_dataset
+from dnq.models import build_model
+from dnq.train import TrainConfig, load_model, train
+
+warnings.filterwarnings("ignore")
+CE = nn.functional.cross_entropy
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def grad_time(model, batches, repeat=7):
+    n = sum(len(b[1]) for b in batches)
+    ts = []
+    for _ in range(repeat + 1):
+        model.zero_grad()
+        t0 = time.perf_counter()
+        for x, y in batches:
+            (CE(model(x), y) * (len(y) / n)).backward()
+        ts.append(time.perf_counter() - t0)
+    model.zero_grad(set_to_none=True)
+    return statistics.median(ts[1:])
+
+
+def timed(fn):
+    t0 = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t0
+
+
+def digits_workload():
+    with tempfile.TemporaryDirectory() as d:
+        train(TrainConfig(data="digits", model="cnn-digits", method="sgd", epochs=30, seed=0, out=d + "/run"), quiet=True)
+        model, _ = load_model(d + "/run")
+    ds = load_dataset("digits")
+    x = torch.cat([ds.normalize(ds.x_train), ds.normalize(ds.x_test)])
+    y = torch.cat([ds.y_train, ds.y_test])
+    return model.eval(), list(zip(x.split(256), y.split(256)))
+
+
+def resnet_workload():
+    npz = ROOT.parent / "shared" / "data" / "cifar10-subset.npz"
+    ds = load_dataset(f"npz:{npz}" if npz.is_file() else "synthetic:10:256")
+    torch.manual_seed(0)
+    model = build_model("resnet20", 10, 3, 32).eval()
+    return model, [(ds.normalize(ds.x_train[:128]), ds.y_train[:128])], ("cifar10-subset" if npz.is_file() else "random")
+
+
+def run(name, model, batches, rows, surface_steps, do_eigs=True):
+    import pyhessian
+    from curvlinops import HessianLinearOperator, hutchinson_trace
+    from scipy.sparse.linalg import eigsh
+
+    g = grad_time(model, batches)
+    print(f"\n== {name}: {sum(p.numel() for p in model.parameters())} parameters, "
+          f"{sum(len(b[1]) for b in batches)} samples; one gradient = {1e3 * g:.1f} ms")
+
+    def add(task, tool, seconds, value=None, err=None, note="", per=1):
+        rows.append({"workload": name, "task": task, "tool": tool, "seconds": seconds, "grad_eq": seconds / g / per,
+                     "value": value, "rel_error": err, "note": note})
+        e = "" if err is None else f"  rel. error {err:.1e}"
+        v = "" if value is None else f"  value {value:.6g}"
+        print(f"  {task:<28}{tool:<22}{seconds / g / per:>8.2f} grad-eq{v}{e}  {note}")
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    ref = landscape.top_eigenvalues(landscape.HessianOperator(model, CE, batches), k=3, tol=1e-9, seed=1).eigenvalues
+    ref_scipy = np.sort(eigsh(landscape.HessianOperator(model, CE, batches).to_scipy(), k=3, which="LA", tol=1e-10)[0])[::-1]
+    assert np.allclose(ref, ref_scipy, rtol=1e-4), (ref, ref_scipy)
+    print(f"  reference top-3 eigenvalues {ref}  (gap top-1/top-2 {(ref[0] - ref[1]) / ref[0]:.1%})")
+
+    def cold():  # every timed call of ours pays for its own method choice
+        landscape.hessian._CHOICES.clear()
+        return landscape.HessianOperator(model, CE, batches)
+
+    # -- Hutchinson, 16 probes
+    op = cold()
+    ours, t = timed(lambda: landscape.hessian_trace(op, 16, method="hutchinson", seed=0))
+    add("Hutchinson, per probe (16)", f"ours ({op.method})", t, ours.value, per=16)
+    torch.manual_seed(0)
+    ph = pyhessian.hessian(copy.deepcopy(model), CE, dataloader=batches, cuda=False)
+    vals, t = timed(lambda: ph.trace(maxIter=16, tol=float("-inf")))
+    add("Hutchinson, per probe (16)", "PyHessian", t, float(np.mean(vals)), per=16)
+    cl = HessianLinearOperator(model, nn.CrossEntropyLoss(), params, batches, check_deterministic=False)
+    torch.manual_seed(0)
+    val, t = timed(lambda: hutchinson_trace(cl, 16))
+    add("Hutchinson, per probe (16)", "curvlinops", t, float(val), per=16)
+    op = cold()
+    hpp, t = timed(lambda: landscape.hessian_trace(op, 48, method="hutch++", seed=0))
+    add("Hutch++, 48 matvecs", "ours", t, hpp.value, note=f"+- {hpp.std_error:.3g}")
+
+    if do_eigs:
+        for k, tol in ((1, 5e-3), (3, 5e-3)):
+            task = f"top-{k} eigenvalue{'s' if k > 1 else ''}"
+            op_k = cold()
+            res, t = timed(lambda: landscape.top_eigenvalues(op_k, k=k, tol=tol, seed=0))
+            err = max(abs(a - b) / abs(b) for a, b in zip(res.eigenvalues, ref[:k]))
+            add(task, f"ours (Lanczos, {res.num_matvecs} mv)", t, res.eigenvalues[0], err)
+            torch.manual_seed(0)
+            ph = pyhessian.hessian(copy.deepcopy(model), CE, dataloader=batches, cuda=False)
+            (vals, _), t = timed(lambda: ph.eigenvalues(top_n=k))
+            err = max(abs(a - b) / abs(b) for a, b in zip(sorted(vals, reverse=True), ref[:k]))
+            add(task, "PyHessian (power it.)", t, vals[0], err)
+            lin = HessianLinearOperator(model, nn.CrossEntropyLoss(), params, batches, check_deterministic=False).to_scipy()
+            vals, t = timed(lambda: eigsh(lin, k=k, which="LA")[0])
+            err = max(abs(a - b) / abs(b) for a, b in zip(sorted(vals, reverse=True), ref[:k]))
+            add(task, "curvlinops (ARPACK)", t, float(max(vals)), err)
+
+    # -- 2D surface
+    npts = surface_steps ** 2
+    dirs = landscape.random_directions(model, 2, seed=0)
+    s, t = timed(lambda: landscape.surface_2d(model, CE, batches, dirs, steps=surface_steps))
+    add(f"2D surface, per point ({surface_steps}x{surface_steps})", "ours", t, float(s.center_loss), per=npts)
+    import loss_landscapes
+    import loss_landscapes.metrics
+
+    x = torch.cat([b[0] for b in batches])
+    y = torch.cat([b[1] for b in batches])
+    metric = loss_landscapes.metrics.Loss(CE, x, y)
+    m = copy.deepcopy(model).eval()
+    try:
+        _, t = timed(lambda: loss_landscapes.random_plane(m, metric, distance=1, steps=surface_steps,
+                                                          normalization="filter", deepcopy_model=True))
+        add(f"2D surface, per point ({surface_steps}x{surface_steps})", "loss-landscapes", t, per=npts)
+    except ZeroDivisionError as e:  # its filter normalization divides by a zero filter norm (BatchNorm bias at init)
+        rows.append({"workload": name, "task": "2D surface", "tool": "loss-landscapes", "note": f"crash: {e}"})
+        print(f"  2D surface                  loss-landscapes      crash: ZeroDivisionError: {e}")
+    return g
+
+
+def bn_init_crash(rows):
+    """loss-landscapes' filter normalization on a BatchNorm model at initialization."""
+    import loss_landscapes
+    import loss_landscapes.metrics
+
+    torch.manual_seed(0)
+    model = build_model("cnn-digits", 10, 1, 8).eval()
+    x, y = torch.randn(64, 1, 8, 8), torch.randint(0, 10, (64,))
+    try:
+        out = loss_landscapes.random_plane(model, loss_landscapes.metrics.Loss(CE, x, y), distance=1, steps=3,
+                                           normalization="filter", deepcopy_model=True)
+        note = "ran" if np.isfinite(out).all() else "non-finite values"
+    except Exception as e:  # noqa: BLE001 - we report whatever it raises
+        note = f"{type(e).__name__}: {str(e)[:80]}"
+    ours = landscape.surface_2d(model, CE, (x, y), landscape.random_directions(model, 2, include_1d=True), steps=3)
+    rows.append({"workload": "cnn-digits at init", "task": "2D surface, BatchNorm at init", "tool": "loss-landscapes",
+                 "note": note})
+    rows.append({"workload": "cnn-digits at init", "task": "2D surface, BatchNorm at init", "tool": "ours",
+                 "note": "finite" if np.isfinite(ours.loss).all() else "non-finite"})
+    print(f"\n== BatchNorm model at initialization: loss-landscapes: {note}; ours: {rows[-1]['note']}")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--json")
+    p.add_argument("--skip-resnet", action="store_true")
+    a = p.parse_args(argv)
+    torch.set_num_threads(2)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    rows = []
+    model, batches = digits_workload()
+    run("cnn-digits, 1797 digits", model, batches, rows, 11)
+    if not a.skip_resnet:
+        model, batches, src = resnet_workload()
+        run(f"resnet20, 128 images ({src})", model, batches, rows, 5, do_eigs=True)
+    bn_init_crash(rows)
+    if a.json:
+        Path(a.json).write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
