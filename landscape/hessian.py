@@ -14,7 +14,7 @@ samples), with respect to all or some of a model's parameters, evaluated in eval
   kept (``retain_graph``), so a product costs only the batched double backward. Used when the
   graphs fit in ``cache_bytes`` (their size is measured on the first batch).
 
-``method="auto"`` times the candidates on the first batch, for single vectors and for blocks,
+``method="auto"`` times the candidates on a quarter of the first batch, for single vectors and blocks,
 and keeps the fastest (per workload and process: later operators on the same workload reuse
 the choice); a method that
 fails (an operator without a forward-mode or batching rule) is skipped, and ``"rev-rev"`` with a
@@ -240,6 +240,8 @@ class HessianOperator:
             (self.method, self.block), self.timings, self.method_errors = _CHOICES[key]
             return
         single = hasattr(self.data, "__len__") and len(self.data) == 1
+        if isinstance(x, torch.Tensor) and len(y) >= 32:  # time on a quarter of the batch: the choice stays cheap
+            x, y = x[: len(y) // 4], y[: len(y) // 4]
         # with one batch, "cached" is "rev-rev" without rebuilding the graph: never slower
         candidates = ["cached", "fwd-rev"] if single else ["cached", "fwd-rev", "rev-rev"]
         width = V[self.names[0]].shape[0]
@@ -257,7 +259,8 @@ class HessianOperator:
                     graph = self._graph(x, y, frozen)  # a cached product skips the graph construction
                 for w in widths:  # per-vector cost of single and blocked products
                     Vw = {n: v[:w] for n, v in V.items()}
-                    t = self._best_of(lambda: self._batch_product(m, x, y, Vw, frozen, graph)) / w
+                    # vmap traces on first use: that run is a warm-up; autograd products need none
+                    t = self._best_of(lambda: self._batch_product(m, x, y, Vw, frozen, graph), warmup=m == "fwd-rev") / w
                     self.timings[f"{m}@{w}"] = t
                     if t < best_t:
                         best, best_t = (m, w), t
@@ -269,8 +272,9 @@ class HessianOperator:
         _CHOICES[key] = (best, dict(self.timings), dict(errors))
 
     @staticmethod
-    def _best_of(fn, repeat: int = 1) -> float:
-        fn()  # warm-up
+    def _best_of(fn, repeat: int = 1, warmup: bool = True) -> float:
+        if warmup:
+            fn()
         best = float("inf")
         for _ in range(repeat):
             t0 = time.perf_counter()
