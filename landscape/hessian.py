@@ -236,7 +236,8 @@ class HessianOperator:
         x, y = next(iter(self._batches()))
         key = (type(self.model).__qualname__, tuple(tuple(s) for s in self.shapes), tuple(x.shape), str(x.dtype),
                str(self.device), len(self.data) if hasattr(self.data, "__len__") else None, V[self.names[0]].shape[0])
-        if key in _CHOICES:  # the same workload was timed before in this process
+        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        if key in _CHOICES and not distributed:  # the same workload was timed before in this process
             (self.method, self.block), self.timings, self.method_errors = _CHOICES[key]
             return
         single = hasattr(self.data, "__len__") and len(self.data) == 1
@@ -268,6 +269,11 @@ class HessianOperator:
                 errors[m] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
         if best is None:
             raise RuntimeError(f"no Hessian-vector product method works for this model: {errors}")
+        if distributed:
+            # every rank must run the same products (and so the same collectives): rank 0 decides
+            pick = torch.tensor([METHODS.index(best[0]), best[1]], dtype=torch.int64, device=self.device)
+            dist.broadcast(pick, 0)
+            best = (METHODS[int(pick[0])], int(pick[1]))
         (self.method, self.block), self.method_errors = best, errors
         _CHOICES[key] = (best, dict(self.timings), dict(errors))
 
