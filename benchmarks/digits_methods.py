@@ -11,7 +11,6 @@ at 8 bits, BatchNorm folded, range method ``--range`` (default minmax).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 from pathlib import Path
 

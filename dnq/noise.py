@@ -134,7 +134,7 @@ def activation_error_stats(model: nn.Module, bits: int, calib_x: torch.Tensor, b
     handles = [m.register_forward_pre_hook(make_hook(n)) for n, m in layers.items()]
     try:
         model.eval()
-        for phase in ("range", "error"):
+        for phase in ("range", "error"):  # the hooks read ``phase`` from this scope
             for x in calib_x.split(batch_size):
                 model(x)
     finally:

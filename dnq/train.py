@@ -39,7 +39,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from . import __version__
-from .data import DATASET_NAMES, BatchLoader, DataError, load_dataset
+from .data import DATASET_NAMES, BatchLoader, load_dataset
 from .io import atomic_torch_save, atomic_write_json, atomic_write_text, safe_load
 from .methods import METHODS, make_method, upcast
 from .models import MODELS, build_model

@@ -120,6 +120,10 @@ class HessianOperator:
 
     Under ``torch.distributed``, each rank passes its own shard of the data; products are
     all-reduced weighted by sample counts, so every rank gets the same answer.
+
+    The operator reads the model's current parameters at each product, except that the
+    ``"cached"`` method keeps the gradient graphs built at its first product: build a new operator
+    after changing the model.
     """
 
     def __init__(self, model: nn.Module, loss_fn: Callable, data, params=None, *, method: str = "auto",
