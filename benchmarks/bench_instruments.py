@@ -180,15 +180,44 @@ def bn_init_crash(rows):
     print(f"\n== BatchNorm model at initialization: loss-landscapes: {note}; ours: {rows[-1]['note']}")
 
 
+def surface_floor(model, batches, steps=11, repeat=2):
+    """Milliseconds per surface point: ours, loss-landscapes, and a bare loop of eager forward
+    passes over the same data (the floor for any method that evaluates each point)."""
+    import loss_landscapes
+    import loss_landscapes.metrics
+
+    x = torch.cat([b[0] for b in batches])
+    y = torch.cat([b[1] for b in batches])
+    dirs = landscape.random_directions(model, 2, seed=0)
+    n = steps * steps
+    for _ in range(repeat):
+        _, a = timed(lambda: landscape.surface_2d(model, CE, batches, dirs, steps=steps))
+        _, b = timed(lambda: loss_landscapes.random_plane(copy.deepcopy(model), loss_landscapes.metrics.Loss(CE, x, y),
+                                                          distance=1, steps=steps, normalization="filter",
+                                                          deepcopy_model=True))
+
+        def bare():
+            with torch.no_grad():
+                for _ in range(n):
+                    CE(model(x), y)
+        _, c = timed(bare)
+        print(f"  ms per point: ours {1e3 * a / n:.2f}, loss-landscapes {1e3 * b / n:.2f}, bare forward {1e3 * c / n:.2f}")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json")
     p.add_argument("--skip-resnet", action="store_true")
+    p.add_argument("--surface-floor", action="store_true",
+                   help="only compare surface cost per point with a bare forward loop (digits CNN)")
     a = p.parse_args(argv)
     torch.set_num_threads(2)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     rows = []
     model, batches = digits_workload()
+    if a.surface_floor:
+        surface_floor(model, batches)
+        return
     run("cnn-digits, 1797 digits", model, batches, rows, 11)
     if not a.skip_resnet:
         model, batches, src = resnet_workload()
