@@ -20,7 +20,7 @@ import contextlib
 import torch
 import torch.nn as nn
 
-from .noise import QuantNoise
+from .noise import QuantNoise, perturbed
 
 METHODS = ("sgd", "dnq", "dnq-w", "dnq-a", "gaussian", "sam")
 
@@ -144,17 +144,12 @@ class SAM(Method):
         grads = [p.grad for p in params]
         norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(upcast(g)) for g in grads]))
         scale = self.rho / (norm + 1e-12)
-        clean = [p.detach().clone() for p in params]
         with torch.no_grad():
-            torch._foreach_add_(params, torch._foreach_mul(grads, scale.to(grads[0].dtype)))
+            e = torch._foreach_mul(grads, scale.to(grads[0].dtype))
         for p in params:
             p.grad = None
-        try:
-            with _frozen_bn_stats(self.model):
-                forward_backward(model, x, y, criterion, autocast)
-        finally:
-            with torch.no_grad():
-                torch._foreach_copy_(params, clean)
+        with perturbed(params, e), _frozen_bn_stats(self.model):
+            forward_backward(model, x, y, criterion, autocast)
         return loss, out
 
     def epoch_metrics(self):

@@ -51,6 +51,25 @@ from .quant import act_qparams, check_bits, fake_quantize, quant_layers, quantiz
 SAMPLERS = ("auto", "fresh", "table")
 
 
+@contextlib.contextmanager
+def perturbed(params: list[torch.Tensor], deltas: list[torch.Tensor], alpha: float = 1.0,
+              clean: list[torch.Tensor] | None = None):
+    """Within the block ``params`` hold ``params + alpha * deltas``; on exit (also on error) they
+    are restored bit for bit from a saved copy (``clean``: preallocated buffers to save into), not
+    by subtraction, which would leave rounding residue. Run forward *and* backward inside."""
+    with torch.no_grad():
+        if clean is None:
+            clean = [p.detach().clone() for p in params]
+        else:
+            torch._foreach_copy_(clean, params)
+        torch._foreach_add_(params, deltas, alpha=alpha)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            torch._foreach_copy_(params, clean)
+
+
 @dataclass
 class LambdaSchedule:
     """Noise strength per epoch: 0 before ``start_epoch``, then a linear ramp that reaches
@@ -327,17 +346,10 @@ class QuantNoise:
         if lam == 0 or not self.weight:
             yield
             return
-        deltas = self.sample_weight_noise(generator)
         if self._clean is None or self._clean[0].device != self.params[0].device:
             self._clean = [torch.empty_like(p) for p in self.params]
-        with torch.no_grad():
-            torch._foreach_copy_(self._clean, self.params)
-            torch._foreach_add_(self.params, deltas, alpha=lam)
-        try:
+        with perturbed(self.params, self.sample_weight_noise(generator), lam, self._clean):
             yield
-        finally:
-            with torch.no_grad():
-                torch._foreach_copy_(self.params, self._clean)
 
     @torch.no_grad()
     def add_weight_noise_(self, lam: float, generator: torch.Generator | None = None) -> None:
