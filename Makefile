@@ -20,7 +20,9 @@ test: $(STAMP)
 	$(PY) -m pytest
 
 bench: $(STAMP)
+	$(PY) -m pip install -e '.[bench]'
 	$(PY) benchmarks/bench_train.py
+	$(PY) benchmarks/bench_instruments.py
 
 gpu-check: $(STAMP)
 	bash scripts/gpu_check.sh

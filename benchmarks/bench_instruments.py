@@ -18,7 +18,9 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import statistics
+import sys
 import tempfile
 import time
 import warnings
@@ -36,6 +38,9 @@ from dnq.train import TrainConfig, load_model, train
 warnings.filterwarnings("ignore")
 CE = nn.functional.cross_entropy
 ROOT = Path(__file__).resolve().parents[1]
+# glibc returns large freed blocks to the OS, so every big tensor costs fresh page faults; PyTorch's CPU
+# tuning guide suggests jemalloc/tcmalloc for the same reason
+TUNED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "8589934592"}
 
 
 def grad_time(model, batches, repeat=7):
@@ -81,8 +86,11 @@ def run(name, model, batches, rows, surface_steps, do_eigs=True):
     from scipy.sparse.linalg import eigsh
 
     g = grad_time(model, batches)
+    cl = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    g_cl = grad_time(cl, [(x.contiguous(memory_format=torch.channels_last), y) for x, y in batches])
     print(f"\n== {name}: {sum(p.numel() for p in model.parameters())} parameters, "
-          f"{sum(len(b[1]) for b in batches)} samples; one gradient = {1e3 * g:.1f} ms")
+          f"{sum(len(b[1]) for b in batches)} samples; one gradient = {1e3 * g:.1f} ms "
+          f"(the unit; with a channels-last copy of the model: {1e3 * g_cl:.1f} ms)")
 
     def add(task, tool, seconds, value=None, err=None, note="", per=1):
         rows.append({"workload": name, "task": task, "tool": tool, "seconds": seconds, "grad_eq": seconds / g / per,
@@ -106,7 +114,11 @@ def run(name, model, batches, rows, surface_steps, do_eigs=True):
     # -- Hutchinson, 16 probes
     op = cold()
     ours, t = timed(lambda: landscape.hessian_trace(op, 16, method="hutchinson", seed=0))
-    add("Hutchinson, per probe (16)", f"ours ({op.method})", t, ours.value, per=16)
+    add("Hutchinson, per probe (16)", f"ours ({op.quadratic})", t, ours.value, per=16)
+    landscape.hessian._CHOICES.clear()
+    op = landscape.HessianOperator(model, CE, batches, quadratic="hvp")
+    ours, t = timed(lambda: landscape.hessian_trace(op, 16, method="hutchinson", seed=0))
+    add("Hutchinson, per probe (16)", f"ours, products ({op.method})", t, ours.value, per=16)
     torch.manual_seed(0)
     ph = pyhessian.hessian(copy.deepcopy(model), CE, dataloader=batches, cuda=False)
     vals, t = timed(lambda: ph.trace(maxIter=16, tol=float("-inf")))
@@ -210,9 +222,15 @@ def main(argv=None):
     p.add_argument("--skip-resnet", action="store_true")
     p.add_argument("--surface-floor", action="store_true",
                    help="only compare surface cost per point with a bare forward loop (digits CNN)")
+    p.add_argument("--tuned-malloc", action="store_true",
+                   help="rerun under glibc malloc settings that keep freed memory in the process "
+                        f"({' '.join(f'{k}={v}' for k, v in TUNED_MALLOC.items())}), for every tool alike")
     a = p.parse_args(argv)
+    if a.tuned_malloc and any(os.environ.get(k) != v for k, v in TUNED_MALLOC.items()):
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **TUNED_MALLOC})
     torch.set_num_threads(2)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    tuned = all(os.environ.get(k) == v for k, v in TUNED_MALLOC.items())
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, malloc {'tuned' if tuned else 'default'}")
     rows = []
     model, batches = digits_workload()
     if a.surface_floor:

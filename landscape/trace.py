@@ -92,6 +92,13 @@ def _probes(dim: int, k: int, gen: torch.Generator, dtype, device) -> torch.Tens
     return z.mul_(2).sub_(1)
 
 
+def _quadratic_forms(op, Z: torch.Tensor) -> torch.Tensor:
+    """``z_i^T H z_i`` per column (Taylor mode where the operator has it; duck-typed operators
+    with only ``matmat`` get ``z * (H z)``)."""
+    quad = getattr(op, "quadratic_forms", None)
+    return quad(Z) if quad is not None else (Z * op.matmat(Z)).sum(0)
+
+
 def _check_budget(num_matvecs: int, minimum: int, what: str) -> None:
     if not isinstance(num_matvecs, int) or num_matvecs < minimum:
         raise ValueError(f"{what} needs num_matvecs >= {minimum}, got {num_matvecs!r}")
@@ -105,8 +112,7 @@ def _hutchinson(op: HessianOperator, num_matvecs: int, gen, block_size: int, tar
         z = _probes(op.dim, k, gen, op.dtype, op.device)
         if scale is not None:
             z = z * scale[:, None]
-        hz = op.matmat(z)
-        samples += (z * hz).sum(0).tolist()
+        samples += _quadratic_forms(op, z).double().tolist()
         used += k
         if target_std_error is not None and len(samples) >= 2:
             se = torch.tensor(samples, dtype=torch.float64).std().item() / math.sqrt(len(samples))
@@ -146,14 +152,14 @@ def hessian_trace(op: HessianOperator, num_matvecs: int = 64, method: str = "hut
     Y = op.matmat(S)
     Q, _ = torch.linalg.qr(Y.double())
     Q = Q.to(op.dtype)
-    t_exact = float((Q.double() * op.matmat(Q).double()).sum())
+    t_exact = float(_quadratic_forms(op, Q).double().sum())  # Tr(Q^T H Q): forms, not products
     used = 2 * s_dim
     samples: list[float] = []
     while used < num_matvecs:
         k = min(block_size, num_matvecs - used)
         G = _probes(op.dim, k, gen, op.dtype, op.device)
         G = G - Q @ (Q.T @ G)
-        samples += (G.double() * op.matmat(G).double()).sum(0).tolist()
+        samples += _quadratic_forms(op, G).double().tolist()
         used += k
         if target_std_error is not None and len(samples) >= 2:
             if torch.tensor(samples).std().item() / math.sqrt(len(samples)) <= target_std_error:
