@@ -133,7 +133,7 @@ class TaylorQuadratic:
         def load(a):
             return fx.node.map_arg(a, lambda n: env[n.name])
 
-        out = None
+        out, peak = None, 0
         for node in self.gm.graph.nodes:
             if node.op == "placeholder":
                 env[node.name] = (x, None, None)
@@ -142,7 +142,10 @@ class TaylorQuadratic:
             elif node.op == "output":
                 out = load(node.args[0])
             else:
-                env[node.name] = self._node(node, load(node.args), load(node.kwargs), V)
+                v = env[node.name] = self._node(node, load(node.args), load(node.kwargs), V)
+                if _is_triple(v):
+                    peak = max(peak, v[0].numel() * v[0].element_size())
+        self.peak_bytes = peak  # the largest activation of this batch: a tangent is k times that
         if not (isinstance(out, tuple) and len(out) == 3 and isinstance(out[0], torch.Tensor)):
             raise UnsupportedError("the model must return one tensor")
         z0, z1, z2 = out
