@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: test venv clean bench gpu-check
+.PHONY: test demo venv clean bench gpu-check
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,11 @@ venv: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest
+
+# the digits study (about 5 minutes on a 2-core CPU; rerunning resumes) and its report
+demo: $(STAMP)
+	$(PY) -m landscape.cli study --preset digits --out reports/digits --quiet
+	@echo "open reports/digits/report.html in a browser"
 
 bench: $(STAMP)
 	$(PY) -m pip install -e '.[bench]'

@@ -192,9 +192,11 @@ def bn_init_crash(rows):
     print(f"\n== BatchNorm model at initialization: loss-landscapes: {note}; ours: {rows[-1]['note']}")
 
 
-def surface_floor(model, batches, steps=11, repeat=2):
-    """Milliseconds per surface point: ours, loss-landscapes, and a bare loop of eager forward
-    passes over the same data (the floor for any method that evaluates each point)."""
+def surface_floor(model, batches, steps=11, repeat=3):
+    """Surface cost per point in gradient-equivalents, interleaved in one process: ours (automatic
+    batching, the given batches of 256, merged into one batch), loss-landscapes, and bare loops of
+    eager forward passes over the given and the merged batches (the floor for any method that
+    evaluates each point)."""
     import loss_landscapes
     import loss_landscapes.metrics
 
@@ -202,18 +204,25 @@ def surface_floor(model, batches, steps=11, repeat=2):
     y = torch.cat([b[1] for b in batches])
     dirs = landscape.random_directions(model, 2, seed=0)
     n = steps * steps
-    for _ in range(repeat):
-        _, a = timed(lambda: landscape.surface_2d(model, CE, batches, dirs, steps=steps))
-        _, b = timed(lambda: loss_landscapes.random_plane(copy.deepcopy(model), loss_landscapes.metrics.Loss(CE, x, y),
-                                                          distance=1, steps=steps, normalization="filter",
-                                                          deepcopy_model=True))
 
-        def bare():
-            with torch.no_grad():
-                for _ in range(n):
-                    CE(model(x), y)
-        _, c = timed(bare)
-        print(f"  ms per point: ours {1e3 * a / n:.2f}, loss-landscapes {1e3 * b / n:.2f}, bare forward {1e3 * c / n:.2f}")
+    def bare(bs):
+        with torch.no_grad():
+            for _ in range(n):
+                for xb, yb in bs:
+                    CE(model(xb), yb)
+
+    for _ in range(repeat):
+        g = grad_time(model, batches)
+        res = {}
+        for name, mb in (("ours (auto)", None), ("ours (given batches)", 0), ("ours (merged)", 4096)):
+            _, res[name] = timed(lambda: landscape.surface_2d(model, CE, batches, dirs, steps=steps, max_batch=mb))
+        _, res["loss-landscapes"] = timed(lambda: loss_landscapes.random_plane(
+            copy.deepcopy(model), loss_landscapes.metrics.Loss(CE, x, y), distance=1, steps=steps,
+            normalization="filter", deepcopy_model=True))
+        _, res["bare forward (given)"] = timed(lambda: bare(batches))
+        _, res["bare forward (merged)"] = timed(lambda: bare([(x, y)]))
+        print("  grad-eq per point: " + ", ".join(f"{k} {v / n / g:.3f}" for k, v in res.items())
+              + f"  (gradient {1e3 * g:.1f} ms)")
 
 
 def main(argv=None):

@@ -189,6 +189,18 @@ class _Evaluator:
         return ("vmap", 8) if t_vmap < t_copy else ("copy", 1)
 
 
+def _faster_batching(model, loss_fn, data, merged, dirs, point) -> int:
+    """4096 if one point over the merged batches is faster than over the given ones, else 0."""
+    times = []
+    for batches in (data, merged):
+        ev = _Evaluator(model, loss_fn, batches, dirs)
+        ev.run(point, "copy", 1)  # warm-up (and the model copy)
+        t0 = time.perf_counter()
+        ev.run(point, "copy", 1)
+        times.append(time.perf_counter() - t0)
+    return 4096 if times[1] < times[0] else 0
+
+
 def _surface(model, loss_fn, data, dirs, grids, chunk, progress, max_batch):
     t0 = time.perf_counter()
     data = _as_batches(data)
@@ -203,11 +215,17 @@ def _surface(model, loss_fn, data, dirs, grids, chunk, progress, max_batch):
         world, rank = dist.get_world_size(), dist.get_rank()
     mine = torch.arange(rank, P, world)  # grid points split across ranks
     with eval_mode(model):
-        if max_batch is None:  # CPU: the user's batches (merging them measured 1.7x slower per point on
-            # the digits CNN, 256 -> 1797 samples); elsewhere merge, launches cost more than FLOPs
+        data = list(data)
+        if max_batch is None:
             dev = next(iter(params.values())).device
-            max_batch = 0 if dev.type == "cpu" else 4096
-        ev = _Evaluator(model, loss_fn, _merge_batches(data, max_batch) if max_batch else list(data), dirs)
+            max_batch = 4096
+            merged = _merge_batches(data, max_batch)
+            # on the CPU, bigger batches are not always cheaper per sample (the digits CNN, 256 vs
+            # 1,797 samples: either was faster, by up to 1.7x, from one run to the next): time one
+            # point each way when the grid is large enough to pay for it
+            if dev.type == "cpu" and len(merged) < len(data) and len(mine) >= 16:
+                max_batch = _faster_batching(model, loss_fn, data, merged, dirs, coords[mine[:1]])
+        ev = _Evaluator(model, loss_fn, _merge_batches(data, max_batch) if max_batch else data, dirs)
         mode, size = ev.choose(coords[mine] if len(mine) else coords[:1], chunk)
         loss, acc = ev.run(coords[mine], mode, size, progress)
         center, _ = ev.run(torch.zeros(1, len(dirs), dtype=torch.float64), mode, 1)
@@ -254,8 +272,9 @@ def surface_1d(model: nn.Module, loss_fn, data, direction: dict, span=(-1.0, 1.0
         chunk_size: grid points evaluated together by one vmapped pass (memory grows with it);
             1 evaluates point by point on one copy of the model; ``"auto"``: 1 on the CPU, else
             both timed on the first points and the faster kept.
-        max_batch: consecutive data batches are merged up to this many samples per pass; ``None``
-            merges up to 4096 on accelerators and keeps the given batches on the CPU; 0 never merges.
+        max_batch: consecutive data batches are merged up to this many samples per pass; 0 never
+            merges; ``None`` merges up to 4096 on accelerators and, on the CPU, times one point
+            both ways (for grids of 16 points or more) and keeps the faster.
     """
     alphas = _grid(span, steps, "steps")
     loss, acc, meta, center, P, t = _surface(model, loss_fn, data, [direction], [alphas], chunk_size, progress,
