@@ -221,7 +221,7 @@ PRESETS: dict[str, dict] = {
         "runs": [{"method": "sgd"}, {"method": "dnq", "lambda_max": [0.5, 1.0, 2.0]},
                  {"method": "dnq-w", "lambda_max": [1.0]}, {"method": "dnq-a", "lambda_max": [1.0]},
                  {"method": "gaussian", "lambda_max": [0.05]}, {"method": "sam", "sam_rho": [0.02, 0.1, 0.3]}],
-        "seeds": [0], "bits": ["W4A4", "W3A3", "W2A4"], "train_bits": "W3A3",
+        "seeds": [0, 1], "bits": ["W4A4", "W3A3", "W2A4"], "train_bits": "W3A3",
         "train": {"epochs": 12, "batch_size": 128, "lr": 0.1},
         "instruments": {"hessian_samples": 512, "trace_matvecs": 48, "eig_k": 3, "density_runs": 2,
                         "density_steps": 32, "block_matvecs": 16, "noise_matvecs": 32, "surface_steps": 11,
