@@ -550,15 +550,19 @@ def run_study(config: StudyConfig | str = "digits", out: str | os.PathLike = "re
     return Study(config, out, device=device, progress=progress).run()
 
 
-def load_records(path: str | os.PathLike) -> list[dict]:
-    """The model records of a study directory, in run order (unfinished ones included)."""
+def load_records(path: str | os.PathLike, include_other: bool = False) -> list[dict]:
+    """The model records of a study directory, in the run order of its current configuration
+    (models still being measured included). Records of runs the configuration no longer lists
+    (left by an earlier version of the study) are kept on disk and returned only with
+    ``include_other=True``."""
     path = Path(path)
     if not (path / "study.json").is_file():
         raise StudyError(f"{path} holds no study.json; run `landscape study --out {path}` first")
     meta = json.loads((path / "study.json").read_text())
     order = [r["id"] for r in StudyConfig.from_dict(meta["config"]).expand()]
     recs = {p.stem: json.loads(p.read_text()) for p in sorted((path / "models").glob("*.json"))}
-    return [recs[k] for k in order if k in recs] + [v for k, v in recs.items() if k not in order]
+    mine = [recs[k] for k in order if k in recs]
+    return mine + [v for k, v in recs.items() if k not in order] if include_other else mine
 
 
 def summary_rows(records: list[dict], bits: list[str] | None = None) -> list[dict]:

@@ -265,3 +265,12 @@ def test_a_study_under_torchrun_matches_one_process(tmp_path):
         assert ma["noise:W4A4"]["value"][k] == pytest.approx(mb["noise:W4A4"]["value"][k], rel=1e-4), k
     flat = [v for row in ma["surface"]["value"]["loss"] for v in row]
     assert flat == pytest.approx([v for row in mb["surface"]["value"]["loss"] for v in row], rel=1e-4)
+
+
+def test_records_of_runs_no_longer_configured_are_kept_but_not_reported(study, tmp_path):
+    _, out, records = study
+    other = shutil.copytree(out, tmp_path / "copy")
+    (other / "models" / "old-s0.json").write_text(json.dumps({"id": "old-s0", "settings": {"method": "sgd"},
+                                                              "measurements": {}}))
+    assert [r["id"] for r in load_records(other)] == [r["id"] for r in records]
+    assert [r["id"] for r in load_records(other, include_other=True)][-1] == "old-s0"
