@@ -5,8 +5,8 @@ tie flatness to PTQ accuracy.
 A study is a declarative configuration (:class:`StudyConfig`): the data, the architecture, a
 list of run specifications (method and noise strength ``lambda_max`` or SAM radius ``sam_rho``;
 a list of values sweeps them), seeds, the PTQ bit-widths, and the budgets of the instruments.
-Presets: ``digits`` (the default, minutes on a laptop CPU), ``cifar10-subset`` (the CIFAR-10
-subset in an ``.npz`` file, about an hour on a CPU) and ``cifar100`` (the DNQ paper's setting,
+Presets: ``digits`` (the default, under 3 minutes on a 2-core CPU), ``cifar10-subset`` (the
+CIFAR-10 subset in an ``.npz`` file, about 70 minutes on a 2-core CPU) and ``cifar100`` (the DNQ paper's setting,
 for a GPU). Custom studies come from a JSON or TOML file with the same keys.
 
 Layout of ``out/``::
@@ -232,8 +232,11 @@ PRESETS: dict[str, dict] = {
         "runs": [{"method": "sgd"}, {"method": "dnq", "lambda_max": [0.5, 1.0]}, {"method": "sam", "sam_rho": [0.05]}],
         "seeds": [0], "bits": ["W4A4", "W3A3", "W2A4"], "train_bits": "W4A4",
         "train": {"epochs": 30, "batch_size": 128, "lr": 0.1},
-        "instruments": {"hessian_samples": 1024, "trace_matvecs": 48, "density_runs": 2, "density_steps": 48,
-                        "surface_steps": 15, "slice_steps": 21},
+        # sized on a 2-core CPU: an epoch of resnet20 took 15 s (sgd) and 15.6 s (dnq); the measurements of
+        # one model 438 s at these budgets (with 16 block probes; 1,235 s with 1,024 images, 2x48 SLQ steps,
+        # 32 noise probes and a 15x15 surface): about 70 minutes for the four models
+        "instruments": {"hessian_samples": 512, "trace_matvecs": 48, "density_runs": 1, "density_steps": 32,
+                        "block_matvecs": 8, "noise_matvecs": 16, "surface_steps": 11, "slice_steps": 21},
     },
     "cifar100": {
         "name": "cifar100", "data": "cifar100", "model": ["resnet20", "resnet56", "resnet18", "mobilenetv2"],
