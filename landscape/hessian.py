@@ -219,8 +219,11 @@ class HessianOperator:
 
     # -- products per batch ------------------------------------------------------------------
     def _fwd_rev(self, x, y, V: dict, frozen) -> dict:
+        from .taylor import quiet_forward_ad
+
         g = grad(lambda p: self._loss(p, x, y, frozen))
-        return vmap(lambda v: jvp(g, (self._params,), (v,))[1])(V)
+        with quiet_forward_ad():
+            return vmap(lambda v: jvp(g, (self._params,), (v,))[1])(V)
 
     def _graph(self, x, y, frozen):
         p = {n: t.clone().requires_grad_(True) for n, t in self._params.items()}

@@ -37,7 +37,9 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import operator
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -45,6 +47,20 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import grad, jvp, vmap
+
+
+@contextlib.contextmanager
+def quiet_forward_ad():
+    """Silence two warnings PyTorch itself raises here, and nothing else: the ``torch.jit.script``
+    deprecation when forward-mode AD loads its decompositions (PyTorch 2.14, first ``jvp``), and
+    vmap's "performance drop" note for ops without a batching rule (the method choice in
+    :class:`~landscape.HessianOperator` times every path and keeps the fastest, so a slow one is
+    not used)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.jit.script.*deprecated", category=FutureWarning)
+        warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet implemented "
+                                "the batching rule", category=UserWarning)
+        yield
 
 
 class UnsupportedError(NotImplementedError):
@@ -123,8 +139,11 @@ class TaylorQuadratic:
                 self.folded.add(user.target)
 
     # -- the interpreter ----------------------------------------------------------------------
-    @torch.no_grad()
     def __call__(self, x, y, V: dict) -> torch.Tensor:
+        with torch.no_grad(), quiet_forward_ad():
+            return self._run(x, y, V)
+
+    def _run(self, x, y, V: dict) -> torch.Tensor:
         """``(k,)`` quadratic forms of the batch's mean loss along the ``k`` directions in ``V``
         (a dict by parameter name of ``(k, *shape)`` tensors)."""
         env: dict[str, tuple] = {}
