@@ -354,16 +354,9 @@ class TaylorQuadratic:
             bias = None
             if fn in (F.linear, F.conv1d, F.conv2d) and rest:
                 bias, rest = rest[0], rest[1:]
-            y = _bilinear(lambda u, W: fn(u, W, None, *rest) if fn in (F.linear, F.conv1d, F.conv2d) else fn(u, W),
-                          _triple(args[0]), _triple(args[1]))
-            if bias is not None:
-                bias = _triple(bias)
-                ch = -1 if fn is F.linear else 1
-                shape = [1] * y[0].dim()
-                shape[ch] = -1
-                y = (y[0] + bias[0].view(shape),
-                     y[1] if bias[1] is None else _plus(y[1], bias[1].view(bias[1].shape[:1] + tuple(shape))), y[2])
-            return y
+            return _affine(lambda u, W: fn(u, W, None, *rest) if fn in (F.linear, F.conv1d, F.conv2d) else fn(u, W),
+                           _triple(args[0]), _triple(args[1]), (None, None, None) if bias is None else _triple(bias),
+                           -1 if fn is F.linear else 1)
         if fn in _ACT_FUNCS:
             x = args[0]
             kw = {k: v for k, v in kwargs.items() if k != "inplace"}
@@ -476,25 +469,6 @@ def _acc(a, b):
     return a + b
 
 
-def _bilinear(f, a, b):
-    """Leibniz rule for ``y = f(a, b)`` bilinear; tangents are ``(k, ...)``, batched with vmap.
-
-    ``y' = f(a', b) + f(a, b')`` and ``y'' = f(a'', b) + 2 f(a', b') + f(a, b'')``; the factor 2
-    goes on the smaller of ``a'`` and ``b'`` (the weight's tangent, for a layer)."""
-    a0, a1, a2 = a
-    b0, b1, b2 = b
-    y0 = f(a0, b0)
-    y1 = _acc(None if a1 is None else vmap(lambda u: f(u, b0))(a1),
-              None if b1 is None else vmap(lambda w: f(a0, w))(b1))
-    y2 = None if a2 is None else vmap(lambda u: f(u, b0))(a2)
-    if a1 is not None and b1 is not None:
-        two_a = a1.numel() <= b1.numel()
-        y2 = _acc(y2, vmap(f)(a1 * 2 if two_a else a1, b1 if two_a else b1 * 2))
-    if b2 is not None:
-        y2 = _acc(y2, vmap(lambda w: f(a0, w))(b2))
-    return y0, y1, y2
-
-
 class _Conv2dFolded:
     """The three kinds of batched products of a 2-D convolution (``groups=1``), with the probes
     folded into the batch or the channels by hand and every tensor in channels-last layout:
@@ -534,10 +508,15 @@ class _Vmapped:
         return vmap(self.f)(u, w)
 
 
-def _affine(f, x, wt, bt, ch, conv2d=None):
-    """``y = f(x, W) + b`` with Taylor series for ``x``, ``W`` and ``b`` (``b`` along dim ``ch``).
+def _affine(f, x, wt, bt=(None, None, None), ch=None, conv2d=None):
+    """``y = f(x, W) + b`` for ``f`` bilinear, with Taylor series for ``x``, ``W`` and ``b``
+    (``b`` along dim ``ch``); tangents are ``(k, ...)``. The Leibniz rule::
 
-    The two products of the primal input with the weight's tangents share one call."""
+        y'  = f(x', W) + f(x, W') + b'
+        y'' = f(x'', W) + 2 f(x', W') + f(x, W'') + b''
+
+    The factor 2 goes on the smaller of ``x'`` and ``W'``; the two products of the primal input
+    with the weight's tangents share one call."""
     x0, x1, x2 = _triple(x)
     w0, w1, w2 = wt
     b0, b1, b2 = bt
@@ -552,7 +531,9 @@ def _affine(f, x, wt, bt, ch, conv2d=None):
     y1 = _acc(None if x1 is None else ops.shared(x1, w0), xw1)
     y2 = _acc(None if x2 is None else ops.shared(x2, w0), xw2)
     if x1 is not None and w1 is not None:
-        y2 = _acc(y2, ops.pairs(x1, 2 * w1))
+        y2 = _acc(y2, ops.pairs(x1, 2 * w1) if w1.numel() <= x1.numel() else ops.pairs(2 * x1, w1))
+    if b0 is None and b1 is None and b2 is None:
+        return y0, y1, y2
     shape = [1] * y0.dim()
     shape[ch] = -1
     if b0 is not None:
@@ -571,7 +552,7 @@ def _mul(a, b):
     nd = max(a[0].dim(), b[0].dim())
     a = (a[0], None if a[1] is None else _lift(a[1], nd), None if a[2] is None else _lift(a[2], nd))
     b = (b[0], None if b[1] is None else _lift(b[1], nd), None if b[2] is None else _lift(b[2], nd))
-    return _bilinear(operator.mul, a, b)
+    return _affine(operator.mul, a, b)
 
 
 def _elementwise(fn, x, piecewise_linear: bool):

@@ -32,6 +32,20 @@ class Block(nn.Module):
         return self.fc(h.view(h.size(0), -1))
 
 
+class Functional(nn.Module):
+    """Parameters used through F.linear (with a bias), torch.matmul and a division (get_attr nodes)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(5, 2 * 6 * 6) * 0.1)
+        self.b = nn.Parameter(torch.randn(5) * 0.1)
+        self.v = nn.Parameter(torch.randn(5, 4) * 0.3)
+
+    def forward(self, x):
+        h = torch.tanh(F.linear(x.flatten(1), self.w, self.b))
+        return torch.matmul(h, self.v) / 2
+
+
 def models():
     torch.manual_seed(0)
     cnn = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1, bias=False), nn.BatchNorm2d(3), nn.ReLU(inplace=True),
@@ -39,7 +53,7 @@ def models():
                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 4))
     bn_alone = nn.Sequential(nn.Conv2d(2, 3, 3), nn.ReLU(), nn.BatchNorm2d(3), nn.SiLU(), nn.Flatten(),
                              nn.Linear(3 * 4 * 4, 4))
-    return {"cnn": cnn, "block": Block(), "bn-not-after-conv": bn_alone}
+    return {"cnn": cnn, "block": Block(), "bn-not-after-conv": bn_alone, "functional": Functional()}
 
 
 def randomize_bn(model):
@@ -78,7 +92,7 @@ def split(model, Z, names):
     return out
 
 
-@pytest.mark.parametrize("name", ["cnn", "block", "bn-not-after-conv"])
+@pytest.mark.parametrize("name", ["cnn", "block", "bn-not-after-conv", "functional"])
 @pytest.mark.parametrize("loss", ["ce", "ce-smoothed", "ce-probabilities", "mse"])
 def test_forms_match_the_explicit_hessian(name, loss):
     model = randomize_bn(models()[name].double()).eval()
