@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _exit_distributed(code: int) -> None:
+def exit_distributed(code: int) -> None:
     """Under torchrun, end the process without C++ static destruction: after a gloo collective
     and a oneDNN convolution, PyTorch 2.14 sometimes aborts at interpreter exit ("terminate
     called without an active exception", seen in about 1 of 20 CPU runs), which torchrun would
@@ -120,7 +120,7 @@ def _exit_distributed(code: int) -> None:
 def entry() -> None:
     """Console-script entry point."""
     code = main()
-    _exit_distributed(code)
+    exit_distributed(code)
     sys.exit(code)
 
 

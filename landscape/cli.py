@@ -83,10 +83,10 @@ def main(argv: list[str] | None = None) -> int:
 def entry() -> None:
     """Console-script entry point (ends torchrun workers without the exit-time abort that
     ``dnq.cli`` documents)."""
-    from dnq.cli import _exit_distributed
+    from dnq.cli import exit_distributed
 
     code = main()
-    _exit_distributed(code)
+    exit_distributed(code)
     sys.exit(code)
 
 

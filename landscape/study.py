@@ -312,6 +312,7 @@ class Study:
         # under torchrun: join the process group (training is data-parallel, products sharded)
         self.rank, self.world, local_rank, self.own_pg = init_distributed(kind)
         self.device = resolve_device(device, local_rank)
+        self._datasets: dict = {}  # loaded once per study, not once per model
 
     # -- directory --------------------------------------------------------------------------
     def prepare(self) -> None:
@@ -405,7 +406,9 @@ class Measure:
 
         self.s, self.rec, self.model = study, rec, model
         self.inst = study.cfg.instruments
-        self.ds = load_dataset(meta["data"], study.cfg.data_root).to(study.device)
+        if meta["data"] not in study._datasets:
+            study._datasets[meta["data"]] = load_dataset(meta["data"], study.cfg.data_root).to(study.device)
+        self.ds = study._datasets[meta["data"]]
         n = min(self.inst.hessian_samples, len(self.ds.x_train))
         g = torch.Generator().manual_seed(self.inst.seed)
         idx = torch.randperm(len(self.ds.x_train), generator=g)[:n].to(study.device)

@@ -277,26 +277,26 @@ class TaylorQuadratic:
         sg = s if g is None else s * g
         b_in = -bn.running_mean if b is None else b - bn.running_mean
 
-        def per_out(v, batched):  # a (C,) or (k, C) vector against a (C, ...) weight
-            return v.view(*v.shape, *[1] * (w.dim() - 1)) if not batched else v.view(*v.shape, *[1] * (w.dim() - 1))
+        def per_out(v):  # a (C,) or (k, C) vector against a (C, ...) weight
+            return v.view(*v.shape, *[1] * (w.dim() - 1))
 
-        W0 = w * per_out(sg, False)
+        W0 = w * per_out(sg)
         B0 = b_in * sg + (beta if beta is not None else 0)
         W1 = B1 = W2 = B2 = None
         if w1 is not None:
-            W1 = w1 * per_out(sg, False)
+            W1 = w1 * per_out(sg)
         if b1 is not None:
             B1 = b1 * sg
         if g1 is not None:
             sg1 = s * g1  # (k, C)
-            W1 = _acc(W1, w * per_out(sg1, True)) if W1 is not None else w * per_out(sg1, True)
-            B1 = _acc(B1, b_in * sg1) if B1 is not None else b_in * sg1
+            W1 = _acc(W1, w * per_out(sg1))
+            B1 = _acc(B1, b_in * sg1)
             if w1 is not None:
-                W2 = 2 * w1 * per_out(sg1, True)
+                W2 = 2 * w1 * per_out(sg1)
             if b1 is not None:
                 B2 = 2 * b1 * sg1
         if beta1 is not None:
-            B1 = _acc(B1, beta1) if B1 is not None else beta1
+            B1 = _acc(B1, beta1)  # a probe slice itself when alone: only ever read, never written
         return (W0, W1, W2), (B0, B1, B2)
 
     def _batchnorm(self, target, mod, x, V):
@@ -313,16 +313,14 @@ class TaylorQuadratic:
         y1 = None if x1 is None else x1 * sg.view(shape)
         y2 = None if x2 is None else x2 * sg.view(shape)
         k = x1.shape[0] if x1 is not None else (g1 if g1 is not None else b1).shape[0]
-        pshape = (k, *[1] * x0.dim())
-        pshape = list(pshape)
-        pshape[2] = -1
+        pshape = [k, 1, -1, *[1] * (x0.dim() - 2)]  # a (k, C) parameter tangent against (k, B, C, ...)
         if g1 is not None:
             xh = (x0 - mod.running_mean.view(shape)) * s.view(shape)
-            y1 = _acc(y1, xh * g1.view(pshape)) if y1 is not None else xh * g1.view(pshape)
+            y1 = _acc(y1, xh * g1.view(pshape))
             if x1 is not None:
                 y2 = _acc(y2, x1 * (2 * s * g1).view(pshape))
         if b1 is not None:
-            y1 = _acc(y1, b1.view(pshape)) if y1 is not None else b1.view(pshape).expand(k, *x0.shape)
+            y1 = _acc(y1, b1.view(pshape)) if y1 is not None else b1.view(pshape).expand(k, *x0.shape).clone()
         return y0, y1, y2
 
     def _function(self, fn, args, kwargs):

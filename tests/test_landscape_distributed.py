@@ -54,7 +54,7 @@ def _worker(rank, world, store, out):
         dist.barrier()
     finally:
         dist.destroy_process_group()
-    os._exit(0)  # see dnq.cli._exit_distributed
+    os._exit(0)  # see dnq.cli.exit_distributed
 
 
 def test_two_ranks_match_one_process(tmp_path):
