@@ -56,8 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--data-root", default=d.data_root, help="folder of the torchvision datasets (default ./data)")
     t.add_argument("--download", action="store_true", help="allow downloading CIFAR into --data-root")
     t.add_argument("--device", default=d.device, help="auto, cpu, cuda or cuda:N")
-    t.add_argument("--no-amp", dest="amp", action="store_false", help="disable bf16 autocast on CUDA")
-    t.add_argument("--compile", action="store_true", help="torch.compile the model")
+    t.add_argument("--amp", action=argparse.BooleanOptionalAction, default=d.amp,
+                   help="bf16 autocast (default: on CUDA only; --amp forces it on the CPU too, --no-amp off)")
+    t.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=d.channels_last,
+                   help="channels_last memory format for model and batches (default: on CUDA only)")
+    t.add_argument("--compile", action="store_true", help="torch.compile the model (the noise hooks compile too)")
     t.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size)
     t.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint")
     t.add_argument("--overwrite", action="store_true", help="replace an existing run folder")

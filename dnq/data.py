@@ -25,7 +25,7 @@ Example:
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -62,6 +62,7 @@ class Dataset:
     std: tuple[float, ...]
     augment: bool
     max_value: float = 255.0
+    _consts: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def in_channels(self) -> int:
@@ -78,9 +79,16 @@ class Dataset:
         return self
 
     def normalize(self, x: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
-        """Map uint8 images to normalized float images."""
-        mean = torch.tensor(self.mean, device=x.device, dtype=dtype).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, device=x.device, dtype=dtype).view(1, -1, 1, 1)
+        """Map uint8 images to normalized float images.
+
+        The mean and std tensors are made once per device and dtype (a host-to-device copy per
+        batch would block the GPU's stream every step)."""
+        key = (x.device, dtype)
+        consts = self._consts.get(key)
+        if consts is None:
+            consts = self._consts[key] = (torch.tensor(self.mean, dtype=dtype).view(1, -1, 1, 1).to(x.device),
+                                          torch.tensor(self.std, dtype=dtype).view(1, -1, 1, 1).to(x.device))
+        mean, std = consts
         return (x.to(dtype) / self.max_value - mean) / std
 
     def calibration_inputs(self, n: int = 256, seed: int = 0, dtype=torch.float32) -> torch.Tensor:

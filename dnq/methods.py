@@ -96,6 +96,8 @@ class NoiseMethod(Method):
         self.noise.act_lambda = lam if self.act else 0.0
 
     def step(self, model, x, y, criterion, autocast):
+        if self.act:
+            self.noise.begin_step(x, autocast)  # the step's activation noise, drawn before the forward
         if not self.weight:
             return forward_backward(model, x, y, criterion, autocast)
         if self.differential:
@@ -114,18 +116,29 @@ class NoiseMethod(Method):
         self.noise.load_state_dict(state["noise"])
 
 
-@contextlib.contextmanager
-def _frozen_bn_stats(model: nn.Module):
-    """Restore every BatchNorm buffer (running mean/var, batch count) on exit."""
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-    saved = [[b.clone() for b in m.buffers()] for m in bns]
-    try:
-        yield
-    finally:
+class _BNStats:
+    """Saves every BatchNorm buffer (running mean/var, batch count) into preallocated copies and
+    restores them, with one ``_foreach_copy_`` each way."""
+
+    def __init__(self, model: nn.Module):
+        self.buffers = [b for m in model.modules()
+                        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+                        for b in m.buffers()]
+        self.saved = [b.clone() for b in self.buffers]
+
+    @contextlib.contextmanager
+    def frozen(self):
+        """Within the block the statistics may change; on exit they are what they were."""
+        if not self.buffers:
+            yield
+            return
         with torch.no_grad():
-            for m, bufs in zip(bns, saved):
-                for b, s in zip(m.buffers(), bufs):
-                    b.copy_(s)
+            torch._foreach_copy_(self.saved, self.buffers)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                torch._foreach_copy_(self.buffers, self.saved)
 
 
 class SAM(Method):
@@ -138,17 +151,27 @@ class SAM(Method):
             raise ValueError(f"SAM rho must be > 0, got {rho}")
         self.rho = rho
 
+    def setup(self, model, calib_x, device, seed, rank):
+        super().setup(model, calib_x, device, seed, rank)
+        self._bn = _BNStats(model)
+        self._clean: list[torch.Tensor] | None = None
+
     def step(self, model, x, y, criterion, autocast):
         loss, out = forward_backward(model, x, y, criterion, autocast)
         params = [p for p in self.model.parameters() if p.grad is not None]
         grads = [p.grad for p in params]
-        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(upcast(g)) for g in grads]))
+        # ||g|| from per-tensor norms (one fused kernel; half-precision gradients accumulate in
+        # float32), on the device: no host sync
+        acc = torch.promote_types(grads[0].dtype, torch.float32)
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, dtype=acc)))
         scale = self.rho / (norm + 1e-12)
         with torch.no_grad():
             e = torch._foreach_mul(grads, scale.to(grads[0].dtype))
         for p in params:
             p.grad = None
-        with perturbed(params, e), _frozen_bn_stats(self.model):
+        if self._clean is None or len(self._clean) != len(params):
+            self._clean = [torch.empty_like(p, memory_format=torch.preserve_format) for p in params]
+        with perturbed(params, e, 1.0, self._clean), self._bn.frozen():
             forward_backward(model, x, y, criterion, autocast)
         return loss, out
 

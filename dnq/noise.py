@@ -9,7 +9,8 @@ directions quantization will push it:
   a symmetric max-abs quantizer per output channel gives a mean and variance per channel.
 * **Activation-error statistics**: at the input of every Conv/Linear, an asymmetric per-tensor
   min-max quantizer calibrated on a fixed calibration subset gives a scalar mean and variance.
-* Both are smoothed across epochs with an EMA (``beta = 0.9``).
+* Both are smoothed across epochs with an EMA (``beta = 0.9``), and always measured in float32
+  with TF32 and autocast off, whatever the training precision.
 * **Differential weight noise** (:meth:`QuantNoise.perturbed_weights`): each step draws
   ``delta ~ N(mu, sigma^2)`` per element, takes the gradient at ``W + lambda * delta`` and restores
   the clean ``W`` exactly (by copy, not subtraction) before the optimizer step, so the noise
@@ -21,6 +22,14 @@ directions quantization will push it:
 No model code is edited: weights are perturbed in place around the forward/backward pass and
 restored from a saved copy (which works unchanged under DDP, ``torch.compile`` and autocast),
 and activations are perturbed by hooks that are no-ops outside training or at ``lambda = 0``.
+
+GPU and compiler friendliness: every step's random numbers are drawn *before* the forward pass
+(:meth:`QuantNoise.begin_step`): the weight noise is one draw and one fused ``addcmul`` into a
+flat buffer laid out like the weights (channels_last included), applied with one ``_foreach``
+add; the activation noise is one uniform and one normal draw per dtype into flat buffers that the
+hooks slice at fixed offsets, in the activations' own dtype (bf16 under autocast) and memory
+format. The hooks hold no Python-side random draws, host reads or per-epoch Python numbers, so
+``torch.compile`` traces them without graph breaks or recompiles.
 
 Example:
     >>> import torch
@@ -45,6 +54,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from .precision import full_precision
 from .quant import act_qparams, check_bits, fake_quantize, quant_layers, quantize_weight
 
 
@@ -56,10 +66,12 @@ def perturbed(params: list[torch.Tensor], deltas: list[torch.Tensor], alpha: flo
               clean: list[torch.Tensor] | None = None):
     """Within the block ``params`` hold ``params + alpha * deltas``; on exit (also on error) they
     are restored bit for bit from a saved copy (``clean``: preallocated buffers to save into), not
-    by subtraction, which would leave rounding residue. Run forward *and* backward inside."""
+    by subtraction, which would leave rounding residue. Run forward *and* backward inside.
+
+    ``deltas`` laid out like ``params`` (same strides) keep ``_foreach_add_`` on its fused path."""
     with torch.no_grad():
         if clean is None:
-            clean = [p.detach().clone() for p in params]
+            clean = [p.detach().clone(memory_format=torch.preserve_format) for p in params]
         else:
             torch._foreach_copy_(clean, params)
         torch._foreach_add_(params, deltas, alpha=alpha)
@@ -68,6 +80,30 @@ def perturbed(params: list[torch.Tensor], deltas: list[torch.Tensor], alpha: flo
     finally:
         with torch.no_grad():
             torch._foreach_copy_(params, clean)
+
+
+def _dense_views(flat: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Consecutive segments of ``flat`` viewed with the shapes *and strides* of ``like`` (dense
+    tensors in any memory format, e.g. channels_last), so elementwise ops between the two never
+    meet mismatched layouts."""
+    out, i = [], 0
+    for t in like:
+        n = t.numel()
+        out.append(flat[i:i + n].as_strided(t.shape, t.stride()))
+        i += n
+    return out
+
+
+def _is_dense(t: torch.Tensor) -> bool:
+    """Non-overlapping and dense (some permutation of its dims is contiguous)."""
+    perm = sorted(range(t.dim()), key=lambda d: (t.stride(d), t.shape[d]), reverse=True)
+    return t.permute(perm).is_contiguous()
+
+
+def _like(flat: torch.Tensor, x: torch.Tensor, dense: bool) -> torch.Tensor:
+    """``x.numel()`` consecutive elements of ``flat`` viewed with ``x``'s shape, and with its
+    strides when ``x`` is dense (else contiguous, e.g. for a token slice ``h[:, 0]``)."""
+    return flat.as_strided(x.shape, x.stride()) if dense else flat.view(x.shape)
 
 
 @dataclass
@@ -101,7 +137,7 @@ def weight_error_stats(model: nn.Module, bits: int, bits_override: dict[str, int
 
     ``Q`` is the symmetric max-abs per-channel quantizer at ``bits`` (or ``bits_override[name]``).
     Returns ``{layer name: (mean (C,), variance (C,))}``, variances over the channel's elements
-    (population variance).
+    (population variance), computed in float32.
     """
     out = {}
     with torch.no_grad():
@@ -119,16 +155,17 @@ def activation_error_stats(model: nn.Module, bits: int, calib_x: torch.Tensor, b
     """Scalar mean and variance of ``Q(x) - x`` at the input of every Conv/Linear layer.
 
     ``Q`` is an asymmetric per-tensor min-max quantizer whose range is calibrated on
-    ``calib_x``; the error statistics are taken over the same data. The model runs in eval mode
-    (BatchNorm running statistics) and is returned to its previous mode.
+    ``calib_x``; the error statistics are taken over the same data, in float32 (float64 sums),
+    with autocast and TF32 off. The model runs in eval mode (BatchNorm running statistics) and is
+    returned to its previous mode. Ranges and sums stay on the device: two host reads in all.
 
     Returns:
         ``({layer name: (mean, variance)}, layer names in execution order)``.
     """
     layers = dict(quant_layers(model))
-    lo = {n: float("inf") for n in layers}
-    hi = {n: float("-inf") for n in layers}
-    acc: dict[str, list[float]] = {n: [0.0, 0.0, 0] for n in layers}
+    rng: dict[str, torch.Tensor] = {}  # name -> (2,) [min, max]
+    acc: dict[str, torch.Tensor] = {}  # name -> (3,) float64 [sum e, sum e^2, count]
+    qp: dict[str, tuple] = {}
     order: list[str] = []
     phase = "range"
 
@@ -138,51 +175,60 @@ def activation_error_stats(model: nn.Module, bits: int, calib_x: torch.Tensor, b
             if phase == "range":
                 if name not in order:
                     order.append(name)
-                lo[name] = min(lo[name], float(x.min()))
-                hi[name] = max(hi[name], float(x.max()))
+                r = torch.stack([x.min(), x.max()])
+                rng[name] = r if name not in rng else torch.stack([torch.minimum(rng[name][0], r[0]),
+                                                                    torch.maximum(rng[name][1], r[1])])
             else:
-                b = (bits_override or {}).get(name, bits)
-                s, z, qmin, qmax = act_qparams(lo[name], hi[name], b)
+                s, z, qmin, qmax = qp[name]
                 e = fake_quantize(x, torch.tensor(s, device=x.device), torch.tensor(z, device=x.device), qmin, qmax) - x
-                acc[name][0] += float(e.sum(dtype=torch.float64))
-                acc[name][1] += float(e.double().pow(2).sum())
-                acc[name][2] += e.numel()
+                part = torch.stack([e.sum(dtype=torch.float64), e.double().pow(2).sum(),
+                                    torch.tensor(float(e.numel()), dtype=torch.float64, device=x.device)])
+                acc[name] = part if name not in acc else acc[name] + part
         return hook
 
     was_training = model.training
     handles = [m.register_forward_pre_hook(make_hook(n)) for n, m in layers.items()]
     try:
         model.eval()
-        for phase in ("range", "error"):  # the hooks read ``phase`` from this scope
-            for x in calib_x.split(batch_size):
-                model(x)
+        with full_precision(calib_x.device):
+            for phase in ("range", "error"):  # the hooks read ``phase`` from this scope
+                if phase == "error":
+                    bounds = torch.stack([rng[n] for n in order]).tolist() if order else []
+                    for n, (lo, hi) in zip(order, bounds):
+                        qp[n] = act_qparams(lo, hi, (bits_override or {}).get(n, bits))
+                for x in calib_x.split(batch_size):
+                    model(x.float())
     finally:
         for h in handles:
             h.remove()
         model.train(was_training)
+    sums = torch.stack([acc[n] for n in order]).tolist() if order else []
     stats = {}
-    for n in order:
-        s, s2, cnt = acc[n]
+    for n, (s, s2, cnt) in zip(order, sums):
         mean = s / cnt
         stats[n] = (mean, max(s2 / cnt - mean * mean, 0.0))
     return stats, order
 
 
-def channel_salience_probs(x: torch.Tensor, channel_dim: int, temperature: float = 1.0, rho: float = 0.5,
-                           scratch: torch.Tensor | None = None) -> torch.Tensor:
+def channel_salience_probs(x: torch.Tensor, channel_dim: int, temperature: float = 1.0, rho: float = 0.5) -> torch.Tensor:
     """Per-sample, per-channel injection probabilities ``clip(softmax(I / T) * C * rho, 0, 1)``.
 
-    ``I_c = mean |x|`` over every dimension but the batch (0) and ``channel_dim``. The result is
-    shaped to broadcast against ``x`` (size 1 in the averaged dimensions). ``scratch`` (float32,
-    shaped like ``x``) saves an allocation.
+    ``I_c = mean |x|`` over every dimension but the batch (0) and ``channel_dim``, accumulated in
+    float32 whatever ``x``'s dtype (one reduction, no temporary of ``x``'s size). The float32
+    result is shaped to broadcast against ``x`` (size 1 in the averaged dimensions).
     """
     cd = channel_dim % x.dim()
     if cd == 0:
         raise ValueError("the channel dimension cannot be the batch dimension")
     reduce = [d for d in range(1, x.dim()) if d != cd]
-    sal = torch.abs(x.detach(), out=scratch) if scratch is not None else x.detach().abs().float()
+    x = x.detach()
     if reduce:
-        sal = sal.mean(dim=reduce, keepdim=True)
+        count = 1
+        for d in reduce:
+            count *= x.shape[d]
+        sal = torch.linalg.vector_norm(x, 1, dim=reduce, keepdim=True, dtype=torch.float32) / count
+    else:
+        sal = x.abs().float()
     c = x.shape[cd]
     return (torch.softmax(sal / temperature, dim=cd) * (c * rho)).clamp_(0.0, 1.0)
 
@@ -200,12 +246,19 @@ class QuantNoise:
         first_last_bits: if set, the first and last layers use these bits for their statistics
             (to match a PTQ that keeps them at 8 bits); default: every layer at the target bits.
         sampler: where the activation noise's uniform and normal numbers come from. ``"fresh"``
-            draws them for every call. ``"table"`` draws two tables per epoch (twice the largest
-            activation) and takes each call's numbers from a slice at a random offset: every
-            draw has exactly the stated distribution, element-wise independent within a call,
-            but draws of different steps can overlap in the table (as in the shared noise table
-            of Salimans et al. 2017). On the CPU random-number generation costs several times a
-            convolution, so ``"auto"`` (default) uses ``"table"`` on the CPU, ``"fresh"`` on CUDA.
+            draws them for every step (one draw per dtype into a flat buffer). ``"table"`` draws,
+            once per epoch, a normal table per layer (twice the layer's input, already scaled by
+            the layer's statistics) and one shared uniform table, and takes each step's numbers
+            from slices at random offsets: every draw has exactly the stated distribution,
+            element-wise independent within a call, but draws of different steps can overlap in
+            the table (as in the shared noise table of Salimans et al. 2017). On the CPU
+            random-number generation costs several times a convolution, so ``"auto"`` (default)
+            uses ``"table"`` on the CPU, ``"fresh"`` on CUDA.
+
+    Per step, call :meth:`begin_step` with the batch before the forward pass (the trainer's
+    methods do): it plans the noise sites for the batch's shape, dtype and layout once, and draws
+    the step's numbers. Without it (a forward pass outside the trainer), the hooks draw their
+    numbers themselves, eagerly.
     """
 
     def __init__(self, model: nn.Module, wbits: int, abits: int, weight: bool = True, act: bool = True,
@@ -215,8 +268,8 @@ class QuantNoise:
         check_bits(abits, "activation bits")
         if not 0.0 <= beta < 1.0:
             raise ValueError(f"EMA beta must be in [0, 1), got {beta}")
-        if temperature <= 0 or rho < 0:
-            raise ValueError(f"need temperature > 0 and rho >= 0, got T={temperature}, rho={rho}")
+        if not (temperature > 0 and rho >= 0) or temperature == float("inf") or rho == float("inf"):
+            raise ValueError(f"need a finite temperature > 0 and a finite rho >= 0, got T={temperature}, rho={rho}")
         if first_last_bits is not None:
             check_bits(first_last_bits, "first/last layer bits")
         if sampler not in SAMPLERS:
@@ -233,15 +286,36 @@ class QuantNoise:
         self.a_var: dict[str, float] = {}
         self.order: list[str] = []
         self.updates = 0
-        self.act_lambda = 0.0
+        self._lam = 0.0
+        self._on = False
+        self._version = 0  # bumped whenever the statistics or lambda change
         self.act_generator: torch.Generator | None = None
         self._host_rng = random.Random(0)
-        self._table: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._ws: torch.Tensor | None = None
         self._hooks: list = []
         self._clean: list[torch.Tensor] | None = None
+        self._wbuf: dict | None = None  # flat weight-noise buffers
+        self._recording: dict | None = None  # set while a planning pass records the noise sites
+        self._plans: dict = {}
+        self._plan = None
+        self._step: dict[str, list] = {}  # this step's (uniform, noise) views per site and call
+        self._calls: dict[str, int] = {}
+        self._u_table: torch.Tensor | None = None
+        self._n_tables: dict = {}
+        self._ws: dict = {}
 
     # -- statistics -------------------------------------------------------------------------
+    @property
+    def act_lambda(self) -> float:
+        """Strength of the activation noise (the hooks are no-ops at 0)."""
+        return self._lam
+
+    @act_lambda.setter
+    def act_lambda(self, value: float) -> None:
+        if float(value) != self._lam:
+            self._lam = float(value)
+            self._on = self.act and self._lam != 0  # a bool for the hooks: no per-value recompiles
+            self._version += 1
+
     def _override(self) -> dict[str, int]:
         if self.first_last_bits is None or not self.order:
             return {}
@@ -250,8 +324,9 @@ class QuantNoise:
     def update(self, calib_x: torch.Tensor, batch_size: int = 256) -> None:
         """Measure the current quantization errors on ``calib_x`` and fold them into the EMA.
 
-        Under ``torch.distributed`` the result of rank 0 is broadcast, so every rank holds
-        identical statistics.
+        Measured in float32 with autocast and TF32 off, whatever the caller's settings. Under
+        ``torch.distributed`` the result of rank 0 is broadcast, so every rank holds identical
+        statistics.
         """
         need_order = not self.order
         a_stats: dict = {}
@@ -261,7 +336,8 @@ class QuantNoise:
             if need_order and self.act and self.first_last_bits is not None:  # now the order is known
                 a_stats, _ = activation_error_stats(self.model, self.abits, calib_x, batch_size,
                                                     self._override())
-        w_stats = weight_error_stats(self.model, self.wbits, self._override()) if self.weight else {}
+        with full_precision(calib_x.device):
+            w_stats = weight_error_stats(self.model, self.wbits, self._override()) if self.weight else {}
         first = self.updates == 0
         b = self.beta
         for n, (m, v) in w_stats.items():
@@ -273,6 +349,7 @@ class QuantNoise:
                 self.a_var[n] = v if first else b * self.a_var[n] + (1 - b) * v
         self.updates += 1
         self._broadcast()
+        self._version += 1
 
     def _flat(self) -> torch.Tensor:
         dev = self.params[0].device
@@ -288,10 +365,12 @@ class QuantNoise:
                 c = self.w_mean[n].numel()
                 self.w_mean[n], self.w_var[n] = flat[i:i + c].clone(), flat[i + c:i + 2 * c].clone()
                 i += 2 * c
+        rest = flat[i:].tolist()
+        j = 0
         for n in self.order:
             if n in self.a_mean:
-                self.a_mean[n], self.a_var[n] = float(flat[i]), float(flat[i + 1])
-                i += 2
+                self.a_mean[n], self.a_var[n] = rest[j], rest[j + 1]
+                j += 2
 
     def _broadcast(self) -> None:
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
@@ -311,33 +390,61 @@ class QuantNoise:
         self.w_mean = {k: v.to(dev) for k, v in state["w_mean"].items()}
         self.w_var = {k: v.to(dev) for k, v in state["w_var"].items()}
         self.a_mean, self.a_var = dict(state["a_mean"]), dict(state["a_var"])
+        self._version += 1
 
     def summary(self) -> dict:
         """Per-layer noise statistics for the metrics log: weight error mean and std (averaged
         over channels) and activation error mean and std."""
         out: dict = {}
         if self.w_mean:
-            out["weight"] = {n: {"mu": float(self.w_mean[n].mean()), "sigma": float(self.w_var[n].mean().sqrt())}
-                             for n, _ in self.layers if n in self.w_mean}
+            names = [n for n, _ in self.layers if n in self.w_mean]
+            vals = torch.stack([torch.stack([self.w_mean[n].mean(), self.w_var[n].mean().sqrt()]) for n in names])
+            out["weight"] = {n: {"mu": mu, "sigma": sd} for n, (mu, sd) in zip(names, vals.tolist())}
         if self.a_mean:
             out["act"] = {n: {"mu": self.a_mean[n], "sigma": self.a_var[n] ** 0.5} for n in self.order if n in self.a_mean}
         return out
 
     # -- weight noise ------------------------------------------------------------------------
-    def sample_weight_noise(self, generator: torch.Generator | None = None) -> list[torch.Tensor]:
-        """One draw ``delta ~ N(mu_c, sigma_c^2)`` per weight element, for every Conv/Linear weight
-        (in :attr:`params` order). One random call for all layers."""
+    def _weight_buffers(self, lam: float) -> dict:
+        """Flat buffers laid out like the weights: per-element ``lam * mu`` and ``lam * sigma``
+        (refreshed when the statistics or ``lam`` change) and the noise itself."""
         if not self.w_mean:
             raise RuntimeError("no weight-error statistics yet; call update() first")
-        dev, dtype = self.params[0].device, self.params[0].dtype
-        z = torch.randn(sum(p.numel() for p in self.params), device=dev, dtype=dtype, generator=generator)
-        out, i = [], 0
-        for (n, _), p in zip(self.layers, self.params):
-            zi = z[i:i + p.numel()].view_as(p)
-            i += p.numel()
-            shape = (-1,) + (1,) * (p.dim() - 1)
-            out.append(zi.mul_(self.w_var[n].sqrt().to(dtype).view(shape)).add_(self.w_mean[n].to(dtype).view(shape)))
-        return out
+        p0 = self.params[0]
+        buf = self._wbuf
+        if buf is None or buf["noise"].device != p0.device or buf["strides"] != [p.stride() for p in self.params]:
+            for p in self.params:
+                if not _is_dense(p):
+                    raise ValueError("DNQ weight noise needs dense (non-overlapping) weight tensors")
+            total = sum(p.numel() for p in self.params)
+            buf = {"strides": [p.stride() for p in self.params], "key": None}
+            for k in ("noise", "mu", "sd"):
+                buf[k] = torch.empty(total, device=p0.device, dtype=p0.dtype)
+                buf[k + "_views"] = _dense_views(buf[k], self.params)
+            self._wbuf = buf
+        if buf["key"] != (self._version, lam):
+            with torch.no_grad():
+                for (n, _), p, mu, sd in zip(self.layers, self.params, buf["mu_views"], buf["sd_views"]):
+                    shape = (-1,) + (1,) * (p.dim() - 1)
+                    mu.copy_((lam * self.w_mean[n]).view(shape).expand_as(p))
+                    sd.copy_((lam * self.w_var[n].sqrt()).view(shape).expand_as(p))
+            buf["key"] = (self._version, lam)
+        return buf
+
+    def _draw_weight_noise(self, lam: float, generator: torch.Generator | None) -> list[torch.Tensor]:
+        """``lam * delta`` for every weight, as views of one flat buffer (overwritten by the next
+        draw): one normal draw and one fused multiply-add."""
+        buf = self._weight_buffers(lam)
+        z = buf["noise"]
+        with torch.no_grad():
+            z.normal_(generator=generator)
+            torch.addcmul(buf["mu"], buf["sd"], z, out=z)
+        return buf["noise_views"]
+
+    def sample_weight_noise(self, generator: torch.Generator | None = None) -> list[torch.Tensor]:
+        """One draw ``delta ~ N(mu_c, sigma_c^2)`` per weight element, for every Conv/Linear weight
+        (in :attr:`params` order, laid out like each weight). One random call for all layers."""
+        return [v.clone(memory_format=torch.preserve_format) for v in self._draw_weight_noise(1.0, generator)]
 
     @contextlib.contextmanager
     def perturbed_weights(self, lam: float, generator: torch.Generator | None = None):
@@ -346,16 +453,17 @@ class QuantNoise:
         if lam == 0 or not self.weight:
             yield
             return
-        if self._clean is None or self._clean[0].device != self.params[0].device:
-            self._clean = [torch.empty_like(p) for p in self.params]
-        with perturbed(self.params, self.sample_weight_noise(generator), lam, self._clean):
+        if self._clean is None or self._clean[0].device != self.params[0].device \
+                or any(c.stride() != p.stride() for c, p in zip(self._clean, self.params)):
+            self._clean = [torch.empty_like(p, memory_format=torch.preserve_format) for p in self.params]
+        with perturbed(self.params, self._draw_weight_noise(lam, generator), 1.0, self._clean):
             yield
 
     @torch.no_grad()
     def add_weight_noise_(self, lam: float, generator: torch.Generator | None = None) -> None:
         """Add ``lam * delta`` to the weights for good (the non-differential ``gaussian`` ablation)."""
         if lam != 0:
-            torch._foreach_add_(self.params, self.sample_weight_noise(generator), alpha=lam)
+            torch._foreach_add_(self.params, self._draw_weight_noise(lam, generator))
 
     # -- activation noise ---------------------------------------------------------------------
     def attach(self) -> "QuantNoise":
@@ -376,53 +484,184 @@ class QuantNoise:
 
     def new_epoch(self, seed: int) -> None:
         """Reseed the activation-noise streams (called at every epoch start by the trainer, with
-        a seed that depends on run seed, epoch and rank); the noise table is drawn anew."""
+        a seed that depends on run seed, epoch and rank); the noise tables are drawn anew."""
         dev = self.params[0].device
         self.act_generator = torch.Generator(device=dev).manual_seed(seed)
         self._host_rng = random.Random(seed)
-        self._table = None
+        self._version += 1
 
-    def _uniform_normal(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``U(0,1)`` and ``N(0,1)`` tensors shaped like ``x`` (fresh, or slices of the epoch's table)."""
-        g, n = self.act_generator, x.numel()
-        sampler = self.sampler
-        if sampler == "auto":
-            sampler = "fresh" if x.device.type == "cuda" else "table"
-        if sampler == "fresh":
-            return (torch.rand(x.shape, device=x.device, generator=g),
-                    torch.randn(x.shape, device=x.device, generator=g))
-        if self._table is None or self._table[0].numel() < n:
-            size = 2 * n if self._table is None else max(2 * n, self._table[0].numel())
-            self._table = (torch.rand(size, device=x.device, generator=g), torch.randn(size, device=x.device, generator=g))
-        o = self._host_rng.randrange(0, self._table[0].numel() - n + 1)
-        return self._table[0][o:o + n].view(x.shape), self._table[1][o:o + n].view(x.shape)
+    def _sampler(self, device: torch.device) -> str:
+        if self.sampler == "auto":
+            return "fresh" if device.type == "cuda" else "table"
+        return self.sampler
+
+    def _active(self) -> bool:
+        return self.act and self._lam != 0 and bool(self.a_mean)
+
+    def _coef(self, name: str) -> tuple[float, float]:
+        """``(lam * mu, lam * sigma)`` of a site."""
+        return self._lam * self.a_mean[name], self._lam * self.a_var[name] ** 0.5
+
+    def begin_step(self, x: torch.Tensor, autocast=contextlib.nullcontext) -> None:
+        """Draw this step's activation noise for a batch ``x`` (call before the forward pass).
+
+        The noise sites' input shapes, dtypes and layouts for this batch are found once per
+        batch shape/dtype/layout and autocast setting, by a no-grad forward pass in eval mode
+        (``autocast``: the factory the forward runs under). The numbers then go into flat buffers
+        (``"fresh"``) or come from per-epoch tables (``"table"``), and the hooks take fixed views
+        of them.
+        """
+        self._calls = {}
+        self._step = {}
+        if not self._active() or not self._hooks or self.act_generator is None:
+            return
+        dev = x.device.type
+        with autocast():
+            key = (tuple(x.shape), x.stride(), x.dtype, str(x.device),
+                   torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
+            plan = self._plans.get(key)
+            if plan is None:
+                plan = self._plans[key] = self._make_plan(x)
+        if self._sampler(x.device) == "fresh":
+            self._step = self._draw_fresh(plan)
+        else:
+            self._step = self._draw_table(plan)
+
+    @torch.no_grad()
+    def _make_plan(self, x: torch.Tensor) -> dict:
+        """Record every hooked layer's input (shape, stride, dtype) for a batch like ``x``."""
+        flags = [(m, m.training) for m in self.model.modules()]
+        self._recording = {}
+        try:
+            self.model.eval()
+            self.model(x)
+            rec = self._recording
+        finally:
+            self._recording = None
+            for m, f in flags:
+                m.training = f
+        sites, sizes = {}, {}
+        for name, calls in rec.items():
+            sites[name] = []
+            for shape, stride, dtype in calls:
+                n = 1
+                for s in shape:
+                    n *= s
+                sites[name].append((shape, stride, dtype, n, sizes.get(dtype, 0)))
+                sizes[dtype] = sizes.get(dtype, 0) + n
+        return {"sites": sites, "sizes": sizes, "device": x.device, "buffers": None, "key": None}
+
+    def _draw_fresh(self, plan: dict) -> dict:
+        """One uniform draw and one normal draw per dtype, scaled per site with two ``_foreach``
+        ops; returns the step's views per site."""
+        if plan["buffers"] is None:
+            total = sum(plan["sizes"].values())
+            u = torch.empty(total, device=plan["device"])
+            n = {dt: torch.empty(s, device=plan["device"], dtype=dt) for dt, s in plan["sizes"].items()}
+            views, u_off = {}, 0
+            for name, calls in plan["sites"].items():
+                views[name] = []
+                for shape, stride, dtype, k, off in calls:
+                    views[name].append((u[u_off:u_off + k], n[dtype][off:off + k]))
+                    u_off += k
+            plan["buffers"] = (u, n, views)
+        u, n, views = plan["buffers"]
+        if plan["key"] != self._version:  # per-site scalars, as lists of Python numbers
+            segs: dict = {dt: ([], [], []) for dt in n}
+            for name, calls in plan["sites"].items():
+                mu, sd = self._coef(name) if name in self.a_mean else (0.0, 0.0)
+                for (shape, stride, dtype, k, off), (_, nv) in zip(calls, views[name]):
+                    segs[dtype][0].append(nv)
+                    segs[dtype][1].append(sd)
+                    segs[dtype][2].append(mu)
+            plan["segs"], plan["key"] = segs, self._version
+        g = self.act_generator
+        with torch.no_grad():
+            u.uniform_(generator=g)
+            for dt, buf in n.items():
+                buf.normal_(generator=g)
+                nv, sd, mu = plan["segs"][dt]
+                torch._foreach_mul_(nv, sd)
+                torch._foreach_add_(nv, mu)
+        return {name: [(uv, nv, calls[i][0], calls[i][1]) for i, (uv, nv) in enumerate(views[name])]
+                for name, calls in plan["sites"].items()}
+
+    def _tables(self, name: str, dtype: torch.dtype, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The epoch's shared uniform table and the site's scaled normal table (each at least
+        twice ``n``), drawn when missing, too small, or out of date."""
+        g = self.act_generator
+        if self._n_tables.get("version") != self._version:
+            self._n_tables = {"version": self._version}
+            self._u_table = None
+        if self._u_table is None or self._u_table.numel() < 2 * n or self._u_table.device != device:
+            size = 2 * n if self._u_table is None else max(2 * n, self._u_table.numel())
+            self._u_table = torch.empty(size, device=device).uniform_(generator=g)
+        t = self._n_tables.get((name, dtype))
+        if t is None or t.numel() < 2 * n:
+            mu, sd = self._coef(name)
+            t = self._n_tables[(name, dtype)] = torch.empty(2 * n, device=device, dtype=dtype).normal_(mu, sd, generator=g)
+        return self._u_table, t
+
+    def _table_views(self, name: str, dtype: torch.dtype, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        ut, nt = self._tables(name, dtype, n, device)
+        o1 = self._host_rng.randrange(0, ut.numel() - n + 1)
+        o2 = self._host_rng.randrange(0, nt.numel() - n + 1)
+        return ut[o1:o1 + n], nt[o2:o2 + n]
+
+    def _draw_table(self, plan: dict) -> dict:
+        return {name: [(*self._table_views(name, dtype, k, plan["device"]), shape, stride)
+                       for shape, stride, dtype, k, off in calls]
+                for name, calls in plan["sites"].items() if name in self.a_mean}
+
+    def _sources(self, name: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The uniform numbers and the noise ``lam * (mu + sigma * z)`` for this call of a site,
+        shaped and laid out like ``x``: this step's views when :meth:`begin_step` planned them,
+        else drawn here (eagerly)."""
+        i = self._calls.get(name, 0)
+        self._calls[name] = i + 1
+        slots = self._step.get(name)
+        dense = _is_dense(x)
+        if slots is not None and i < len(slots):
+            u, n, shape, stride = slots[i]
+            if tuple(x.shape) == shape and x.stride() == stride and n.dtype == x.dtype:
+                return _like(u, x, dense), _like(n, x, dense)
+        # unplanned: a forward pass outside the trainer, or a batch unlike the planned one
+        if self._sampler(x.device) == "fresh":
+            g = self.act_generator
+            mu, sd = self._coef(name)
+            like = x if dense else x.contiguous()
+            u = torch.empty_like(like, dtype=torch.float32).uniform_(generator=g)
+            return u, torch.empty_like(like).normal_(mu, sd, generator=g)
+        u, n = self._table_views(name, x.dtype, x.numel(), x.device)
+        return _like(u, x, dense), _like(n, x, dense)
 
     def _workspace(self, x: torch.Tensor) -> torch.Tensor:
-        """A float32 scratch tensor shaped like ``x``, reused across layers and steps: fresh
-        multi-MB allocations cost page faults that made each elementwise op several times slower
-        on the CPU. Safe to reuse: the noise's autograd nodes do not keep it for backward."""
+        """A scratch tensor shaped, typed and laid out like ``x``, reused across layers and
+        steps: fresh multi-MB allocations cost page faults that made each elementwise op several
+        times slower on the CPU. Safe to reuse: the noise's autograd nodes do not keep it for
+        backward (autograd would raise if they did and it changed)."""
         n = x.numel()
-        if self._ws is None or self._ws.numel() < n or self._ws.device != x.device:
-            self._ws = torch.empty(n, device=x.device)
-        return self._ws[:n].view(x.shape)
+        ws = self._ws.get(x.dtype)
+        if ws is None or ws.numel() < n or ws.device != x.device:
+            ws = self._ws[x.dtype] = torch.empty(n, device=x.device, dtype=x.dtype)
+        return _like(ws[:n], x, _is_dense(x))
 
     def _make_act_hook(self, name: str, cdim: int):
         def hook(mod, args):
-            lam = self.act_lambda
-            if not mod.training or lam == 0 or name not in self.a_mean:
-                return None
             x = args[0]
-            if x.dim() < 2:
+            if self._recording is not None:  # a planning pass: record the site, add nothing
+                self._recording.setdefault(name, []).append((tuple(x.shape), x.stride(), x.dtype))
                 return None
+            if not (mod.training and self._on) or name not in self.a_mean or x.dim() < 2:
+                return None
+            u, n = self._sources(name, x)
             with torch.no_grad():
-                mask = self._workspace(x)
-                p = channel_salience_probs(x, cdim, self.temperature, self.rho, scratch=mask)
-                u, z = self._uniform_normal(x)
-                # float ops only (boolean tensors are slow on the CPU): ceil(p - u) is 1 with
-                # probability p and 0 otherwise, as u ~ U[0, 1) and p - u lies in (-1, 1]
-                torch.sub(p, u, out=mask).ceil_()
-            # x + lam * M * (mu + sigma * z), in two passes over x
-            out = torch.addcmul(x, mask, z, value=lam * self.a_var[name] ** 0.5)
-            mu = lam * self.a_mean[name]
-            return (out.add_(mask, alpha=mu) if mu else out, *args[1:])
+                p = channel_salience_probs(x, cdim, self.temperature, self.rho)
+                # a Bernoulli(p) mask in x's dtype and layout: u ~ U[0, 1) is below p with probability p
+                if torch.compiler.is_compiling():
+                    mask = (u < p).to(x.dtype)
+                else:
+                    mask = torch.lt(u, p, out=self._workspace(x))
+            # x + M * lam * (mu + sigma * z), one pass over x
+            return (torch.addcmul(x, mask, n), *args[1:])
         return hook

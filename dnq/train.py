@@ -87,7 +87,8 @@ class TrainConfig:
     data_root: str | None = None
     download: bool = False
     device: str = "auto"
-    amp: bool = True
+    amp: bool | None = None  # bf16 autocast; None: on CUDA only
+    channels_last: bool | None = None  # None: on CUDA only
     compile: bool = False
     eval_batch_size: int = 1024
 
@@ -134,6 +135,30 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"unknown device {cfg.device!r}; valid: auto, cpu, cuda, cuda:N")
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"--device {cfg.device} asked for, but CUDA is not available here; use --device cpu or auto")
+    if cfg.device.startswith("cuda:") and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError(f"--device {cfg.device} under torchrun: every process takes the GPU of its LOCAL_RANK, so "
+                          "a fixed cuda:N would put all ranks on one GPU; pass --device cuda (or auto) and choose "
+                          "GPUs with CUDA_VISIBLE_DEVICES")
+    for key in ("amp", "channels_last", "compile"):
+        if getattr(cfg, key) not in (None, True, False) or (key == "compile" and cfg.compile is None):
+            raise ConfigError(f"{key} must be true or false{' (or null: on CUDA only)' if key != 'compile' else ''}, "
+                              f"got {getattr(cfg, key)!r}")
+
+
+def resolve_precision(cfg: TrainConfig, device: torch.device) -> TrainConfig:
+    """``cfg`` with ``amp`` and ``channels_last`` decided: unset means on for CUDA, off elsewhere.
+    Both can be forced on the CPU (bf16 autocast and channels_last run there too), which is how
+    the CUDA paths are tested without a GPU."""
+    cuda = device.type == "cuda"
+    return dataclasses.replace(cfg, amp=cuda if cfg.amp is None else cfg.amp,
+                               channels_last=cuda if cfg.channels_last is None else cfg.channels_last)
+
+
+def make_autocast(device: torch.device, amp: bool):
+    """A factory of the training forward's autocast context: bf16 on ``device``'s type, or none."""
+    if not amp:
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
 
 
 # ----------------------------------------------------------------------------------- helpers
@@ -151,7 +176,10 @@ def init_distributed(device_kind: str) -> tuple[int, int, int, bool]:
     backend = "nccl" if device_kind == "cuda" else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(local_rank)
-    dist.init_process_group(backend)
+        # bind the group to this rank's GPU (eager NCCL init; no guessing of the device later)
+        dist.init_process_group(backend, device_id=torch.device("cuda", local_rank))
+    else:
+        dist.init_process_group(backend)
     return dist.get_rank(), dist.get_world_size(), local_rank, True
 
 
@@ -309,8 +337,11 @@ def _barrier(world: int) -> None:
 
 def _train(cfg, resume, overwrite, quiet, rank, world, local_rank) -> dict:
     device = resolve_device(cfg.device, local_rank)
+    cfg = resolve_precision(cfg, device)
     out = Path(cfg.out)
     cuda = device.type == "cuda"
+    if cuda:
+        torch.backends.cudnn.benchmark = True  # fixed batch shapes: pick the fastest convolution once
     show = not quiet and rank == 0
 
     # the run folder: only rank 0 touches the disk
@@ -323,7 +354,7 @@ def _train(cfg, resume, overwrite, quiet, rank, world, local_rank) -> dict:
     _barrier(world)
     if resume:
         ckpt = safe_load(out / "checkpoint.pt")
-        saved = ckpt["config"]
+        saved = _upgrade_saved_config(ckpt["config"], cuda)
         diff = {k: (saved.get(k), v) for k, v in cfg.to_dict().items() if k not in RESUMABLE_CHANGES and saved.get(k) != v}
         if diff:
             raise ConfigError("cannot resume with different settings (saved, given): "
@@ -334,7 +365,7 @@ def _train(cfg, resume, overwrite, quiet, rank, world, local_rank) -> dict:
 
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, ds.num_classes, ds.in_channels, ds.image_size).to(device)
-    channels_last = cuda
+    channels_last = cfg.channels_last
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     ds.to(device)
@@ -356,7 +387,7 @@ def _train(cfg, resume, overwrite, quiet, rank, world, local_rank) -> dict:
     swa_epoch = None if cfg.swa_start is None else min(cfg.epochs - 1, int(cfg.swa_start * cfg.epochs))
     swa = torch.optim.swa_utils.AveragedModel(model) if swa_epoch is not None else None
     criterion = make_criterion(cfg)
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda and cfg.amp else contextlib.nullcontext
+    autocast = make_autocast(device, cfg.amp)
 
     start_epoch = 0
     if ckpt is not None:
@@ -399,7 +430,9 @@ def _train(cfg, resume, overwrite, quiet, rank, world, local_rank) -> dict:
             seen += len(y)
             if step % 20 == 19 or step == steps - 1:  # one host sync every 20 steps
                 _check_finite(losses[: step + 1], epoch, out)
-                bar.set_postfix(loss=f"{float(losses[step]):.4f}", acc=f"{float(correct) / seen:.3f}", lam=f"{lam:.3g}")
+                if show:
+                    bar.set_postfix(loss=f"{float(losses[step]):.4f}", acc=f"{float(correct) / seen:.3f}",
+                                    lam=f"{lam:.3g}")
             optimizer.step()
             scheduler.step()
         bar.close()
@@ -448,6 +481,14 @@ def _train(cfg, resume, overwrite, quiet, rank, world, local_rank) -> dict:
             tqdm.write(f"final: test acc {test_acc:.4f}, test loss {test_loss:.4f} -> {out / 'model.pt'}")
     _barrier(world)
     return result
+
+
+def _upgrade_saved_config(saved: dict, cuda: bool) -> dict:
+    """A checkpoint's config as this version would have resolved it: runs saved before
+    ``channels_last`` existed had bf16 autocast and channels_last exactly when on CUDA."""
+    if "channels_last" in saved:
+        return saved
+    return {**saved, "amp": bool(saved.get("amp", True)) and cuda, "channels_last": cuda}
 
 
 def _check_finite(losses: torch.Tensor, epoch: int, out: Path) -> None:
