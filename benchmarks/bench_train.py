@@ -1,18 +1,22 @@
-"""Step time of every training method as a ratio to plain SGD, on the same model and batch, in one run.
+"""Step time of training methods as ratios to a baseline, on the same model and batch, in one run.
 
-Methods are measured round-robin (one short burst each, in a shuffled order, repeated; the
-first step of each burst is not timed), so a noisy machine slows all of them alike; the figure of merit is median(step time of METHOD) / median(step time of sgd).
+Setups (a method under given settings) are measured round-robin (one short burst each, in a
+shuffled order, repeated; the first step of each burst is not timed), so a noisy machine slows
+all of them alike; the figure of merit is median(step time) / median(step time of the baseline).
 
-    python benchmarks/bench_train.py                      # cnn-digits (batch 128) and resnet20 (batch 128, 32x32)
-    python benchmarks/bench_train.py --models resnet20 --device cuda --json out.json
+    python benchmarks/bench_train.py                          # every method vs sgd: cnn-digits and resnet20
+    python benchmarks/bench_train.py --suite issue8           # the targets of issue 8 (see below)
+    python benchmarks/bench_train.py --models resnet20 --device cuda --batch-size 512 --json out.json
 
 Targets (issue 2): dnq <= 1.2x sgd; sam is ~2x (two forward/backward passes).
+Targets (issue 8, ``--suite issue8``, resnet20): on the CPU, dnq <= 1.2x sgd both in float32 and
+with ``--amp --channels-last`` (bf16 autocast), and compiled dnq not slower than eager dnq; on
+CUDA, dnq <= 1.3x sgd (bf16, channels_last), and the same compiled-vs-eager comparison.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import random
 import statistics
@@ -23,86 +27,136 @@ import torch.nn as nn
 
 from dnq.methods import METHODS, make_method
 from dnq.models import build_model
+from dnq.train import make_autocast
 
 SHAPES = {"cnn-digits": (1, 8, 10), "mlp-digits": (1, 8, 10)}
 
 
-def bench(model_name: str, batch: int, device: torch.device, rounds: int, steps: int, methods, amp: bool,
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench(model_name: str, batch: int, device: torch.device, rounds: int, steps: int, setups: dict, baseline: str,
           act_sampler: str = "auto") -> dict:
+    """``setups``: label -> (method, amp, channels_last, compile). Returns medians and ratios."""
     c, s, k = SHAPES.get(model_name, (3, 32, 100))
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, c, s, s, generator=g).to(device)
+    x0 = torch.randn(batch, c, s, s, generator=g).to(device)
     y = torch.randint(0, k, (batch,), generator=g).to(device)
-    calib = torch.randn(256, c, s, s, generator=g).to(device)
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" and amp else contextlib.nullcontext
-    setups = {}
-    for name in methods:
+    calib0 = torch.randn(256, c, s, s, generator=g).to(device)
+    state = {}
+    for label, (name, amp, cl, comp) in setups.items():
         torch.manual_seed(0)
         model = build_model(model_name, k, c, s).to(device).train()
-        if device.type == "cuda":
+        x, calib = x0, calib0
+        if cl:
             model = model.to(memory_format=torch.channels_last)
+            x, calib = x0.contiguous(memory_format=torch.channels_last), calib0.contiguous(memory_format=torch.channels_last)
         method = make_method(name, wbits=4, abits=4, act_sampler=act_sampler)
         method.setup(model, calib, device, 0, 0)
         method.on_epoch_start(0, 1.0)
         opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, nesterov=True, weight_decay=5e-4)
-        setups[name] = (model, method, opt)
+        net = torch.compile(model) if comp else model
+        state[label] = (net, method, opt, x, make_autocast(device, amp))
     crit = nn.CrossEntropyLoss(label_smoothing=0.1)
-    times = {n: [] for n in methods}
+    times = {n: [] for n in setups}
 
-    def step(name):
-        model, method, opt = setups[name]
+    def step(label):
+        net, method, opt, x, autocast = state[label]
         opt.zero_grad(set_to_none=True)
-        method.step(model, x, y, crit, autocast)
+        method.step(net, x, y, crit, autocast)
         opt.step()
 
-    for name in methods:  # warm-up
+    compile_s = {}
+    for label in setups:  # warm-up (and compilation)
+        t0 = time.perf_counter()
         for _ in range(3):
-            step(name)
-    order = list(methods)
+            step(label)
+        _sync(device)
+        compile_s[label] = time.perf_counter() - t0
+    order = list(setups)
     rng = random.Random(0)
     for _ in range(rounds):
-        rng.shuffle(order)  # no method always runs first after a switch
-        for name in order:
-            step(name)  # the first step after a switch is not timed
+        rng.shuffle(order)  # no setup always runs first after a switch
+        for label in order:
+            step(label)  # the first step after a switch is not timed
             for _ in range(steps):
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
+                _sync(device)
                 t0 = time.perf_counter()
-                step(name)
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                times[name].append(time.perf_counter() - t0)
+                step(label)
+                _sync(device)
+                times[label].append(time.perf_counter() - t0)
     med = {n: statistics.median(t) for n, t in times.items()}
-    return {"model": model_name, "batch": batch, "device": str(device),
+    return {"model": model_name, "batch": batch, "device": str(device), "baseline": baseline,
+            "setups": {n: {"method": m, "amp": a, "channels_last": c_, "compile": cp} for n, (m, a, c_, cp) in setups.items()},
             "median_step_ms": {n: 1e3 * v for n, v in med.items()},
-            "ratio_to_sgd": {n: med[n] / med["sgd"] for n in methods}}
+            "ratio": {n: med[n] / med[baseline] for n in setups},
+            "warmup_s": compile_s}
+
+
+def issue8_suites(cuda: bool) -> list[tuple[str, dict, str]]:
+    """(title, setups, baseline) of the issue-8 targets."""
+    if cuda:
+        return [("bf16 autocast + channels_last", {"sgd": ("sgd", True, True, False), "dnq": ("dnq", True, True, False)}, "sgd"),
+                ("compiled vs eager dnq (bf16 + channels_last)",
+                 {"dnq eager": ("dnq", True, True, False), "dnq compiled": ("dnq", True, True, True)}, "dnq eager")]
+    return [("float32", {"sgd": ("sgd", False, False, False), "dnq": ("dnq", False, False, False)}, "sgd"),
+            ("--amp --channels-last (bf16 autocast on the CPU)",
+             {"sgd": ("sgd", True, True, False), "dnq": ("dnq", True, True, False)}, "sgd"),
+            ("compiled vs eager dnq (float32)",
+             {"dnq eager": ("dnq", False, False, False), "dnq compiled": ("dnq", False, False, True)}, "dnq eager")]
+
+
+def _print(title, r):
+    print(f"\n{r['model']}, batch {r['batch']}, {r['device']}: {title}")
+    print(f"  {'setup':<16}{'median step (ms)':>18}{'ratio':>10}{'warm-up (s)':>14}")
+    for n in r["median_step_ms"]:
+        print(f"  {n:<16}{r['median_step_ms'][n]:>18.2f}{r['ratio'][n]:>9.2f}x{r['warmup_s'][n]:>14.1f}")
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", default="cnn-digits,resnet20")
+    p.add_argument("--models", default=None, help="default: cnn-digits,resnet20 (resnet20 with --suite issue8)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--suite", choices=("methods", "issue8"), default="methods",
+                   help="methods: every method vs sgd under one setting; issue8: the issue-8 comparisons")
     p.add_argument("--rounds", type=int, default=10)
-    p.add_argument("--steps", type=int, default=5, help="steps per method per round")
+    p.add_argument("--steps", type=int, default=5, help="steps per setup per round")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--no-amp", dest="amp", action="store_false")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast (default: on CUDA only)")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="channels_last (default: on CUDA only)")
+    p.add_argument("--compile", action="store_true", help="torch.compile every setup (methods suite)")
     p.add_argument("--act-sampler", default="auto", choices=("auto", "fresh", "table"),
                    help="activation-noise random numbers (see dnq.noise.QuantNoise)")
     p.add_argument("--json", help="also write the results here")
     a = p.parse_args(argv)
-    methods = a.methods.split(",")
-    if "sgd" not in methods:
-        methods.insert(0, "sgd")
+    device = torch.device(a.device)
+    cuda = device.type == "cuda"
+    amp = cuda if a.amp is None else a.amp
+    cl = cuda if a.channels_last is None else a.channels_last
+    if a.suite == "issue8":
+        suites = issue8_suites(cuda)
+        models = (a.models or "resnet20").split(",")
+    else:
+        methods = a.methods.split(",")
+        if "sgd" not in methods:
+            methods.insert(0, "sgd")
+        suites = [(f"amp={amp}, channels_last={cl}, compile={a.compile}",
+                   {m: (m, amp, cl, a.compile) for m in methods}, "sgd")]
+        models = (a.models or "cnn-digits,resnet20").split(",")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}"
+          + (f" ({torch.cuda.get_device_name(device)})" if cuda else ""))
     results = []
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {a.device}")
-    for m in a.models.split(","):
-        r = bench(m, a.batch_size, torch.device(a.device), a.rounds, a.steps, methods, a.amp, a.act_sampler)
-        results.append(r)
-        print(f"\n{m}, batch {a.batch_size}, activation-noise sampler {a.act_sampler}:")
-        print(f"  {'method':<10}{'median step (ms)':>18}{'ratio to sgd':>14}")
-        for n in methods:
-            print(f"  {n:<10}{r['median_step_ms'][n]:>18.2f}{r['ratio_to_sgd'][n]:>13.2f}x")
+    for m in models:
+        for title, setups, base in suites:
+            r = bench(m, a.batch_size, device, a.rounds, a.steps, setups, base, a.act_sampler)
+            r["title"] = title
+            results.append(r)
+            _print(title, r)
     if a.json:
         with open(a.json, "w") as f:
             json.dump(results, f, indent=2)

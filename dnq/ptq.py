@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from landscape.precision import full_precision
+
 from .data import BatchLoader, load_dataset
 from .io import atomic_write_json
 from .quant import RANGE_METHODS, WEIGHT_MODES, parse_bits, quantize
@@ -49,16 +51,18 @@ def run_ptq(run_dir, bits: str = DEFAULT_BITS, ranges: str = ",".join(RANGE_METH
     ds = load_dataset(meta["data"], data_root).to(dev)
     test = BatchLoader(ds, 1024, False)
     calib = ds.calibration_inputs(calib_size, seed)
-    fp_loss, fp_acc = evaluate(model, test)
     results = []
     jobs = [(w, a, r) for (w, a) in settings for r in range_list]
-    for w, a, r in tqdm(jobs, desc="ptq", disable=quiet, leave=False):
-        t0 = time.perf_counter()
-        qmodel = quantize(model, w, a, calib, weight_mode=weight_mode, range_method=r,
-                          first_last_bits=first_last_bits, fold_bn=fold_bn, seed=seed)
-        loss, acc = evaluate(qmodel, test)
-        results.append({"bits": f"W{w}A{a}", "wbits": w, "abits": a, "range": r, "test_acc": acc, "test_loss": loss,
-                        "acc_drop": fp_acc - acc, "loss_increase": loss - fp_loss, "time_s": time.perf_counter() - t0})
+    with full_precision():  # float32 as written: no TF32 on the GPU, no autocast from the caller
+        fp_loss, fp_acc = evaluate(model, test)
+        for w, a, r in tqdm(jobs, desc="ptq", disable=quiet, leave=False):
+            t0 = time.perf_counter()
+            qmodel = quantize(model, w, a, calib, weight_mode=weight_mode, range_method=r,
+                              first_last_bits=first_last_bits, fold_bn=fold_bn, seed=seed)
+            loss, acc = evaluate(qmodel, test)
+            results.append({"bits": f"W{w}A{a}", "wbits": w, "abits": a, "range": r, "test_acc": acc,
+                            "test_loss": loss, "acc_drop": fp_acc - acc, "loss_increase": loss - fp_loss,
+                            "time_s": time.perf_counter() - t0})
     report = {"run": str(run_dir), "fp": {"test_acc": fp_acc, "test_loss": fp_loss},
               "settings": {"weight_mode": weight_mode, "first_last_bits": first_last_bits, "calib_size": calib_size,
                            "fold_bn": fold_bn, "seed": seed, "activations": "asymmetric per tensor",

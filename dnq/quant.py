@@ -31,6 +31,8 @@ from collections.abc import Iterable
 import torch
 import torch.nn as nn
 
+from landscape.precision import full_precision
+
 RANGE_METHODS = ("minmax", "percentile", "mse")
 WEIGHT_MODES = ("symmetric", "asymmetric")
 MIN_BITS, MAX_BITS = 2, 8
@@ -322,9 +324,10 @@ def quantize(model: nn.Module, wbits: int, abits: int, calib_data, *, weight_mod
         handles.append(layer.register_forward_pre_hook(hook))
     try:
         seen = 0
-        for x in _batches(calib_data, batch_size):
-            qmodel(x.to(device))
-            seen += len(x)
+        with full_precision():  # ranges from float32 activations, whatever the caller's TF32/autocast
+            for x in _batches(calib_data, batch_size):
+                qmodel(x.to(device))
+                seen += len(x)
     finally:
         for h in handles:
             h.remove()

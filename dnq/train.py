@@ -133,12 +133,12 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"swa_start is the fraction of training after which SWA averages, in (0, 1); got {cfg.swa_start}")
     if cfg.device not in ("auto", "cpu", "cuda") and not cfg.device.startswith("cuda:"):
         raise ConfigError(f"unknown device {cfg.device!r}; valid: auto, cpu, cuda, cuda:N")
-    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"--device {cfg.device} asked for, but CUDA is not available here; use --device cpu or auto")
     if cfg.device.startswith("cuda:") and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError(f"--device {cfg.device} under torchrun: every process takes the GPU of its LOCAL_RANK, so "
                           "a fixed cuda:N would put all ranks on one GPU; pass --device cuda (or auto) and choose "
                           "GPUs with CUDA_VISIBLE_DEVICES")
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {cfg.device} asked for, but CUDA is not available here; use --device cpu or auto")
     for key in ("amp", "channels_last", "compile"):
         if getattr(cfg, key) not in (None, True, False) or (key == "compile" and cfg.compile is None):
             raise ConfigError(f"{key} must be true or false{' (or null: on CUDA only)' if key != 'compile' else ''}, "

@@ -1,3 +1,4 @@
+import contextlib
 import json
 import os
 import signal
@@ -156,3 +157,54 @@ def test_ptq_cli_errors(tmp_path, capsys):
     assert "2..8" in capsys.readouterr().err
     assert main(["ptq", str(out), "--range", "kl"]) == 2
     assert "minmax" in capsys.readouterr().err
+
+
+def test_amp_and_channels_last_forced_on_the_cpu(tmp_path, capsys):
+    """``--amp --channels-last`` run the CUDA settings on the CPU; resuming with others is refused."""
+    out = tmp_path / "run"
+    assert main(["train", *FAST, "--method", "dnq", "--epochs", "2", "--amp", "--channels-last", "--out", str(out)]) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["amp"] is True and cfg["channels_last"] is True and cfg["resolved_device"] == "cpu"
+    res = json.loads((out / "result.json").read_text())
+    assert res["test_acc"] > 0.5  # 2 epochs of digits in bf16 still learn
+    assert main(["train", *FAST, "--method", "dnq", "--epochs", "3", "--no-amp", "--channels-last", "--out", str(out),
+                 "--resume"]) == 2
+    assert "amp=True/False" in capsys.readouterr().err
+    plain = tmp_path / "plain"
+    assert main(["train", *FAST, "--epochs", "1", "--out", str(plain)]) == 0
+    cfg = json.loads((plain / "config.json").read_text())
+    assert cfg["amp"] is False and cfg["channels_last"] is False  # the CPU default: off
+
+
+def test_torchrun_with_a_fixed_gpu_index_is_refused(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(train_mod.ConfigError, match="LOCAL_RANK"):
+        train_mod.validate(TrainConfig(device="cuda:1"))
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with pytest.raises(train_mod.ConfigError, match="CUDA is not available") if not torch.cuda.is_available() \
+            else contextlib.nullcontext():
+        train_mod.validate(TrainConfig(device="cuda:0"))
+
+
+def test_old_checkpoint_configs_resume_with_their_effective_settings():
+    old = {"amp": True, "device": "auto"}  # saved before channels_last existed: amp meant "bf16 on CUDA"
+    assert train_mod._upgrade_saved_config(old, cuda=False) == {**old, "amp": False, "channels_last": False}
+    assert train_mod._upgrade_saved_config(old, cuda=True) == {**old, "amp": True, "channels_last": True}
+
+
+@pytest.mark.slow
+def test_compiled_training_with_inductor(tmp_path):
+    """``--compile`` end to end with inductor on the CPU: one graph for the model and its noise
+    hooks, no graph break, and no recompile after the first epoch."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    out = tmp_path / "run"
+    res = train(TrainConfig(method="dnq", epochs=3, out=str(out), compile=True, amp=True, channels_last=True,
+                            lambda_warmup=3), quiet=True)  # lambda changes every epoch
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+    assert dict(counters["graph_break"]) == {} and not counters["recompiles"]
+    metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["lambda"] for m in metrics] == pytest.approx([1 / 3, 2 / 3, 1.0])
+    assert res["test_acc"] > 0.6 and metrics[-1]["train_loss"] < metrics[0]["train_loss"]
