@@ -304,7 +304,7 @@ class QuantNoise:
         self._plan = None
         self._step: dict[str, list] = {}  # this step's (uniform, noise) views per site and call
         self._calls: dict[str, int] = {}
-        self._u_tables: dict = {}
+        self._u_table: torch.Tensor | None = None
         self._n_tables: dict = {}
         self._ws: dict = {}
 
@@ -557,13 +557,17 @@ class QuantNoise:
         return {"sites": sites, "sizes": sizes, "device": x.device, "buffers": None, "key": None}
 
     def _draw_fresh(self, plan: dict) -> dict:
-        """One uniform and one normal draw per dtype (the sites' own: bf16 under autocast), the
-        normal one scaled per site with two ``_foreach`` ops; returns the step's views per site."""
+        """One float32 uniform draw, and one normal draw per dtype (the sites' own: bf16 under
+        autocast) scaled per site with two ``_foreach`` ops; returns the step's views per site."""
         if plan["buffers"] is None:
-            u = {dt: torch.empty(s, device=plan["device"], dtype=dt) for dt, s in plan["sizes"].items()}
+            u = torch.empty(sum(plan["sizes"].values()), device=plan["device"])
             n = {dt: torch.empty(s, device=plan["device"], dtype=dt) for dt, s in plan["sizes"].items()}
-            views = {name: [(u[dtype][off:off + k], n[dtype][off:off + k]) for shape, stride, dtype, k, off in calls]
-                     for name, calls in plan["sites"].items()}
+            views, u_off = {}, 0
+            for name, calls in plan["sites"].items():
+                views[name] = []
+                for shape, stride, dtype, k, off in calls:
+                    views[name].append((u[u_off:u_off + k], n[dtype][off:off + k]))
+                    u_off += k
             plan["buffers"] = (u, n, views)
         u, n, views = plan["buffers"]
         if plan["key"] != self._version:  # per-site scalars, as lists of Python numbers
@@ -577,8 +581,8 @@ class QuantNoise:
             plan["segs"], plan["key"] = segs, self._version
         g = self.act_generator
         with torch.no_grad():
+            u.uniform_(generator=g)
             for dt, buf in n.items():
-                _uniform_below_one(u[dt], g)
                 buf.normal_(generator=g)
                 nv, sd, mu = plan["segs"][dt]
                 torch._foreach_mul_(nv, sd)
@@ -587,16 +591,16 @@ class QuantNoise:
                 for name, calls in plan["sites"].items()}
 
     def _tables(self, name: str, dtype: torch.dtype, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """The epoch's uniform table of ``dtype`` (shared by the sites) and the site's scaled normal
-        table (each at least twice ``n``), drawn when missing, too small, or out of date."""
+        """The epoch's float32 uniform table (shared by the sites) and the site's scaled normal
+        table in ``dtype`` (each at least twice ``n``), drawn when missing, too small, or out of date."""
         g = self.act_generator
         if self._n_tables.get("version") != self._version:
             self._n_tables = {"version": self._version}
-            self._u_tables = {}
-        u = self._u_tables.get(dtype)
+            self._u_table = None
+        u = self._u_table
         if u is None or u.numel() < 2 * n or u.device != device:
             size = 2 * n if u is None else max(2 * n, u.numel())
-            u = self._u_tables[dtype] = _uniform_below_one(torch.empty(size, device=device, dtype=dtype), g)
+            u = self._u_table = torch.empty(size, device=device).uniform_(generator=g)
         t = self._n_tables.get((name, dtype))
         if t is None or t.numel() < 2 * n:
             mu, sd = self._coef(name)
@@ -629,7 +633,7 @@ class QuantNoise:
         if self._sampler(x.device) == "fresh":
             g = self.act_generator
             mu, sd = self._coef(name)
-            return (_uniform_below_one(torch.empty(x.numel(), device=x.device, dtype=x.dtype), g),
+            return (torch.empty(x.numel(), device=x.device).uniform_(generator=g),
                     torch.empty(x.numel(), device=x.device, dtype=x.dtype).normal_(mu, sd, generator=g))
         return self._table_views(name, x.dtype, x.numel(), x.device)
 
@@ -662,23 +666,14 @@ class QuantNoise:
             compiling = torch.compiler.is_compiling()
             with torch.no_grad():
                 ws = None if compiling else self._workspace(x).view(xp.shape).permute(_inverse(perm))
-                p = channel_salience_probs(x, cdim, self.temperature, self.rho, scratch=ws).to(x.dtype).permute(perm)
-                # a Bernoulli(p) mask in x's dtype: u ~ U[0, 1) is below p with probability p
+                p = channel_salience_probs(x, cdim, self.temperature, self.rho, scratch=ws).permute(perm)
+                # a Bernoulli(p) mask in x's dtype: u ~ U[0, 1) is below p with probability p (u and
+                # p in float32: exact probabilities, and the fast kernel on the CPU: a bf16 ``lt``
+                # took 5x longer there than float32 inputs with a bf16 result)
                 mask = (u < p).to(x.dtype) if compiling else torch.lt(u, p, out=ws.permute(perm))
             # x + M * lam * (mu + sigma * z), one pass over x
             return (torch.addcmul(xp, mask, n).permute(_inverse(perm)), *args[1:])
         return hook
-
-
-def _uniform_below_one(t: torch.Tensor, generator) -> torch.Tensor:
-    """``t`` filled in place with U[0, 1) numbers in its own dtype. In bf16/fp16, rounding can
-    make 1.0 of a float draw just below it; those (2^-9 of bf16 draws) become the largest value
-    below 1, so that ``u < p`` stays certain at ``p = 1``. Probabilities compared in bf16 are then
-    exact to about 2^-9."""
-    t.uniform_(generator=generator)
-    if t.dtype in (torch.bfloat16, torch.float16):
-        t.clamp_(max=1.0 - torch.finfo(t.dtype).eps / 2)
-    return t
 
 
 def _inverse(perm: tuple[int, ...]) -> tuple[int, ...]:

@@ -6,6 +6,7 @@ from .directions import (Direction, eigenvector_directions, interpolation_direct
                          random_directions)
 from .eigen import EigenResult, power_iteration, top_eigenvalues
 from .hessian import HessianOperator
+from .precision import full_precision
 from .surface import SurfaceResult, surface_1d, surface_2d
 from .trace import (BlockTraceResult, LossIncreasePrediction, TraceResult, block_traces, hessian_trace,
                     noise_weighted_trace, predicted_loss_increase)
@@ -16,4 +17,4 @@ __all__ = ["HessianOperator", "hessian_trace", "block_traces", "noise_weighted_t
            "top_eigenvalues", "power_iteration", "spectral_density",
            "random_directions", "interpolation_direction", "quantization_direction", "eigenvector_directions",
            "Direction", "surface_1d", "surface_2d", "SurfaceResult", "TraceResult", "BlockTraceResult",
-           "LossIncreasePrediction", "EigenResult", "DensityResult"]
+           "LossIncreasePrediction", "EigenResult", "DensityResult", "full_precision"]

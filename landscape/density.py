@@ -28,6 +28,7 @@ import torch
 
 from .hessian import HessianOperator
 from .lanczos import lanczos, tridiagonal
+from .precision import full_precision
 from .results import Result
 
 
@@ -66,6 +67,7 @@ def quadrature(alphas: torch.Tensor, betas: torch.Tensor) -> tuple[torch.Tensor,
     return theta, S[0].pow(2)
 
 
+@full_precision()
 def spectral_density(op: HessianOperator, num_runs: int = 4, lanczos_steps: int = 64, seed: int = 0, *,
                      grid_size: int = 1000, sigma: float | None = None) -> DensityResult:
     """Estimate the eigenvalue density of H.

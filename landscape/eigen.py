@@ -24,6 +24,7 @@ import torch
 
 from .hessian import HessianOperator
 from .lanczos import lanczos, tridiagonal
+from .precision import full_precision
 from .results import Result
 
 WHICH = ("LA", "SA", "LM")
@@ -63,6 +64,7 @@ def _order(theta: torch.Tensor, which: str) -> torch.Tensor:
     return torch.argsort(theta.abs(), descending=True)
 
 
+@full_precision()
 def top_eigenvalues(op: HessianOperator, k: int = 3, tol: float = 1e-4, seed: int = 0, *, which: str = "LA",
                     max_iter: int | None = None, check_every: int = 1) -> EigenResult:
     """The ``k`` extreme eigenpairs of H by Lanczos.
@@ -112,6 +114,7 @@ def top_eigenvalues(op: HessianOperator, k: int = 3, tol: float = 1e-4, seed: in
                        "lanczos", seed, time.perf_counter() - t0)
 
 
+@full_precision()
 def power_iteration(op: HessianOperator, k: int = 1, max_iter: int = 100, tol: float = 1e-3,
                     seed: int = 0) -> EigenResult:
     """Power iteration with deflation (as in PyHessian): for each eigenpair, iterate

@@ -24,6 +24,10 @@ The user's model is left as it was: parameters and buffers are read, never writt
 use ``torch.func.functional_call`` on detached copies), and the training flags of every module
 are restored after each pass.
 
+Products, quadratic forms and gradients run in full float32 precision whatever the process's
+TF32 and autocast settings (:func:`landscape.precision.full_precision`; the settings are
+restored after each call), and the method choice's timings synchronize the device.
+
 Example:
     >>> import torch, torch.nn as nn
     >>> from landscape import HessianOperator
@@ -39,7 +43,6 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
-import time
 from collections.abc import Callable, Iterable
 
 import torch
@@ -47,6 +50,9 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.func import functional_call, grad, jvp, vmap
 from tqdm.auto import tqdm
+
+from ._timing import best_of, timed
+from .precision import full_precision
 
 METHODS = ("auto", "fwd-rev", "rev-rev", "cached")
 QUADRATIC = ("auto", "taylor", "hvp")
@@ -287,7 +293,8 @@ class HessianOperator:
                 for w in widths:  # per-vector cost of single and blocked products
                     Vw = {n: v[:w] for n, v in V.items()}
                     # vmap traces on first use: that run is a warm-up; autograd products need none
-                    t = self._best_of(lambda: self._batch_product(m, x, y, Vw, frozen, graph), warmup=m == "fwd-rev") / w
+                    t = best_of(lambda: self._batch_product(m, x, y, Vw, frozen, graph), self.device,
+                                warmup=m == "fwd-rev") / w
                     self.timings[f"{m}@{w}"] = t
                     if t < best_t:
                         best, best_t = (m, w), t
@@ -304,17 +311,6 @@ class HessianOperator:
         self.method_errors.update(errors)
         _CHOICES[key] = (best, dict(self.timings), dict(errors))
 
-    @staticmethod
-    def _best_of(fn, repeat: int = 1, warmup: bool = True) -> float:
-        if warmup:
-            fn()
-        best = float("inf")
-        for _ in range(repeat):
-            t0 = time.perf_counter()
-            fn()
-            best = min(best, time.perf_counter() - t0)
-        return best
-
     def _graph_bytes(self, x, y, frozen) -> int:
         total = 0
 
@@ -328,6 +324,7 @@ class HessianOperator:
         return total
 
     # -- public products ---------------------------------------------------------------------
+    @full_precision()
     def matmat(self, V: torch.Tensor) -> torch.Tensor:
         """``H @ V`` for a (dim, k) block (or a (dim,) vector); counts ``k`` matvecs."""
         if V.dim() == 1:
@@ -380,6 +377,7 @@ class HessianOperator:
             raise ValueError("the data yielded no samples")
         return acc / n
 
+    @full_precision()
     def quadratic_forms(self, Z: torch.Tensor) -> torch.Tensor:
         """``z_i^T H z_i`` for each column of a (dim, k) block; counts ``k`` matvecs.
 
@@ -436,12 +434,10 @@ class HessianOperator:
                 self._taylor(x, y, V)  # warm-up
                 t_taylor, t_hvp = float("inf"), float("inf")
                 for _ in range(2):  # best of two: single timings of small batches are noisy
-                    t0 = time.perf_counter()
-                    q_t = self._taylor(x, y, V)
-                    t_taylor = min(t_taylor, time.perf_counter() - t0)
-                    t0 = time.perf_counter()
-                    HV = self._to_block(self._batch_product("rev-rev", x, y, V, frozen))
-                    t_hvp = min(t_hvp, time.perf_counter() - t0)
+                    q_t, t = timed(lambda: self._taylor(x, y, V), self.device)
+                    t_taylor = min(t_taylor, t)
+                    HV, t = timed(lambda: self._to_block(self._batch_product("rev-rev", x, y, V, frozen)), self.device)
+                    t_hvp = min(t_hvp, t)
                 q_h = (Z * HV).sum(0)
                 scale = Z.norm(dim=0) * HV.norm(dim=0)
                 bad = (q_t - q_h).abs() > 1e-4 * scale + 1e-12
@@ -463,6 +459,7 @@ class HessianOperator:
             self._taylor = TaylorQuadratic(self.model, self.loss_fn, self.names)
         self.quadratic = choice
 
+    @full_precision()
     def gradient(self) -> tuple[torch.Tensor, float]:
         """The flat gradient of the average loss and the average loss itself (eval mode)."""
         g_acc = torch.zeros(self.dim, dtype=self.dtype, device=self.device)

@@ -35,6 +35,9 @@ non-augmented training images, evaluated in eval mode):
 * ``surface``: a 2-D filter-normalized surface; ``slice``: the loss along ``Q(W) - W`` (alpha =
   1 is the weight-quantized model) at each bit-width.
 
+Every measurement runs in full float32 precision (:func:`landscape.precision.full_precision`:
+no TF32, no autocast), whatever the process's settings, which training keeps.
+
 Under ``torchrun``, training is data-parallel (``dnq train``) and the curvature products are
 sharded across ranks (:class:`landscape.HessianOperator`); rank 0 writes the records.
 """
@@ -61,6 +64,7 @@ from . import directions as _dirs
 from .density import spectral_density
 from .eigen import top_eigenvalues
 from .hessian import HessianOperator
+from .precision import full_precision
 from .surface import surface_1d, surface_2d
 from .trace import block_traces, hessian_trace, predicted_loss_increase
 
@@ -432,7 +436,8 @@ class Measure:
         if have is not None and have.get("key") == key:
             return
         t0 = time.perf_counter()
-        value = fn()
+        with full_precision():  # the user's TF32 / autocast settings stay for training, not for measurements
+            value = fn()
         self.rec["measurements"][name] = {"key": key, "value": value, "time_s": time.perf_counter() - t0,
                                           "at": time.strftime("%Y-%m-%dT%H:%M:%S")}
         self.s._save(self.rec)
@@ -498,6 +503,7 @@ class Measure:
                 layer.weight.copy_(quantize_weight(layer.weight.float(), b, "symmetric", "minmax").to(layer.weight))
         return q
 
+    @full_precision()
     def _loss(self, model: nn.Module) -> float:
         tot, n = 0.0, 0
         with torch.no_grad():

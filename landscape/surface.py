@@ -7,7 +7,9 @@ on a grid, over the whole data (sample-weighted). Two evaluation paths, chosen b
 surface, never per point) whose parameters are overwritten point by point. On a 2-core CPU
 the second is 2-4x faster for small CNNs (vmap turns convolutions into slower grouped ones and
 falls back to loops for some pooling ops); the first can pay on GPUs. The user's model itself is
-never written (it is in eval mode during the evaluation, every module's flag restored after). NaN or Inf losses stay NaN in the result. Under
+never written (it is in eval mode during the evaluation, every module's flag restored after).
+Evaluations run in full float32 precision (no TF32, no autocast:
+:func:`landscape.precision.full_precision`). NaN or Inf losses stay NaN in the result. Under
 ``torch.distributed`` the grid points are split across ranks (each rank evaluates its points on
 the data it is given: pass every rank the whole evaluation set) and gathered, so every rank
 returns the whole surface.
@@ -34,7 +36,9 @@ import torch.nn as nn
 from torch.func import functional_call, vmap
 from tqdm.auto import tqdm
 
+from ._timing import timed
 from .hessian import _as_batches, eval_mode
+from .precision import full_precision
 from .results import Result
 
 
@@ -176,14 +180,10 @@ class _Evaluator:
             return "copy", 1
         probe = coords[:1]
         self.run(probe, "copy", 1)
-        t0 = time.perf_counter()
-        self.run(probe, "copy", 1)
-        t_copy = time.perf_counter() - t0
+        t_copy = timed(lambda: self.run(probe, "copy", 1), self.dev)[1]
         try:
             eight = coords[:8].repeat(max(1, 8 // len(coords[:8])), 1)[:8]
-            t0 = time.perf_counter()
-            self.run(eight, "vmap", 8)
-            t_vmap = (time.perf_counter() - t0) / len(eight)
+            t_vmap = timed(lambda: self.run(eight, "vmap", 8), self.dev)[1] / len(eight)
         except (RuntimeError, NotImplementedError):
             return "copy", 1
         return ("vmap", 8) if t_vmap < t_copy else ("copy", 1)
@@ -195,12 +195,11 @@ def _faster_batching(model, loss_fn, data, merged, dirs, point) -> int:
     for batches in (data, merged):
         ev = _Evaluator(model, loss_fn, batches, dirs)
         ev.run(point, "copy", 1)  # warm-up (and the model copy)
-        t0 = time.perf_counter()
-        ev.run(point, "copy", 1)
-        times.append(time.perf_counter() - t0)
+        times.append(timed(lambda: ev.run(point, "copy", 1), ev.dev)[1])
     return 4096 if times[1] < times[0] else 0
 
 
+@full_precision()
 def _surface(model, loss_fn, data, dirs, grids, chunk, progress, max_batch):
     t0 = time.perf_counter()
     data = _as_batches(data)

@@ -48,6 +48,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import grad, jvp, vmap
 
+from .precision import full_precision
+
 
 @contextlib.contextmanager
 def quiet_forward_ad():
@@ -112,19 +114,33 @@ class TaylorQuadratic:
         loss_fn: ``F.cross_entropy``, ``F.mse_loss``, or an ``nn.CrossEntropyLoss`` /
             ``nn.MSELoss`` with mean reduction.
         names: the differentiated parameters (others are constants).
+        free: drop each value (an activation and its ``k`` tangents) right after its last use in
+            the graph, as an eager backward frees saved tensors: memory is held for the values
+            alive at one time, not for the whole graph. ``False`` keeps every value to the end of
+            the pass (for comparisons); results are identical either way.
+
+    Attributes:
+        peak_bytes: after a call, the largest activation of the batch (one primal; a tangent is
+            ``k`` times that).
+        peak_live_bytes: after a call, the most bytes the interpreter held at once: the storages of
+            every value it kept (primals and tangents, the input and parameters included), each
+            storage counted once.
 
     Raises:
         UnsupportedError: the model cannot be traced, or the loss is not one of the above.
         Operations without a rule raise it at the first call.
     """
 
-    def __init__(self, model: nn.Module, loss_fn: Callable, names):
+    def __init__(self, model: nn.Module, loss_fn: Callable, names, *, free: bool = True):
         self.loss_kind, self.smoothing, self.ignore_index = _loss_kind(loss_fn)
         try:
             self.gm = fx.symbolic_trace(model)
         except Exception as e:  # noqa: BLE001 - any tracing failure means "no Taylor mode"
             raise UnsupportedError(f"torch.fx cannot trace the model: {type(e).__name__}: {e}") from None
-        self.model, self.names = model, set(names)
+        self.model, self.names, self.free = model, set(names), free
+        self.peak_bytes = self.peak_live_bytes = 0
+        self._nodes = list(self.gm.graph.nodes)
+        self._dead_after = _last_uses(self._nodes)
         self.modules = dict(self.gm.named_modules())
         self.fused, self.folded = {}, set()  # layer -> the eval-mode BatchNorm that is its only user
         for node in self.gm.graph.nodes:
@@ -139,6 +155,7 @@ class TaylorQuadratic:
                 self.folded.add(user.target)
 
     # -- the interpreter ----------------------------------------------------------------------
+    @full_precision()
     def __call__(self, x, y, V: dict) -> torch.Tensor:
         with torch.no_grad(), quiet_forward_ad():
             return self._run(x, y, V)
@@ -146,25 +163,34 @@ class TaylorQuadratic:
     def _run(self, x, y, V: dict) -> torch.Tensor:
         """``(k,)`` quadratic forms of the batch's mean loss along the ``k`` directions in ``V``
         (a dict by parameter name of ``(k, *shape)`` tensors)."""
-        env: dict[str, tuple] = {}
+        env: dict[str, object] = {}
+        live = _LiveBytes()
         k = next(iter(V.values())).shape[0]
 
         def load(a):
             return fx.node.map_arg(a, lambda n: env[n.name])
 
         out, peak = None, 0
-        for node in self.gm.graph.nodes:
-            if node.op == "placeholder":
-                env[node.name] = (x, None, None)
-            elif node.op == "get_attr":
-                env[node.name] = self._attr(node.target, V)
-            elif node.op == "output":
+        for i, node in enumerate(self._nodes):
+            if node.op == "output":
                 out = load(node.args[0])
             else:
-                v = env[node.name] = self._node(node, load(node.args), load(node.kwargs), V)
-                if _is_triple(v):
-                    peak = max(peak, v[0].numel() * v[0].element_size())
+                if node.op == "placeholder":
+                    v = (x, None, None)
+                elif node.op == "get_attr":
+                    v = self._attr(node.target, V)
+                else:
+                    v = self._node(node, load(node.args), load(node.kwargs), V)
+                    if _is_triple(v):
+                        peak = max(peak, v[0].numel() * v[0].element_size())
+                env[node.name] = v
+                live.add(v)  # the node's inputs are still held: the peak is taken here
+            if self.free:
+                for name in self._dead_after[i]:
+                    live.remove(env.pop(name))
         self.peak_bytes = peak  # the largest activation of this batch: a tangent is k times that
+        self.peak_live_bytes = live.peak
+        del env, live
         if not (isinstance(out, tuple) and len(out) == 3 and isinstance(out[0], torch.Tensor)):
             raise UnsupportedError("the model must return one tensor")
         z0, z1, z2 = out
@@ -411,6 +437,65 @@ class TaylorQuadratic:
         if z2 is not None:
             q = q + 2 * r * z2
         return q.reshape(q.shape[0], -1).mean(-1)
+
+
+def _last_uses(nodes) -> list[list[str]]:
+    """For each node of a graph (in order), the values whose last use it is: they can be dropped
+    once it has run. A value nobody uses is dropped right after it is computed; the output node
+    holds nothing of its own."""
+    last: dict[str, int] = {}
+    for i, node in enumerate(nodes):
+        if node.op != "output":
+            last[node.name] = i
+        for inp in node.all_input_nodes:
+            last[inp.name] = i
+    dead: list[list[str]] = [[] for _ in nodes]
+    for name, i in last.items():
+        dead[i].append(name)
+    return dead
+
+
+def _tensors(v):
+    """The tensors inside an environment value (a triple, a constant, nested tuples)."""
+    if isinstance(v, torch.Tensor):
+        yield v
+    elif isinstance(v, _Const):
+        yield from _tensors(v.v)
+    elif isinstance(v, (tuple, list)):
+        for e in v:
+            yield from _tensors(e)
+    elif isinstance(v, dict):
+        for e in v.values():
+            yield from _tensors(e)
+
+
+class _LiveBytes:
+    """Bytes held by a set of values, each storage counted once however many views refer to it,
+    and the peak of that sum."""
+
+    def __init__(self):
+        self.refs: dict[int, list[int]] = {}  # storage address -> [bytes, references]
+        self.bytes = self.peak = 0
+
+    def add(self, v) -> None:
+        for t in _tensors(v):
+            st = t.untyped_storage()
+            ref = self.refs.get(st.data_ptr())
+            if ref is None:
+                self.refs[st.data_ptr()] = [st.nbytes(), 1]
+                self.bytes += st.nbytes()
+            else:
+                ref[1] += 1
+        self.peak = max(self.peak, self.bytes)
+
+    def remove(self, v) -> None:
+        for t in _tensors(v):
+            key = t.untyped_storage().data_ptr()
+            ref = self.refs[key]
+            ref[1] -= 1
+            if ref[1] == 0:
+                self.bytes -= ref[0]
+                del self.refs[key]
 
 
 def _is_triple(a) -> bool:

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .hessian import HessianOperator
+from .precision import full_precision
 from .results import Result
 
 TRACE_METHODS = ("hutchinson", "hutch++")
@@ -121,6 +122,7 @@ def _hutchinson(op: HessianOperator, num_matvecs: int, gen, block_size: int, tar
     return samples, used
 
 
+@full_precision()
 def hessian_trace(op: HessianOperator, num_matvecs: int = 64, method: str = "hutch++", seed: int = 0, *,
                   target_std_error: float | None = None, block_size: int = 16) -> TraceResult:
     """Estimate ``Tr(H)``.
@@ -170,6 +172,7 @@ def hessian_trace(op: HessianOperator, num_matvecs: int = 64, method: str = "hut
                        time.perf_counter() - t0)
 
 
+@full_precision()
 def block_traces(op: HessianOperator, num_matvecs: int = 64, seed: int = 0, *, group: str = "module",
                  block_size: int = 16) -> BlockTraceResult:
     """Traces of the diagonal blocks of H in one pass of Hutchinson probes.
@@ -236,6 +239,7 @@ def expand_to_params(op: HessianOperator, values, name: str = "variances") -> to
     return torch.cat(parts)
 
 
+@full_precision()
 def noise_weighted_trace(op: HessianOperator, variances, num_matvecs: int = 64, seed: int = 0, *,
                          target_std_error: float | None = None, block_size: int = 16) -> TraceResult:
     """Estimate ``Tr(H Sigma)`` for a diagonal covariance ``Sigma`` given per parameter.
@@ -258,6 +262,7 @@ def noise_weighted_trace(op: HessianOperator, variances, num_matvecs: int = 64, 
                        time.perf_counter() - t0)
 
 
+@full_precision()
 def predicted_loss_increase(op: HessianOperator, variances, mean=None, num_matvecs: int = 64, seed: int = 0,
                             block_size: int = 16) -> LossIncreasePrediction:
     """Second-order prediction of the expected loss increase under ``delta ~ (mu, Sigma)``.

@@ -29,10 +29,10 @@ def _epochs(run: Path) -> list[dict]:
     return [{k: json.loads(ln)[k] for k in ("epoch", "time_s", "images_per_s", "train_loss")} for ln in lines]
 
 
-def stages(out: Path) -> list[tuple[str, int, list[str], object]]:
+def stages(out: Path, runs: Path) -> list[tuple[str, int, list[str], object]]:
     """(name, timeout in seconds, command, reader of its figures) in the order they run."""
     def train(name, timeout, method, epochs, *extra):
-        run = out / name
+        run = runs / name
         cmd = [PY, "-m", "dnq", "train", "--data", DATA, "--model", "resnet20", "--method", method, "--epochs",
                str(epochs), "--batch-size", "512", "--lr", "0.2", "--out", str(run), "--overwrite", "--quiet", *extra]
         return name, timeout, cmd, lambda: {"epochs": _epochs(run)}
@@ -53,10 +53,10 @@ def stages(out: Path) -> list[tuple[str, int, list[str], object]]:
         train("train_dnq", 150, "dnq", 3),
         bench("bench_train", 240, "bench_train.py", "--suite", "issue8", "--models", "resnet20", "--batch-size", "512",
               "--rounds", "5"),
-        ("pytest_cuda", 300, [PY, "-m", "pytest", "-m", "cuda", "tests", "-q", "-rA", "-p", "no:cacheprovider",
-                              f"--junitxml={junit}"], lambda: _junit(junit)),
         bench("instruments", 150, "bench_instruments_cuda.py"),
         bench("taylor_memory", 120, "bench_taylor_memory.py"),
+        ("pytest_cuda", 300, [PY, "-m", "pytest", "-m", "cuda", "tests/test_cuda.py", "tests/test_landscape_cuda.py",
+                              "-q", "-rA", "-p", "no:cacheprovider", f"--junitxml={junit}"], lambda: _junit(junit)),
         train("train_dnq_compiled", 240, "dnq", 2, "--compile"),
     ]
 
@@ -87,6 +87,7 @@ def main(argv=None):
     p.add_argument("out", nargs="?", default=os.environ.get("OUT") or "runs/gpu_check")
     p.add_argument("--budget", type=float, default=540.0, help="seconds for all stages together")
     p.add_argument("--only", default="", help="comma-separated stage names (default: all)")
+    p.add_argument("--runs", default=None, help="folder of the training runs (default: OUT_DIR/runs)")
     a = p.parse_args(argv)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -96,7 +97,7 @@ def main(argv=None):
     only = {s for s in a.only.split(",") if s}
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
            "PYTHONUNBUFFERED": "1"}
-    for name, timeout, cmd, reader in stages(out):
+    for name, timeout, cmd, reader in stages(out, Path(a.runs) if a.runs else out / "runs"):
         if only and name not in only:
             continue
         left = a.budget - (time.monotonic() - t_start)

@@ -82,3 +82,53 @@ def test_a_tiny_study_and_report_run_on_cuda(tmp_path):
     run_cfg = json.loads((tmp_path / "s" / recs[0]["run_dir"] / "config.json").read_text())
     assert run_cfg["resolved_device"].startswith("cuda")
     assert build(tmp_path / "s", static=False).is_file()
+
+
+
+def test_products_stay_float32_exact_whatever_the_users_tf32_and_autocast_settings():
+    """Hopper's default TF32 convolutions (and TF32 matmuls or a bf16 autocast the user may have on)
+    would cost the products digits; the instruments turn them off for their own calls."""
+    from landscape.hessian import eval_mode
+    from landscape.precision import _restore, _snapshot
+
+    torch.manual_seed(0)
+    model = build_model("resnet20", 10, 3, 32).eval()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(64, 3, 32, 32, generator=g), torch.randint(0, 10, (64,), generator=g)
+    ref_op = landscape.HessianOperator(copy.deepcopy(model).double().cuda(), F.cross_entropy,
+                                       [(x.double().cuda(), y.cuda())], method="rev-rev", quadratic="hvp")
+    V = torch.randn(ref_op.dim, 4, dtype=torch.float64, generator=g).cuda()
+    ref = ref_op.matmat(V)  # float64: no TF32 anywhere
+    model, x, y, V32 = model.cuda(), x.cuda(), y.cuda(), V.float()
+    op = landscape.HessianOperator(model, F.cross_entropy, [(x, y)], method="rev-rev", quadratic="taylor")
+
+    def unprotected():  # the same product, outside the instruments' scope
+        with eval_mode(model):
+            return op._to_block(op._batch_product("rev-rev", x, y, op.unflatten(V32), op._frozen())).double()
+
+    state = _snapshot()
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False  # float32 as it should be, set here by hand
+        torch.backends.cudnn.allow_tf32 = False
+        base = unprotected()
+        torch.backends.cuda.matmul.allow_tf32 = True  # the user's settings
+        torch.backends.cudnn.allow_tf32 = True
+        torch.set_float32_matmul_precision("high")
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            hv = op.matmat(V32).double()
+            q = op.quadratic_forms(V32).double()
+            assert torch.is_autocast_enabled("cuda") and torch.backends.cudnn.allow_tf32
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.get_float32_matmul_precision() == "high"
+        tf32 = unprotected()
+    finally:
+        _restore(state)
+
+    def rel(a):
+        return float((a - ref).norm() / ref.norm())
+
+    q_ref = (V * ref).sum(0)
+    err_q = float(((q - q_ref).abs() / q_ref.abs()).max())
+    print(f"relative error vs float64: float32 by hand {rel(base):.2e}, instruments {rel(hv):.2e} "
+          f"(forms {err_q:.2e}), with TF32 {rel(tf32):.2e}")
+    assert rel(hv) <= 2 * rel(base) + 1e-7 and err_q < 1e-3
+    assert rel(tf32) > 10 * rel(base)  # TF32 really was on outside: the check above could fail
