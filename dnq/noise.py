@@ -207,26 +207,14 @@ def channel_salience_probs(x: torch.Tensor, channel_dim: int, temperature: float
                            scratch: torch.Tensor | None = None) -> torch.Tensor:
     """Per-sample, per-channel injection probabilities ``clip(softmax(I / T) * C * rho, 0, 1)``.
 
-    ``I_c = mean |x|`` over every dimension but the batch (0) and ``channel_dim``. The float32 result is shaped to broadcast against ``x`` (size 1
-    in the averaged dimensions). ``scratch`` (shaped, typed and laid out like ``x``) saves the
-    allocation of ``|x|``.
+    ``I_c = mean |x|`` over every dimension but the batch (0) and ``channel_dim``. The float32
+    result is shaped to broadcast against ``x`` (size 1 in the averaged dimensions). ``scratch``
+    (shaped, typed and laid out like ``x``) saves the allocation of ``|x|`` on the CPU.
     """
     cd = channel_dim % x.dim()
     if cd == 0:
         raise ValueError("the channel dimension cannot be the batch dimension")
-    reduce = [d for d in range(1, x.dim()) if d != cd]
-    a = torch.abs(x.detach(), out=scratch) if scratch is not None else x.detach().abs()
-    count = 1
-    for d in reduce:
-        count *= x.shape[d]
-    # (B, C): the sum in x's dtype (accumulated in float32 inside the kernel, rounded once):
-    # asking for a float32 result would first copy all of bf16 x to float32
-    sal = (a.sum(reduce) if reduce else a).float()
-    c = x.shape[cd]
-    p = (torch.softmax(sal * (1.0 / (count * temperature)), dim=1) * (c * rho)).clamp_(0.0, 1.0)
-    shape = [1] * x.dim()
-    shape[0], shape[cd] = x.shape[0], c
-    return p.view(shape)
+    return _injection_threshold(x, cd, temperature, rho, scratch).clamp_(0.0, 1.0)
 
 
 def _physical_order(x: torch.Tensor) -> tuple[int, ...] | None:
@@ -293,6 +281,7 @@ class QuantNoise:
         self.updates = 0
         self._lam = 0.0
         self._on = False
+        self._sites: frozenset = frozenset()  # the sites with activation statistics, for the hooks
         self._version = 0  # bumped whenever the statistics or lambda change
         self.act_generator: torch.Generator | None = None
         self._host_rng = random.Random(0)
@@ -320,6 +309,13 @@ class QuantNoise:
             self._lam = float(value)
             self._on = self.act and self._lam != 0  # a bool for the hooks: no per-value recompiles
             self._version += 1
+        self._refresh_sites()
+
+    def _refresh_sites(self) -> None:
+        """Replace :attr:`_sites` only when the set of sites changes (a new object would make
+        torch.compile re-check, or on some versions recompile, the hooks)."""
+        if self._sites != self.a_mean.keys():
+            self._sites = frozenset(self.a_mean)
 
     def _override(self) -> dict[str, int]:
         if self.first_last_bits is None or not self.order:
@@ -355,6 +351,7 @@ class QuantNoise:
         self.updates += 1
         self._broadcast()
         self._version += 1
+        self._refresh_sites()
 
     def _flat(self) -> torch.Tensor:
         dev = self.params[0].device
@@ -396,6 +393,7 @@ class QuantNoise:
         self.w_var = {k: v.to(dev) for k, v in state["w_var"].items()}
         self.a_mean, self.a_var = dict(state["a_mean"]), dict(state["a_var"])
         self._version += 1
+        self._refresh_sites()
 
     def summary(self) -> dict:
         """Per-layer noise statistics for the metrics log: weight error mean and std (averaged
@@ -494,6 +492,7 @@ class QuantNoise:
         self.act_generator = torch.Generator(device=dev).manual_seed(seed)
         self._host_rng = random.Random(seed)
         self._version += 1
+        self._refresh_sites()
 
     def _sampler(self, device: torch.device) -> str:
         if self.sampler == "auto":
@@ -518,6 +517,7 @@ class QuantNoise:
         """
         self._calls = {}
         self._step = {}
+        self._refresh_sites()
         if not self._active() or not self._hooks or self.act_generator is None:
             return
         dev = x.device.type
@@ -548,47 +548,44 @@ class QuantNoise:
         sites, sizes = {}, {}
         for name, calls in rec.items():
             sites[name] = []
-            for shape, stride, dtype in calls:
+            for shape, stride, dtype, perm in calls:
                 n = 1
                 for s in shape:
                     n *= s
-                sites[name].append((shape, stride, dtype, n, sizes.get(dtype, 0)))
+                phys = shape if perm is None else tuple(shape[d] for d in perm)
+                inv = None if perm is None else _inverse(perm)
+                sites[name].append(_Site(shape, stride, dtype, n, sizes.get(dtype, 0), perm, inv, phys))
                 sizes[dtype] = sizes.get(dtype, 0) + n
-        return {"sites": sites, "sizes": sizes, "device": x.device, "buffers": None, "key": None}
+        return {"sites": sites, "sizes": sizes, "device": x.device, "buffers": None}
 
     def _draw_fresh(self, plan: dict) -> dict:
-        """One float32 uniform draw, and one normal draw per dtype (the sites' own: bf16 under
-        autocast) scaled per site with two ``_foreach`` ops; returns the step's views per site."""
+        """One float32 uniform draw for all sites into a flat buffer, and each site's
+        ``N(lam * mu, (lam * sigma)^2)`` numbers written straight into its slice of a flat buffer
+        of its dtype (bf16 under autocast): one write per number, no separate scaling pass.
+        Returns the step's views per site, already shaped in the site's physical order (fixed
+        views of the plan's buffers)."""
         if plan["buffers"] is None:
             u = torch.empty(sum(plan["sizes"].values()), device=plan["device"])
-            n = {dt: torch.empty(s, device=plan["device"], dtype=dt) for dt, s in plan["sizes"].items()}
+            n = {dt: torch.empty(sz, device=plan["device"], dtype=dt) for dt, sz in plan["sizes"].items()}
             views, u_off = {}, 0
             for name, calls in plan["sites"].items():
                 views[name] = []
-                for shape, stride, dtype, k, off in calls:
-                    views[name].append((u[u_off:u_off + k], n[dtype][off:off + k]))
+                for site in calls:
+                    k, off = site.numel, site.offset
+                    views[name].append((u[u_off:u_off + k].view(site.phys), n[site.dtype][off:off + k].view(site.phys),
+                                        site))
                     u_off += k
-            plan["buffers"] = (u, n, views)
-        u, n, views = plan["buffers"]
-        if plan["key"] != self._version:  # per-site scalars, as lists of Python numbers
-            segs: dict = {dt: ([], [], []) for dt in n}
-            for name, calls in plan["sites"].items():
-                mu, sd = self._coef(name) if name in self.a_mean else (0.0, 0.0)
-                for (shape, stride, dtype, k, off), (_, nv) in zip(calls, views[name]):
-                    segs[dtype][0].append(nv)
-                    segs[dtype][1].append(sd)
-                    segs[dtype][2].append(mu)
-            plan["segs"], plan["key"] = segs, self._version
+            plan["buffers"] = (u, views)
+        u, views = plan["buffers"]
         g = self.act_generator
         with torch.no_grad():
             u.uniform_(generator=g)
-            for dt, buf in n.items():
-                buf.normal_(generator=g)
-                nv, sd, mu = plan["segs"][dt]
-                torch._foreach_mul_(nv, sd)
-                torch._foreach_add_(nv, mu)
-        return {name: [(uv, nv, calls[i][0], calls[i][1]) for i, (uv, nv) in enumerate(views[name])]
-                for name, calls in plan["sites"].items()}
+            for name, slots in views.items():
+                if name in self.a_mean:
+                    mu, sd = self._coef(name)
+                    for _, nv, _ in slots:
+                        nv.normal_(mu, sd, generator=g)
+        return views
 
     def _tables(self, name: str, dtype: torch.dtype, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         """The epoch's float32 uniform table (shared by the sites) and the site's scaled normal
@@ -614,28 +611,34 @@ class QuantNoise:
         return ut[o1:o1 + n], nt[o2:o2 + n]
 
     def _draw_table(self, plan: dict) -> dict:
-        return {name: [(*self._table_views(name, dtype, k, plan["device"]), shape, stride)
-                       for shape, stride, dtype, k, off in calls]
-                for name, calls in plan["sites"].items() if name in self.a_mean}
+        out = {}
+        for name, calls in plan["sites"].items():
+            if name in self.a_mean:
+                out[name] = [(u.view(site.phys), n.view(site.phys), site) for site in calls
+                             for u, n in [self._table_views(name, site.dtype, site.numel, plan["device"])]]
+        return out
 
-    def _sources(self, name: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _sources(self, name: str, x: torch.Tensor):
         """The uniform numbers and the noise ``lam * (mu + sigma * z)`` (``x``'s dtype) for this
-        call of a site, as flat tensors of ``x.numel()`` elements: this step's slices when
-        :meth:`begin_step` planned them, else drawn here (eagerly)."""
+        call of a site, shaped like ``x`` in its physical order, and the site's layout (a
+        :class:`_Site`): this step's views when :meth:`begin_step` planned them, else drawn here
+        (eagerly) for ``x`` as it comes."""
         i = self._calls.get(name, 0)
         self._calls[name] = i + 1
         slots = self._step.get(name)
         if slots is not None and i < len(slots):
-            u, n, shape, stride = slots[i]
-            if tuple(x.shape) == shape and x.stride() == stride and n.dtype == x.dtype:
-                return u, n
+            u, n, site = slots[i]
+            if site.shape == tuple(x.shape) and site.stride == x.stride() and site.dtype == x.dtype:
+                return u, n, site
         # unplanned: a forward pass outside the trainer, or a batch unlike the planned one
+        site = _Site.of(x)
         if self._sampler(x.device) == "fresh":
             g = self.act_generator
             mu, sd = self._coef(name)
-            return (torch.empty(x.numel(), device=x.device).uniform_(generator=g),
-                    torch.empty(x.numel(), device=x.device, dtype=x.dtype).normal_(mu, sd, generator=g))
-        return self._table_views(name, x.dtype, x.numel(), x.device)
+            u = torch.empty(site.phys, device=x.device).uniform_(generator=g)
+            return u, torch.empty(site.phys, device=x.device, dtype=x.dtype).normal_(mu, sd, generator=g), site
+        u, n = self._table_views(name, x.dtype, x.numel(), x.device)
+        return u.view(site.phys), n.view(site.phys), site
 
     def _workspace(self, x: torch.Tensor) -> torch.Tensor:
         """A flat scratch tensor of ``x``'s dtype and size, reused across layers and steps: fresh
@@ -652,28 +655,83 @@ class QuantNoise:
         def hook(mod, args):
             x = args[0]
             if self._recording is not None:  # a planning pass: record the site, add nothing
-                self._recording.setdefault(name, []).append((tuple(x.shape), x.stride(), x.dtype))
+                site = _Site.of(x)
+                self._recording.setdefault(name, []).append((site.shape, site.stride, site.dtype, site.perm))
                 return None
-            if not (mod.training and self._on) or name not in self.a_mean or x.dim() < 2:
+            # Python state read here is stable across epochs (bools and a frozenset, not the
+            # statistics dicts), so torch.compile's guards hold and nothing recompiles
+            if not (mod.training and self._on) or name not in self._sites or x.dim() < 2:
                 return None
-            u, n = self._sources(name, x)
-            # work on x's physical order (NHWC for channels_last): views, no copies
-            perm = _physical_order(x)
-            if perm is None:
-                perm, x = tuple(range(x.dim())), x.contiguous()
-            xp = x.permute(perm)
-            u, n = u.view(xp.shape), n.view(xp.shape)
+            u, n, site = self._sources(name, x)
+            if site.perm is None:  # not dense (e.g. a token slice h[:, 0]): work on a copy
+                x = x.contiguous()
+                site = _Site.of(x)
+            # work in x's physical order (NHWC for channels_last): views, no copies
+            xp = x.permute(site.perm)
+            cd = site.inv[cdim % x.dim()]
             compiling = torch.compiler.is_compiling()
             with torch.no_grad():
-                ws = None if compiling else self._workspace(x).view(xp.shape).permute(_inverse(perm))
-                p = channel_salience_probs(x, cdim, self.temperature, self.rho, scratch=ws).permute(perm)
-                # a Bernoulli(p) mask in x's dtype: u ~ U[0, 1) is below p with probability p (u and
-                # p in float32: exact probabilities, and the fast kernel on the CPU: a bf16 ``lt``
-                # took 5x longer there than float32 inputs with a bf16 result)
-                mask = (u < p).to(x.dtype) if compiling else torch.lt(u, p, out=ws.permute(perm))
+                ws = None if compiling else self._workspace(x).view(site.phys)
+                t = _injection_threshold(xp, cd, self.temperature, self.rho, scratch=ws)
+                # the Bernoulli mask in x's dtype: u ~ U[0, 1) falls below min(t, 1) with probability
+                # min(t, 1), and u < min(t, 1) iff u < t, so t needs no clipping. u and t in float32:
+                # exact probabilities, and the fast kernel on the CPU (a bf16 ``lt`` took 5x longer)
+                mask = (u < t).to(x.dtype) if compiling else torch.lt(u, t, out=ws)
             # x + M * lam * (mu + sigma * z), one pass over x
-            return (torch.addcmul(xp, mask, n).permute(_inverse(perm)), *args[1:])
+            return (torch.addcmul(xp, mask, n).permute(site.inv), *args[1:])
         return hook
+
+
+class _Site(tuple):
+    """A noise site's input layout: ``(shape, stride, dtype, numel, offset, perm, inv, phys)``,
+    with ``perm`` the order of dims that makes it contiguous (None if not dense), ``inv`` its
+    inverse and ``phys`` the shape in that order; ``offset`` places it in the plan's buffers."""
+
+    __slots__ = ()
+    shape = property(lambda self: self[0])
+    stride = property(lambda self: self[1])
+    dtype = property(lambda self: self[2])
+    numel = property(lambda self: self[3])
+    offset = property(lambda self: self[4])
+    perm = property(lambda self: self[5])
+    inv = property(lambda self: self[6])
+    phys = property(lambda self: self[7])
+
+    def __new__(cls, shape, stride, dtype, numel, offset, perm, inv, phys):
+        return super().__new__(cls, (shape, stride, dtype, numel, offset, perm, inv, phys))
+
+    @classmethod
+    def of(cls, x: torch.Tensor) -> "_Site":
+        perm = _physical_order(x)
+        shape = tuple(x.shape)
+        if perm is None or perm[0] != 0:  # not dense, or the batch not outermost: handled as a copy
+            return cls(shape, x.stride(), x.dtype, x.numel(), 0, None, None, shape)
+        return cls(shape, x.stride(), x.dtype, x.numel(), 0, perm, _inverse(perm), tuple(shape[d] for d in perm))
+
+
+def _injection_threshold(x: torch.Tensor, cd: int, temperature: float, rho: float,
+                         scratch: torch.Tensor | None = None) -> torch.Tensor:
+    """``softmax(I / T) * C * rho`` (float32, unclipped), shaped to broadcast against ``x``, with
+    ``I`` the mean of ``|x|`` over every dim but 0 and ``cd``. On CUDA one fused reduction
+    (``vector_norm``); on the CPU, where that kernel is several times slower, ``|x|`` into
+    ``scratch`` and a sum (accumulated in float32 inside the kernel: asking for a float32 result
+    would first copy a bf16 ``x`` to float32)."""
+    reduce = [d for d in range(1, x.dim()) if d != cd]
+    count = 1
+    for d in reduce:
+        count *= x.shape[d]
+    x = x.detach()
+    if not reduce:
+        sal = x
+    elif x.device.type != "cpu":
+        sal = torch.linalg.vector_norm(x, 1, dim=reduce, dtype=torch.float32)
+    else:
+        sal = (torch.abs(x, out=scratch) if scratch is not None else x.abs()).sum(reduce)
+    c = x.shape[cd]
+    t = torch.softmax(sal * (1.0 / (count * temperature)), dim=1, dtype=torch.float32) * (c * rho)  # (B, C)
+    shape = [1] * x.dim()
+    shape[0], shape[cd] = x.shape[0], c
+    return t.view(shape)
 
 
 def _inverse(perm: tuple[int, ...]) -> tuple[int, ...]:
