@@ -1,8 +1,10 @@
 """Step time of training methods as ratios to a baseline, on the same model and batch, in one run.
 
 Setups (a method under given settings) are measured round-robin (one short burst each, in a
-shuffled order, repeated; the first step of each burst is not timed), so a noisy machine slows
-all of them alike; the figure of merit is median(step time) / median(step time of the baseline).
+shuffled order, repeated; the first step after a switch is not timed, and a burst is timed
+whole, between two device synchronizations, as the trainer runs steps), so a noisy machine slows
+all of them alike; the figure of merit is median(mean step time of a burst) / the same for the
+baseline.
 
     python benchmarks/bench_train.py                          # every method vs sgd: cnn-digits and resnet20
     python benchmarks/bench_train.py --suite issue8           # the targets of issue 8 (see below)
@@ -81,12 +83,15 @@ def bench(model_name: str, batch: int, device: torch.device, rounds: int, steps:
         rng.shuffle(order)  # no setup always runs first after a switch
         for label in order:
             step(label)  # the first step after a switch is not timed
+            # a burst of steps between two synchronizations, as the trainer runs them: on a GPU
+            # the host queues step k+1 while step k runs (a sync per step would charge every
+            # kernel launch to the step time)
+            _sync(device)
+            t0 = time.perf_counter()
             for _ in range(steps):
-                _sync(device)
-                t0 = time.perf_counter()
                 step(label)
-                _sync(device)
-                times[label].append(time.perf_counter() - t0)
+            _sync(device)
+            times[label].append((time.perf_counter() - t0) / steps)
     med = {n: statistics.median(t) for n, t in times.items()}
     return {"model": model_name, "batch": batch, "device": str(device), "baseline": baseline,
             "setups": {n: {"method": m, "amp": a, "channels_last": c_, "compile": cp} for n, (m, a, c_, cp) in setups.items()},
