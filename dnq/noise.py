@@ -49,6 +49,7 @@ from __future__ import annotations
 import contextlib
 import random
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -614,8 +615,10 @@ class QuantNoise:
         out = {}
         for name, calls in plan["sites"].items():
             if name in self.a_mean:
-                out[name] = [(u.view(site.phys), n.view(site.phys), site) for site in calls
-                             for u, n in [self._table_views(name, site.dtype, site.numel, plan["device"])]]
+                out[name] = []
+                for site in calls:
+                    u, n = self._table_views(name, site.dtype, site.numel, plan["device"])
+                    out[name].append((u.view(site.phys), n.view(site.phys), site))
         return out
 
     def _sources(self, name: str, x: torch.Tensor):
@@ -688,23 +691,19 @@ class QuantNoise:
         return hook
 
 
-class _Site(tuple):
-    """A noise site's input layout: ``(shape, stride, dtype, numel, offset, perm, inv, phys)``,
-    with ``perm`` the order of dims that makes it contiguous (None if not dense), ``inv`` its
-    inverse and ``phys`` the shape in that order; ``offset`` places it in the plan's buffers."""
+class _Site(NamedTuple):
+    """A noise site's input layout. ``perm`` is the order of dims that makes it contiguous (None
+    if not dense), ``inv`` its inverse and ``phys`` the shape in that order; ``offset`` places
+    the site in the plan's buffers of its dtype."""
 
-    __slots__ = ()
-    shape = property(lambda self: self[0])
-    stride = property(lambda self: self[1])
-    dtype = property(lambda self: self[2])
-    numel = property(lambda self: self[3])
-    offset = property(lambda self: self[4])
-    perm = property(lambda self: self[5])
-    inv = property(lambda self: self[6])
-    phys = property(lambda self: self[7])
-
-    def __new__(cls, shape, stride, dtype, numel, offset, perm, inv, phys):
-        return super().__new__(cls, (shape, stride, dtype, numel, offset, perm, inv, phys))
+    shape: tuple
+    stride: tuple
+    dtype: torch.dtype
+    numel: int
+    offset: int
+    perm: tuple | None
+    inv: tuple | None
+    phys: tuple
 
     @classmethod
     def of(cls, x: torch.Tensor) -> "_Site":
