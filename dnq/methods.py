@@ -169,7 +169,7 @@ class SAM(Method):
             e = torch._foreach_mul(grads, scale.to(grads[0].dtype))
         for p in params:
             p.grad = None
-        if self._clean is None or len(self._clean) != len(params):
+        if self._clean is None or [c.shape for c in self._clean] != [p.shape for p in params]:
             self._clean = [torch.empty_like(p, memory_format=torch.preserve_format) for p in params]
         with perturbed(params, e, 1.0, self._clean), self._bn.frozen():
             forward_backward(model, x, y, criterion, autocast)

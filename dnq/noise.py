@@ -500,9 +500,6 @@ class QuantNoise:
             return "fresh" if device.type == "cuda" else "table"
         return self.sampler
 
-    def _active(self) -> bool:
-        return self.act and self._lam != 0 and bool(self.a_mean)
-
     def _coef(self, name: str) -> tuple[float, float]:
         """``(lam * mu, lam * sigma)`` of a site."""
         return self._lam * self.a_mean[name], self._lam * self.a_var[name] ** 0.5
@@ -519,7 +516,7 @@ class QuantNoise:
         self._calls = {}
         self._step = {}
         self._refresh_sites()
-        if not self._active() or not self._hooks or self.act_generator is None:
+        if not (self._on and self._sites and self._hooks) or self.act_generator is None:
             return
         dev = x.device.type
         with autocast():

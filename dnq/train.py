@@ -139,10 +139,11 @@ def validate(cfg: TrainConfig) -> None:
                           "GPUs with CUDA_VISIBLE_DEVICES")
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"--device {cfg.device} asked for, but CUDA is not available here; use --device cpu or auto")
-    for key in ("amp", "channels_last", "compile"):
-        if getattr(cfg, key) not in (None, True, False) or (key == "compile" and cfg.compile is None):
-            raise ConfigError(f"{key} must be true or false{' (or null: on CUDA only)' if key != 'compile' else ''}, "
-                              f"got {getattr(cfg, key)!r}")
+    for key in ("amp", "channels_last"):
+        if getattr(cfg, key) not in (None, True, False):
+            raise ConfigError(f"{key} must be true, false or null (on CUDA only), got {getattr(cfg, key)!r}")
+    if not isinstance(cfg.compile, bool):
+        raise ConfigError(f"compile must be true or false, got {cfg.compile!r}")
 
 
 def resolve_precision(cfg: TrainConfig, device: torch.device) -> TrainConfig:
@@ -323,9 +324,11 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, qu
     validate(cfg)
     want = "cuda" if cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
     rank, world, local_rank, own_pg = init_distributed(want)
+    benchmark = torch.backends.cudnn.benchmark  # _train turns autotuning on for CUDA; the caller's is restored
     try:
         return _train(cfg, resume, overwrite, quiet, rank, world, local_rank)
     finally:
+        torch.backends.cudnn.benchmark = benchmark
         if own_pg:
             dist.destroy_process_group()
 
