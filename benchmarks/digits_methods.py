@@ -1,81 +1,198 @@
-"""FP and PTQ accuracy of every method on digits, over several seeds (mean and std).
+"""FP and PTQ accuracy of every training method on digits, over several seeds, compared fairly.
 
-Noise methods (dnq, dnq-w, dnq-a, gaussian) are trained once per target bit-width (their noise
-models that target's quantization error); sgd and sam are trained once and quantized at every
-setting. PTQ: symmetric per-channel weights, asymmetric per-tensor activations, first/last layer
-at 8 bits, BatchNorm folded, range method ``--range`` (default minmax).
+The rules (issue 9):
 
-    python benchmarks/digits_methods.py --seeds 0,1,2 --epochs 30 --out runs/digits_methods
+* every model gets the same BatchNorm rule (recomputed on the clean final weights over the
+  training loader, the trainer's default), the same PTQ (symmetric per-channel weights, asymmetric
+  per-tensor activations, min-max ranges, first/last layer at 8 bits, BatchNorm folded, 256
+  calibration images from the training split) in two variants, ``rtn`` and ``rtn+bn`` (BatchNorm
+  statistics re-estimated on the calibration images through the quantized model), the same data
+  splits (a fixed 20% validation split held out of training) and the same budget (epochs);
+* noise methods (``dnq``, ``dnq-w``, ``dnq-a``, ``gaussian``, ``gaussian-iso``) are trained once
+  per column's bit-width (their noise models that target's error); ``sgd`` and ``sam`` once;
+* strengths are chosen on validation, never on test: for each method, column and PTQ variant the
+  value of ``--dnq-lambdas`` / ``--gaussian-lambdas`` / ``--sam-rhos`` with the best mean
+  validation accuracy over seeds after that PTQ; the ablations run at lambda 1;
+* comparisons of ``dnq`` with ``sgd``, ``gaussian`` and ``sam`` are paired by seed (same data
+  order and initialization): mean difference of test accuracy, a 95% t-interval, a paired t-test,
+  and Holm-adjusted p-values over every comparison printed.
+
+    python benchmarks/digits_methods.py --seeds 0,1,2,3,4 --epochs 20 --out runs/digits_methods
+
+Rerunning reuses finished runs (``model.pt``) and their PTQ numbers (``ptq.json`` of this script).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import sys
+import time
 from pathlib import Path
 
+import numpy as np
 import torch
+from scipy import stats
 
 from dnq.data import BatchLoader, load_dataset
 from dnq.io import atomic_write_json
-from dnq.methods import METHODS
 from dnq.quant import parse_bits, quantize
 from dnq.train import TrainConfig, evaluate, load_model, train
+from landscape.precision import full_precision
+from landscape.regress import holm
 
-NOISE = ("dnq", "dnq-w", "dnq-a", "gaussian")
+NOISE = ("dnq", "dnq-w", "dnq-a", "gaussian", "gaussian-iso")
+VARIANTS = ("rtn", "rtn+bn")
+
+
+def _floats(s: str) -> list[float]:
+    return [float(v) for v in s.split(",") if v.strip()]
+
+
+def grid(method: str, a) -> list[tuple[str, float]]:
+    """The (setting name, value) pairs a method is trained with."""
+    if method == "dnq":
+        return [("lambda_max", v) for v in _floats(a.dnq_lambdas)]
+    if method == "gaussian":
+        return [("lambda_max", v) for v in _floats(a.gaussian_lambdas)]
+    if method == "sam":
+        return [("sam_rho", v) for v in _floats(a.sam_rhos)]
+    return [("lambda_max", 1.0)] if method in NOISE else [("none", 0.0)]
+
+
+def measure(run: Path, settings, calib_size: int = 256) -> dict:
+    """FP and PTQ (both variants) accuracy of a finished run, on validation and test; cached."""
+    cache = run / "bench_ptq.json"
+    if cache.is_file():
+        return json.loads(cache.read_text())
+    model, meta = load_model(run)
+    ds = load_dataset(meta["data"], val_size=meta["val_size"], val_seed=meta["val_seed"])
+    calib = ds.calibration_inputs(calib_size, 0)
+    loaders = {s: BatchLoader(ds, 1024, False, split=s) for s in ("val", "test")}
+
+    def acc(m):
+        return {s: evaluate(m, ld)[1] for s, ld in loaders.items()}
+
+    with full_precision():
+        out = {"fp": acc(model)}
+        for w, b in settings:
+            for v in VARIANTS:
+                q = quantize(model, w, b, calib, first_last_bits=8, bn_reestimate=v == "rtn+bn")
+                out[f"W{w}A{b}:{v}"] = acc(q)
+    atomic_write_json(cache, out)
+    return out
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--seeds", default="0,1,2,3,4")
+    p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--bits", default="W4A4,W3A3,W2A4")
-    p.add_argument("--methods", default=",".join(METHODS))
-    p.add_argument("--range", default="minmax")
+    p.add_argument("--methods", default="sgd,dnq,dnq-w,dnq-a,gaussian,gaussian-iso,sam")
+    p.add_argument("--dnq-lambdas", default="0.5,1,2")
+    p.add_argument("--gaussian-lambdas", default="0.5,1,2")
+    p.add_argument("--sam-rhos", default="0.02,0.05,0.1,0.3")
+    p.add_argument("--extra", default="", help="extra TrainConfig settings as JSON, e.g. '{\"lambda_warmup\": 0}'")
     p.add_argument("--out", default="runs/digits_methods")
     a = p.parse_args(argv)
     torch.set_num_threads(2)
     seeds = [int(s) for s in a.seeds.split(",")]
     settings = parse_bits(a.bits)
-    ds = load_dataset("digits")
-    test, calib = BatchLoader(ds, 1024, False), ds.calibration_inputs(256, 0)
-    rows = []
-    for method in a.methods.split(","):
-        targets = settings if method in NOISE else [settings[0]]
-        for seed in seeds:
-            for tw, ta in targets:
-                out = Path(a.out) / f"{method}-W{tw}A{ta}-s{seed}"
-                if not (out / "model.pt").is_file():
-                    train(TrainConfig(data="digits", model="cnn-digits", method=method, wbits=tw, abits=ta,
-                                      epochs=a.epochs, seed=seed, out=str(out)), quiet=True, overwrite=True)
-                model, _ = load_model(out)
-                fp_loss, fp_acc = evaluate(model, test)
-                for w, b in settings:
-                    q = quantize(model, w, b, calib, range_method=a.range)
-                    loss, acc = evaluate(q, test)
-                    rows.append({"method": method, "seed": seed, "target": f"W{tw}A{ta}", "bits": f"W{w}A{b}",
-                                 "fp_acc": fp_acc, "fp_loss": fp_loss, "acc": acc, "loss": loss})
-            print(f"{method} seed {seed} done", flush=True)
-    atomic_write_json(Path(a.out) / "results.json", rows)
+    names = [f"W{w}A{b}" for w, b in settings]
+    methods = a.methods.split(",")
+    extra = json.loads(a.extra) if a.extra else {}
+    out_root = Path(a.out)
+    res: dict = {}  # (method, key, value, target, seed) -> measurements
+    t0 = time.perf_counter()
+    for method in methods:
+        targets = names if method in NOISE else [names[0]]
+        for key, value in grid(method, a):
+            for target in targets:
+                (tw, ta), = parse_bits(target)
+                for seed in seeds:
+                    tag = "" if key == "none" else f"-{key.split('_')[0]}{value:g}"
+                    run = out_root / f"{method}{tag}-{target}-s{seed}"
+                    if not (run / "model.pt").is_file():
+                        kw = {} if key == "none" else {key: value}
+                        train(TrainConfig(data="digits", model="cnn-digits", method=method, wbits=tw, abits=ta,
+                                          epochs=a.epochs, seed=seed, out=str(run), **kw, **extra),
+                                          quiet=True, overwrite=True)
+                    res[(method, key, value, target, seed)] = measure(run, settings)
+            print(f"{method} {key}={value:g} done ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
 
-    def cell(vals):
+    def cells(method, key, value, column):
+        """Per-seed measurements of the model a column uses (noise methods: trained for the column)."""
+        target = column if method in NOISE else names[0]
+        return [res[(method, key, value, target, s)] for s in seeds]
+
+    # selection on validation: per method, column and variant
+    chosen = {}
+    for method in methods:
+        for column in names:
+            for v in VARIANTS:
+                best = max(grid(method, a), key=lambda kv: statistics.mean(
+                    r[f"{column}:{v}"]["val"] for r in cells(method, *kv, column)))
+                chosen[(method, column, v)] = best
+
+    def ms(vals):
         return f"{100 * statistics.mean(vals):.2f} ± {100 * statistics.stdev(vals) if len(vals) > 1 else 0:.2f}"
 
-    names = [f"W{w}A{b}" for w, b in settings]
-    print("\nmatched: noise methods trained for the column's bit-width (FP: the first target's model)")
-    print("| method | FP | " + " | ".join(names) + " |\n|---|---|" + "---|" * len(names))
-    for method in a.methods.split(","):
-        r = [x for x in rows if x["method"] == method]
-        first = names[0]
-        fp = [x["fp_acc"] for x in r if x["target"] == first and x["bits"] == first]
-        cols = [cell([x["acc"] for x in r if x["bits"] == n and (x["target"] == n or method not in NOISE)]) for n in names]
-        print(f"| {method} | {cell(fp)} | " + " | ".join(cols) + " |")
-    print(f"\none model per method trained for {names[0]}, quantized at every setting")
-    print("| method | FP | " + " | ".join(names) + " |\n|---|---|" + "---|" * len(names))
-    for method in a.methods.split(","):
-        r = [x for x in rows if x["method"] == method and x["target"] == names[0]]
-        fp = [x["fp_acc"] for x in r if x["bits"] == names[0]]
-        print(f"| {method} | {cell(fp)} | " + " | ".join(cell([x["acc"] for x in r if x["bits"] == n]) for n in names) + " |")
+    lines = [f"digits, cnn-digits, {a.epochs} epochs, seeds {a.seeds}; test accuracy (%) mean ± std over seeds; "
+             "strength chosen on validation per cell (in brackets)", ""]
+    for v in VARIANTS:
+        lines.append(f"PTQ variant {v}")
+        lines.append("| method | FP val | FP test | " + " | ".join(names) + " |")
+        lines.append("|---|---|---|" + "---|" * len(names))
+        for method in methods:
+            kv0 = chosen[(method, names[0], v)]
+            fp = cells(method, *kv0, names[0])
+            row = [method, ms([r["fp"]["val"] for r in fp]), ms([r["fp"]["test"] for r in fp])]
+            for column in names:
+                kv = chosen[(method, column, v)]
+                c = ms([r[f"{column}:{v}"]["test"] for r in cells(method, *kv, column)])
+                row.append(c + (f" [{kv[0].split('_')[0][:3]} {kv[1]:g}]" if kv[0] != "none" and len(grid(method, a)) > 1
+                                else ""))
+            lines.append("| " + " | ".join(row) + " |")
+        lines.append("")
+    # paired comparisons of dnq with each baseline
+    comps = []
+    for v in VARIANTS:
+        for column in names:
+            d_cells = cells("dnq", *chosen[("dnq", column, v)], column)
+            for base in ("sgd", "gaussian", "sam"):
+                if base not in methods or "dnq" not in methods:
+                    continue
+                b_cells = cells(base, *chosen[(base, column, v)], column)
+                diff = np.array([x[f"{column}:{v}"]["test"] - y[f"{column}:{v}"]["test"] for x, y in zip(d_cells, b_cells)])
+                n = len(diff)
+                mean = float(diff.mean())
+                se = float(diff.std(ddof=1) / np.sqrt(n)) if n > 1 else float("nan")
+                t = stats.t.ppf(0.975, n - 1) if n > 1 else float("nan")
+                p_val = float(stats.ttest_rel([x[f"{column}:{v}"]["test"] for x in d_cells],
+                                              [y[f"{column}:{v}"]["test"] for y in b_cells]).pvalue) if se > 0 else (
+                    1.0 if mean == 0 else 0.0)
+                comps.append({"variant": v, "bits": column, "baseline": base, "mean_diff": mean,
+                              "ci": (mean - t * se, mean + t * se), "p": p_val, "n": n})
+    if comps:
+        adj = holm([c["p"] for c in comps])
+        for c, q in zip(comps, adj):
+            c["p_holm"] = float(q)
+        lines.append(f"dnq minus baseline, test accuracy (points), paired by seed; 95% t-interval; paired t-test; "
+                     f"Holm over the {len(comps)} comparisons")
+        lines.append("| variant | bits | baseline | mean diff | 95% CI | p | p (Holm) |")
+        lines.append("|---|---|---|---|---|---|---|")
+        for c in comps:
+            lines.append(f"| {c['variant']} | {c['bits']} | {c['baseline']} | {100 * c['mean_diff']:+.2f} | "
+                         f"[{100 * c['ci'][0]:+.2f}, {100 * c['ci'][1]:+.2f}] | {c['p']:.3g} | {c['p_holm']:.3g} |")
+    text = "\n".join(lines)
+    print(text)
+    atomic_write_json(out_root / "results.json", {
+        "args": vars(a), "runs": [{"method": k[0], "setting": k[1], "value": k[2], "target": k[3], "seed": k[4], **r}
+                                  for k, r in res.items()],
+        "chosen": [{"method": k[0], "bits": k[1], "variant": k[2], "setting": kv[0], "value": kv[1]}
+                   for k, kv in chosen.items()],
+        "comparisons": comps, "table": text})
 
 
 if __name__ == "__main__":

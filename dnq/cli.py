@@ -17,12 +17,30 @@ def _opt_bits(s: str) -> int | None:
     return None if s.lower() in ("none", "same", "0") else int(s)
 
 
+def _val_size(s: str):
+    """``auto``, ``none``/``0``, a fraction (``0.2``) or a count (``5000``)."""
+    low = s.lower()
+    if low == "auto":
+        return "auto"
+    if low in ("none", "0"):
+        return 0
+    try:
+        return int(s)
+    except ValueError:
+        pass
+    try:
+        return float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--val-size takes auto, none, a fraction like 0.2 or a count like 5000; "
+                                         f"got {s!r}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     d = TrainConfig()
     p = argparse.ArgumentParser(prog="dnq", description="Quantization-ready training (DNQ) and simple PTQ.")
     sub = p.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", help="train a model with sgd, dnq, dnq-w, dnq-a, gaussian or sam",
+    t = sub.add_parser("train", help=f"train a model with {', '.join(METHODS)}",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     t.add_argument("--data", default=d.data, help=f"dataset: {', '.join(DATASET_NAMES)}")
     t.add_argument("--model", default=d.model, help=f"model: {', '.join(MODELS)}")
@@ -39,12 +57,16 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr-warmup-epochs", type=int, default=d.lr_warmup_epochs, help="linear LR warm-up before the cosine")
     t.add_argument("--lambda-max", type=float, default=d.lambda_max, help="noise strength after the ramp")
     t.add_argument("--lambda-start", type=int, default=d.lambda_start, help="epoch at which the noise starts")
-    t.add_argument("--lambda-warmup", type=int, default=d.lambda_warmup, help="epochs of the linear ramp to lambda-max")
+    t.add_argument("--lambda-warmup", type=int, default=d.lambda_warmup,
+                   help="epochs of the linear ramp to lambda-max (default: a quarter of the epochs; 0: no ramp)")
     t.add_argument("--ema-beta", type=float, default=d.ema_beta, help="EMA of the error statistics across epochs")
     t.add_argument("--temperature", type=float, default=d.temperature, help="salience softmax temperature T")
     t.add_argument("--act-rho", type=float, default=d.act_rho, help="activation-noise injection rate rho")
+    t.add_argument("--first-last-bits", type=_opt_bits, default=d.first_last_bits,
+                   help="bits the PTQ gives the first and last layer (as in dnq ptq); their noise statistics are "
+                        "taken at these bits ('none': like every other layer)")
     t.add_argument("--noise-first-last-bits", type=_opt_bits, default=d.noise_first_last_bits,
-                   help="bits of the first/last layer's noise statistics (default: the target bits)")
+                   help="override the bits of the first/last layer's noise statistics (default: --first-last-bits)")
     t.add_argument("--act-sampler", default=d.act_sampler, choices=("auto", "fresh", "table"),
                    help="activation-noise random numbers: fresh per call, or slices of a per-epoch table "
                         "(auto: table on CPU, fresh on CUDA)")
@@ -52,6 +74,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--sam-rho", type=float, default=d.sam_rho, help="SAM neighbourhood radius")
     t.add_argument("--swa-start", type=float, default=d.swa_start,
                    help="enable SWA over the last part of training, from this fraction of the epochs (e.g. 0.75)")
+    t.add_argument("--bn-recompute", action=argparse.BooleanOptionalAction, default=d.bn_recompute,
+                   help="recompute BatchNorm statistics on the clean final weights over one pass of the training "
+                        "loader (every method alike); --no-bn-recompute keeps those accumulated in training")
+    t.add_argument("--val-size", type=_val_size, default=d.val_size,
+                   help="validation images held out of training: auto (digits 20%%, else 10%% up to 5000), a "
+                        "fraction, a count, or none")
+    t.add_argument("--val-seed", type=int, default=d.val_seed, help="seed of the validation split (not the run seed)")
     t.add_argument("--seed", type=int, default=d.seed)
     t.add_argument("--data-root", default=d.data_root, help="folder of the torchvision datasets (default ./data)")
     t.add_argument("--download", action="store_true", help="allow downloading CIFAR into --data-root")
@@ -77,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bits of the first and last layer ('none' quantizes them like the rest)")
     q.add_argument("--calib-size", type=int, default=256, help="calibration training samples")
     q.add_argument("--no-fold-bn", dest="fold_bn", action="store_false", help="do not fold BatchNorm into convolutions")
+    q.add_argument("--bn-reestimate", action="store_true",
+                   help="also evaluate every setting with BatchNorm statistics re-estimated on the calibration images "
+                        "through the quantized model, then folded (variant rtn+bn, columns RANGE+bn)")
     q.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--data-root", default=None)
@@ -96,7 +128,12 @@ def main(argv: list[str] | None = None) -> int:
             from .ptq import format_table, run_ptq
 
             report = run_ptq(args.run, args.bits, args.ranges, args.weight_mode, args.first_last_bits, args.calib_size,
-                             args.fold_bn, args.device, args.seed, args.data_root, args.quiet)
+                             args.fold_bn, args.device, args.seed, args.data_root, args.quiet,
+                             bn_reestimate=args.bn_reestimate)
+            if report["fp"]["val_acc"] is not None:
+                print(f"validation accuracy ({report['data']['val_size']} images):")
+                print(format_table(report, "val_acc"))
+                print(f"test accuracy ({report['data']['test_size']} images):")
             print(format_table(report))
             print(f"wrote {args.run}/ptq.json")
     except (ConfigError, DataError, ValueError, FileNotFoundError) as e:

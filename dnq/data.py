@@ -15,6 +15,14 @@ Dataset specs (the ``--data`` flag):
 * ``synthetic:CLASSES[:N_TRAIN[:SIZE]]``: random uint8 images (3 x SIZE x SIZE, default 32) for
   throughput checks; labels are random, so accuracy is meaningless.
 
+**Validation split** (``val_size``): a stratified, seeded part of the training split held out of
+training (:meth:`Dataset.hold_out`): per-epoch metrics and every choice a study makes use it,
+the test split is for final numbers only. ``"auto"`` (:func:`resolve_val_size`) holds out 20%
+of digits and, elsewhere, 10% of the training images but at most 5,000 (5,000 of CIFAR's 50,000).
+The split depends only on ``val_seed`` (default 0), never on the training seed, so every method
+and seed is selected on the same images. Calibration images always come from what is left of
+the training split.
+
 Example:
     >>> from dnq.data import load_dataset
     >>> ds = load_dataset("digits")
@@ -31,6 +39,7 @@ import numpy as np
 import torch
 
 DIGITS_SPLIT_SEED = 0
+VAL_SPLIT_SEED = 0
 DATASET_NAMES = ("digits", "cifar10", "cifar100", "npz:PATH", "synthetic:CLASSES[:N_TRAIN[:SIZE]]")
 
 
@@ -46,6 +55,8 @@ class Dataset:
         name: the spec it was loaded from.
         x_train, x_test: ``uint8`` images of shape (N, C, H, W).
         y_train, y_test: ``int64`` labels.
+        x_val, y_val: the validation images and labels held out of the training split (empty
+            when there is none; see :meth:`hold_out`).
         num_classes: number of classes.
         mean, std: per-channel statistics of the training images, in [0, 1] units.
         augment: whether standard random-crop + flip augmentation applies (32x32 data).
@@ -62,7 +73,55 @@ class Dataset:
     std: tuple[float, ...]
     augment: bool
     max_value: float = 255.0
+    x_val: torch.Tensor | None = None
+    y_val: torch.Tensor | None = None
+    val_seed: int | None = None
     _consts: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self):
+        if self.x_val is None:
+            self.x_val = self.x_train[:0]
+            self.y_val = self.y_train[:0]
+
+    @property
+    def val_size(self) -> int:
+        return int(len(self.x_val))
+
+    def split(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(images, labels)`` of ``"train"``, ``"val"`` or ``"test"``."""
+        if name not in ("train", "val", "test"):
+            raise DataError(f"unknown split {name!r}; valid: train, val, test")
+        return getattr(self, f"x_{name}"), getattr(self, f"y_{name}")
+
+    def hold_out(self, val_size: int, seed: int = VAL_SPLIT_SEED) -> "Dataset":
+        """Move ``val_size`` training images into the validation split (returns self).
+
+        Stratified by label when every class has at least two images (scikit-learn's
+        ``train_test_split``), seeded by ``seed`` alone. The normalization statistics stay those
+        of the full training split, so a model's input pipeline does not depend on the split.
+        """
+        if self.val_size:
+            raise DataError("this dataset already has a validation split; load it again to split differently")
+        n = len(self.x_train)
+        if isinstance(val_size, bool) or not isinstance(val_size, int) or not 0 <= val_size < n:
+            raise DataError(f"validation size must be an integer in 0..{n - 1} (the {n} training images), "
+                            f"got {val_size!r}")
+        if val_size == 0:
+            return self
+        from sklearn.model_selection import train_test_split
+
+        y = self.y_train.cpu().numpy()
+        counts = np.bincount(y)
+        classes = int((counts > 0).sum())
+        stratify = y if counts[counts > 0].min() >= 2 and classes <= val_size <= n - classes else None
+        idx_tr, idx_val = train_test_split(np.arange(n), test_size=val_size, random_state=seed, stratify=stratify)
+        idx_tr, idx_val = np.sort(idx_tr), np.sort(idx_val)
+        dev = self.x_train.device
+        t_tr, t_val = torch.from_numpy(idx_tr).to(dev), torch.from_numpy(idx_val).to(dev)
+        self.x_val, self.y_val = self.x_train[t_val], self.y_train[t_val]
+        self.x_train, self.y_train = self.x_train[t_tr], self.y_train[t_tr]
+        self.val_seed = seed
+        return self
 
     @property
     def in_channels(self) -> int:
@@ -74,7 +133,7 @@ class Dataset:
 
     def to(self, device) -> "Dataset":
         """Move the image and label tensors to ``device`` (returns self)."""
-        for k in ("x_train", "y_train", "x_test", "y_test"):
+        for k in ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test"):
             setattr(self, k, getattr(self, k).to(device))
         return self
 
@@ -185,13 +244,38 @@ def _load_synthetic(arg: str):
     return xtr, xte, rng.integers(0, classes, n_train), rng.integers(0, classes, n_test), classes
 
 
-def load_dataset(spec: str, data_root: str | None = None, download: bool = False) -> Dataset:
+def resolve_val_size(val_size, spec: str, n_train: int) -> int:
+    """The number of validation images ``val_size`` asks for, out of ``n_train`` training images.
+
+    ``"auto"``: 20% for digits, else 10% capped at 5,000; a float in (0, 1): that fraction
+    (rounded); an int: that count; ``0`` or ``None``: no validation split.
+    """
+    if val_size is None:
+        return 0
+    if val_size == "auto":
+        return round(0.2 * n_train) if spec == "digits" else min(5000, round(0.1 * n_train))
+    if isinstance(val_size, bool) or not isinstance(val_size, (int, float)):
+        raise DataError(f"val_size must be 'auto', a fraction in (0, 1) or a count of images, got {val_size!r}")
+    if isinstance(val_size, float):
+        if not 0 <= val_size < 1:
+            raise DataError(f"a fractional val_size must be in [0, 1), got {val_size}; give a count as an integer")
+        return round(val_size * n_train)
+    if not 0 <= val_size < n_train:
+        raise DataError(f"val_size {val_size} must be in 0..{n_train - 1} (the training split has {n_train} images)")
+    return val_size
+
+
+def load_dataset(spec: str, data_root: str | None = None, download: bool = False, *, val_size=0,
+                 val_seed: int = VAL_SPLIT_SEED) -> Dataset:
     """Load a dataset from its spec (see the module docstring).
 
     Args:
         spec: ``digits``, ``cifar10``, ``cifar100``, ``npz:PATH`` or ``synthetic:CLASSES[:N[:SIZE]]``.
         data_root: folder of the torchvision datasets (default ``./data``).
         download: allow torchvision to download CIFAR into ``data_root``.
+        val_size: images held out of the training split for validation (see
+            :func:`resolve_val_size`; default 0: none).
+        val_seed: seed of the validation split.
 
     Raises:
         DataError: unknown spec, missing files, or malformed arrays; the message names the fix.
@@ -216,8 +300,9 @@ def load_dataset(spec: str, data_root: str | None = None, download: bool = False
     if int(min(y_train.min(), y_test.min())) < 0:
         raise DataError(f"{spec}: labels must be 0..K-1, found a negative label")
     mean, std = _channel_stats(x_train, max_value)
-    return Dataset(spec, x_train, y_train, x_test, y_test, num_classes, mean, std,
-                   augment=x_train.shape[-1] == 32 and x_train.shape[-2] == 32, max_value=max_value)
+    ds = Dataset(spec, x_train, y_train, x_test, y_test, num_classes, mean, std,
+                 augment=x_train.shape[-1] == 32 and x_train.shape[-2] == 32, max_value=max_value)
+    return ds.hold_out(resolve_val_size(val_size, spec, len(x_train)), val_seed)
 
 
 def random_crop_flip(x: torch.Tensor, generator: torch.Generator, padding: int = 4) -> torch.Tensor:
@@ -259,10 +344,13 @@ class BatchLoader:
         seed: base seed of the shuffling and augmentation.
         rank, world_size: this process's shard.
         dtype, channels_last: layout of the normalized float batches.
+        augment: override the dataset's augmentation flag (training batches only).
+        split: the split to read when ``train`` is False: ``"test"`` (default) or ``"val"``.
     """
 
     def __init__(self, ds: Dataset, batch_size: int, train: bool, seed: int = 0, rank: int = 0,
-                 world_size: int = 1, dtype=torch.float32, channels_last: bool = False, augment: bool | None = None):
+                 world_size: int = 1, dtype=torch.float32, channels_last: bool = False, augment: bool | None = None,
+                 split: str | None = None):
         if batch_size < 1:
             raise DataError(f"batch size must be >= 1, got {batch_size}")
         if batch_size % world_size:
@@ -271,8 +359,12 @@ class BatchLoader:
         self.ds, self.batch_size, self.train, self.seed = ds, batch_size, train, seed
         self.rank, self.world_size, self.dtype, self.channels_last = rank, world_size, dtype, channels_last
         self.augment = ds.augment if augment is None else augment
-        self.x = ds.x_train if train else ds.x_test
-        self.y = ds.y_train if train else ds.y_test
+        if split is None:
+            split = "train" if train else "test"
+        if train and split != "train":
+            raise DataError(f"a training loader reads the train split, not {split!r}")
+        self.split = split
+        self.x, self.y = ds.split(split)
         self.epoch = 0
         if train and len(self.x) < batch_size:
             raise DataError(f"batch size {batch_size} is larger than the {len(self.x)} training samples")

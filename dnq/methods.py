@@ -1,13 +1,23 @@
 """Training methods as small strategy objects sharing one trainer.
 
 A method decides what happens in one optimization step (between ``zero_grad`` and
-``optimizer.step``) and at the start of an epoch; the trainer owns everything else.
+``optimizer.step``), at the start of an epoch and at the end of training
+(:meth:`Method.on_train_end`: the model is clean and free of hooks afterwards); the trainer owns
+everything else, including the BatchNorm rule that treats every method alike
+(:mod:`dnq.batchnorm`).
 
 * ``sgd``: plain forward/backward (the baseline).
 * ``dnq``: differential weight noise + salience-masked activation noise (:mod:`dnq.noise`).
 * ``dnq-w`` / ``dnq-a``: weight noise only / activation noise only.
-* ``gaussian``: ablation; the same weight noise added for good at every step, so it
-  accumulates (not differential).
+* ``gaussian``: the plain-noise baseline: fresh zero-mean Gaussian weight noise with the same
+  per-channel variance as DNQ's measured weight error, drawn every step, applied for the
+  gradient and removed before the update (differential, like DNQ), no mean, no activation noise.
+  What DNQ adds on top of it is the error's mean, its structure, and the activation noise.
+* ``gaussian-iso``: the same with one variance per layer (the mean of its channels' variances).
+* ``gaussian-walk``: ablation that diverges: DNQ's weight noise (mean and variance) added to the
+  weights for good at every step, so it accumulates into a random walk that feeds back into the
+  next epoch's statistics (on digits it collapses as the learning rate decays). Kept only to show
+  why the noise must be removed before the update; not a baseline.
 * ``sam``: Sharpness-Aware Minimization (Foret et al., ICLR 2021): the gradient is taken at
   ``W + rho * g / ||g||`` and applied to ``W``. The second pass does not update BatchNorm
   running statistics.
@@ -22,7 +32,8 @@ import torch.nn as nn
 
 from .noise import QuantNoise, perturbed
 
-METHODS = ("sgd", "dnq", "dnq-w", "dnq-a", "gaussian", "sam")
+METHODS = ("sgd", "dnq", "dnq-w", "dnq-a", "gaussian", "gaussian-iso", "gaussian-walk", "sam")
+NOISE_METHODS = ("dnq", "dnq-w", "dnq-a", "gaussian", "gaussian-iso", "gaussian-walk")
 
 
 def upcast(t: torch.Tensor) -> torch.Tensor:
@@ -59,6 +70,9 @@ class Method:
     def epoch_metrics(self) -> dict:
         return {}
 
+    def on_train_end(self) -> None:
+        """Called once after the last epoch: leave :attr:`model` clean (no noise, no hooks)."""
+
     def state_dict(self) -> dict:
         return {}
 
@@ -73,10 +87,11 @@ class NoiseMethod(Method):
 
     def __init__(self, name: str, wbits: int, abits: int, weight: bool, act: bool, differential: bool = True,
                  ema_beta: float = 0.9, temperature: float = 1.0, rho: float = 0.5, first_last_bits: int | None = None,
-                 sampler: str = "auto"):
+                 sampler: str = "auto", weight_form: str = "error"):
         self.name, self.wbits, self.abits = name, wbits, abits
         self.weight, self.act, self.differential = weight, act, differential
-        self.kw = dict(beta=ema_beta, temperature=temperature, rho=rho, first_last_bits=first_last_bits, sampler=sampler)
+        self.kw = dict(beta=ema_beta, temperature=temperature, rho=rho, first_last_bits=first_last_bits, sampler=sampler,
+                       weight_form=weight_form)
 
     def setup(self, model, calib_x, device, seed, rank):
         super().setup(model, calib_x, device, seed, rank)
@@ -108,6 +123,10 @@ class NoiseMethod(Method):
 
     def epoch_metrics(self):
         return {"noise": self.noise.summary()}
+
+    def on_train_end(self):
+        self.noise.act_lambda = 0.0
+        self.noise.detach()
 
     def state_dict(self):
         return {"noise": self.noise.state_dict()}
@@ -194,6 +213,10 @@ def make_method(name: str, wbits: int = 4, abits: int = 4, sam_rho: float = 0.05
     if name == "dnq-a":
         return NoiseMethod(name, wbits, abits, weight=False, act=True, **kw)
     if name == "gaussian":
+        return NoiseMethod(name, wbits, abits, weight=True, act=False, weight_form="centered", **kw)
+    if name == "gaussian-iso":
+        return NoiseMethod(name, wbits, abits, weight=True, act=False, weight_form="isotropic", **kw)
+    if name == "gaussian-walk":
         return NoiseMethod(name, wbits, abits, weight=True, act=False, differential=False, **kw)
     if name == "sam":
         return SAM(sam_rho)

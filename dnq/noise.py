@@ -56,10 +56,15 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from landscape.precision import full_precision
-from .quant import act_qparams, check_bits, fake_quantize, quant_layers, quantize_weight
+from .quant import act_qparams, check_bits, fake_quantize, layer_bits, quant_layers, weight_error
 
 
 SAMPLERS = ("auto", "fresh", "table")
+# How the weight noise is drawn from the measured error statistics (mu_c, sigma_c^2) of a layer:
+# "error": N(mu_c, sigma_c^2) per output channel c (DNQ); "centered": N(0, sigma_c^2) (the fair
+# Gaussian baseline: the same per-channel variance, no mean); "isotropic": N(0, mean_c sigma_c^2),
+# one variance per layer.
+WEIGHT_NOISE_FORMS = ("error", "centered", "isotropic")
 
 
 @contextlib.contextmanager
@@ -136,9 +141,8 @@ def weight_error_stats(model: nn.Module, bits: int, bits_override: dict[str, int
     out = {}
     with torch.no_grad():
         for name, layer in quant_layers(model):
-            w = layer.weight.detach().float()
             b = (bits_override or {}).get(name, bits)
-            err = (quantize_weight(w, b, "symmetric", "minmax") - w).reshape(w.shape[0], -1)
+            err = weight_error(layer.weight, b).reshape(layer.weight.shape[0], -1)
             out[name] = (err.mean(dim=1), err.var(dim=1, unbiased=False))
     return out
 
@@ -237,8 +241,10 @@ class QuantNoise:
         beta: EMA factor across epochs (new = beta * old + (1 - beta) * measured; the first
             measurement is taken as is).
         temperature, rho: salience softmax temperature ``T`` and injection rate ``rho``.
-        first_last_bits: if set, the first and last layers use these bits for their statistics
-            (to match a PTQ that keeps them at 8 bits); default: every layer at the target bits.
+        first_last_bits: if set, the first and last layers (execution order,
+            :func:`dnq.quant.layer_bits`) use these bits for their statistics, to match a PTQ that
+            keeps them at these bits (the trainer passes 8, as ``dnq ptq`` does); ``None``:
+            every layer at the target bits.
         sampler: where the activation noise's uniform and normal numbers come from. ``"fresh"``
             draws them for every step (one draw per dtype into a flat buffer). ``"table"`` draws,
             once per epoch, a normal table per layer (twice the layer's input, already scaled by
@@ -248,6 +254,10 @@ class QuantNoise:
             the table (as in the shared noise table of Salimans et al. 2017). On the CPU
             random-number generation costs several times a convolution, so ``"auto"`` (default)
             uses ``"table"`` on the CPU, ``"fresh"`` on CUDA.
+        weight_form: how the weight noise follows the measured error (see
+            :data:`WEIGHT_NOISE_FORMS`): ``"error"`` (DNQ: per-channel mean and variance),
+            ``"centered"`` (zero mean, the same per-channel variance) or ``"isotropic"`` (zero
+            mean, the layer's average channel variance for every element).
 
     Per step, call :meth:`begin_step` with the batch before the forward pass (the trainer's
     methods do): it plans the noise sites for the batch's shape, dtype and layout once, and draws
@@ -257,8 +267,11 @@ class QuantNoise:
 
     def __init__(self, model: nn.Module, wbits: int, abits: int, weight: bool = True, act: bool = True,
                  beta: float = 0.9, temperature: float = 1.0, rho: float = 0.5, first_last_bits: int | None = None,
-                 sampler: str = "auto"):
+                 sampler: str = "auto", weight_form: str = "error"):
         check_bits(wbits, "weight bits")
+        if weight_form not in WEIGHT_NOISE_FORMS:
+            raise ValueError(f"unknown weight noise form {weight_form!r}; valid: {', '.join(WEIGHT_NOISE_FORMS)}")
+        self.weight_form = weight_form
         check_bits(abits, "activation bits")
         if not 0.0 <= beta < 1.0:
             raise ValueError(f"EMA beta must be in [0, 1), got {beta}")
@@ -319,9 +332,12 @@ class QuantNoise:
             self._sites = frozenset(self.a_mean)
 
     def _override(self) -> dict[str, int]:
+        """Bits of the first and last layers (execution order, as :func:`dnq.quant.layer_bits`
+        decides them for PTQ): ``first_last_bits`` for both weights and activations."""
         if self.first_last_bits is None or not self.order:
             return {}
-        return {self.order[0]: self.first_last_bits, self.order[-1]: self.first_last_bits}
+        bits = layer_bits(self.order, self.wbits, self.abits, self.first_last_bits)
+        return {n: wb for n, (wb, _) in bits.items() if n in (self.order[0], self.order[-1])}
 
     def update(self, calib_x: torch.Tensor, batch_size: int = 256) -> None:
         """Measure the current quantization errors on ``calib_x`` and fold them into the EMA.
@@ -409,6 +425,16 @@ class QuantNoise:
         return out
 
     # -- weight noise ------------------------------------------------------------------------
+    def weight_noise_moments(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-output-channel mean and standard deviation of the weight noise ``delta`` of layer
+        ``name`` (at ``lambda = 1``), as :attr:`weight_form` derives them from the statistics."""
+        mean, var = self.w_mean[name], self.w_var[name]
+        if self.weight_form == "error":
+            return mean, var.sqrt()
+        if self.weight_form == "centered":
+            return torch.zeros_like(mean), var.sqrt()
+        return torch.zeros_like(mean), var.mean().sqrt().expand_as(var)
+
     def _weight_buffers(self, lam: float) -> dict:
         """Flat buffers laid out like the weights: per-element ``lam * mu`` and ``lam * sigma``
         (refreshed when the statistics or ``lam`` change) and the noise itself."""
@@ -430,8 +456,9 @@ class QuantNoise:
             with torch.no_grad():
                 for (n, _), p, mu, sd in zip(self.layers, self.params, buf["mu_views"], buf["sd_views"]):
                     shape = (-1,) + (1,) * (p.dim() - 1)
-                    mu.copy_((lam * self.w_mean[n]).view(shape).expand_as(p))
-                    sd.copy_((lam * self.w_var[n].sqrt()).view(shape).expand_as(p))
+                    m, s = self.weight_noise_moments(n)
+                    mu.copy_((lam * m).view(shape).expand_as(p))
+                    sd.copy_((lam * s).reshape(shape).expand_as(p))
             buf["key"] = (self._version, lam)
         return buf
 
@@ -465,7 +492,7 @@ class QuantNoise:
 
     @torch.no_grad()
     def add_weight_noise_(self, lam: float, generator: torch.Generator | None = None) -> None:
-        """Add ``lam * delta`` to the weights for good (the non-differential ``gaussian`` ablation)."""
+        """Add ``lam * delta`` to the weights for good (the accumulating ``gaussian-walk`` ablation)."""
         if lam != 0:
             torch._foreach_add_(self.params, self._draw_weight_noise(lam, generator))
 

@@ -1,9 +1,23 @@
 """``dnq ptq``: quantize a trained run at several bit-widths and range methods, write ``ptq.json``.
 
+Every (bits, range method) setting is evaluated with the ``"rtn"`` variant and, with
+``bn_reestimate=True`` (``--bn-reestimate``), also with ``"rtn+bn"``: the same quantizers with the
+BatchNorm statistics re-estimated on the calibration images through the quantized model (see
+:func:`dnq.quant.quantize`). Calibration images come from the training split, never from the
+validation split the run held out (its ``model.pt`` metadata ``val_size`` / ``val_seed``; runs
+written before these keys existed have none). Accuracy and loss are reported on the validation
+split (when there is one) and on the test split.
+
 Example:
-    >>> from dnq.ptq import run_ptq
-    >>> report = run_ptq("runs/example", bits="W8A8,W4A4", ranges="minmax")   # doctest: +SKIP
-    >>> report["results"][0]["test_acc"]                                      # doctest: +SKIP
+    >>> from dnq.ptq import format_table, run_ptq
+    >>> report = run_ptq("runs/example", bits="W8A8,W2A4", ranges="minmax", bn_reestimate=True)  # doctest: +SKIP
+    >>> [(r["bits"], r["variant"]) for r in report["results"]]                                  # doctest: +SKIP
+    [('W8A8', 'rtn'), ('W8A8', 'rtn+bn'), ('W2A4', 'rtn'), ('W2A4', 'rtn+bn')]
+    >>> print(format_table(report))   # a cnn-digits trained 30 epochs with sgd        # doctest: +SKIP
+    setting       minmax   minmax+bn
+    FP            99.44%      99.44%
+    W8A8          99.44%      99.72%
+    W2A4          22.50%      89.72%
 """
 
 from __future__ import annotations
@@ -18,10 +32,14 @@ from landscape.precision import full_precision
 
 from .data import BatchLoader, load_dataset
 from .io import atomic_write_json
-from .quant import RANGE_METHODS, WEIGHT_MODES, parse_bits, quantize
+from .quant import PTQ_VARIANTS, RANGE_METHODS, WEIGHT_MODES, check_bits, parse_bits, ptq_variant, quantize
 from .train import evaluate, load_model
 
 DEFAULT_BITS = "W8A8,W6A6,W4A4,W3A3,W2A4"
+METRICS = ("test_acc", "val_acc", "test_loss", "val_loss")
+
+# the column suffix of each variant in format_table
+_SUFFIX = dict(zip(PTQ_VARIANTS, ("", "+bn"), strict=True))
 
 
 def parse_ranges(spec: str) -> list[str]:
@@ -32,54 +50,154 @@ def parse_ranges(spec: str) -> list[str]:
     return ranges
 
 
+def _describe_variants(fold_bn: bool, calib: str) -> dict:
+    folded = "folded into the preceding convolution" if fold_bn else "not folded (float BatchNorm)"
+    return {"rtn": f"round-to-nearest weights and activations; BatchNorm with the trained running statistics, {folded}",
+            "rtn+bn": f"rtn with every BatchNorm's running statistics re-estimated on the {calib} through the "
+                      f"quantized model (quantized weights and activations, BatchNorm in train mode, momentum None, "
+                      f"activation ranges as in rtn), then {folded}; BatchNorm not after a convolution stays a float "
+                      f"BatchNorm with the re-estimated statistics"}
+
+
 def run_ptq(run_dir, bits: str = DEFAULT_BITS, ranges: str = ",".join(RANGE_METHODS), weight_mode: str = "symmetric",
             first_last_bits: int | None = 8, calib_size: int = 256, fold_bn: bool = True, device: str = "auto",
-            seed: int = 0, data_root: str | None = None, quiet: bool = False, write: bool = True) -> dict:
-    """Quantize the final model of ``run_dir`` for every (bits, range method) and evaluate it.
+            seed: int = 0, data_root: str | None = None, quiet: bool = False, write: bool = True,
+            bn_reestimate: bool = False) -> dict:
+    """Quantize the final model of ``run_dir`` for every (bits, range method[, variant]) and evaluate it.
 
-    The calibration set is ``calib_size`` non-augmented training images (seeded choice); the
-    evaluation is on the test split. Writes ``run_dir/ptq.json`` (atomically) unless ``write`` is
-    False, and returns the same dictionary.
+    Args:
+        run_dir: a run folder written by ``dnq train`` (with ``model.pt``).
+        bits: comma-separated ``WxAy`` settings (see :func:`dnq.quant.parse_bits`).
+        ranges: comma-separated range methods (``minmax``, ``percentile``, ``mse``), used for
+            weights and activations alike.
+        weight_mode: ``"symmetric"`` or ``"asymmetric"`` per-output-channel weight quantizer.
+        first_last_bits: bits of the first and last layer (``None``: like the rest).
+        calib_size: number of calibration images: non-augmented images of the training split
+            (the validation images excluded), a seeded choice.
+        fold_bn: fold BatchNorm into the preceding convolution.
+        device: ``"auto"`` (CUDA when present), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+        seed: seed of the calibration choice and of the activation subsampling.
+        data_root: folder of the torchvision datasets.
+        quiet: no progress bar.
+        write: write ``run_dir/ptq.json`` (atomically).
+        bn_reestimate: also evaluate every setting with the ``"rtn+bn"`` variant.
+
+    Returns:
+        The report (also written to ``ptq.json``): ``fp`` (``val_acc``, ``val_loss``,
+        ``test_acc``, ``test_loss``; the ``val_*`` are None without a validation split),
+        ``data`` (split sizes), ``settings`` (everything that defines the quantizers and the
+        calibration) and ``results``, one row per (bits, range, variant) with ``variant``,
+        ``val_acc``, ``val_loss``, ``test_acc``, ``test_loss``, ``acc_drop`` and ``loss_increase``
+        (test split, against FP), ``bn_reestimated`` (number of re-estimated BatchNorm layers)
+        and ``time_s``.
+
+    Raises:
+        ValueError: a bad setting (the message names the valid values).
+        FileNotFoundError: no ``model.pt`` in ``run_dir``.
     """
     settings = parse_bits(bits)
     range_list = parse_ranges(ranges)
     if weight_mode not in WEIGHT_MODES:
         raise ValueError(f"unknown weight mode {weight_mode!r}; valid: {', '.join(WEIGHT_MODES)}")
+    if first_last_bits is not None:
+        check_bits(first_last_bits, "first/last layer bits")
+    if isinstance(calib_size, bool) or not isinstance(calib_size, int) or calib_size < 1:
+        raise ValueError(f"calib_size must be a positive integer (number of calibration images), got {calib_size!r}")
+    variants = PTQ_VARIANTS if ptq_variant(bn_reestimate) == "rtn+bn" else PTQ_VARIANTS[:1]
     run_dir = Path(run_dir)
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
     model, meta = load_model(run_dir, dev)
-    ds = load_dataset(meta["data"], data_root).to(dev)
+    val_size, val_seed = int(meta.get("val_size") or 0), int(meta.get("val_seed") or 0)
+    ds = load_dataset(meta["data"], data_root, val_size=val_size, val_seed=val_seed).to(dev)
     test = BatchLoader(ds, 1024, False)
+    val = BatchLoader(ds, 1024, False, split="val") if ds.val_size else None
     calib = ds.calibration_inputs(calib_size, seed)
+    calib_from = f"training split ({len(ds.x_train)} images; the {ds.val_size} validation images excluded)"
+
+    def scores(m) -> dict:
+        vl, va = evaluate(m, val) if val is not None else (None, None)
+        tl, ta = evaluate(m, test)
+        return {"val_acc": va, "val_loss": vl, "test_acc": ta, "test_loss": tl}
+
     results = []
-    jobs = [(w, a, r) for (w, a) in settings for r in range_list]
+    jobs = [(w, a, r, v) for (w, a) in settings for r in range_list for v in variants]
     with full_precision():  # float32 as written: no TF32 on the GPU, no autocast from the caller
-        fp_loss, fp_acc = evaluate(model, test)
-        for w, a, r in tqdm(jobs, desc="ptq", disable=quiet, leave=False):
+        fp = scores(model)
+        for w, a, r, v in tqdm(jobs, desc="ptq", disable=quiet, leave=False):
             t0 = time.perf_counter()
             qmodel = quantize(model, w, a, calib, weight_mode=weight_mode, range_method=r,
-                              first_last_bits=first_last_bits, fold_bn=fold_bn, seed=seed)
-            loss, acc = evaluate(qmodel, test)
-            results.append({"bits": f"W{w}A{a}", "wbits": w, "abits": a, "range": r, "test_acc": acc,
-                            "test_loss": loss, "acc_drop": fp_acc - acc, "loss_increase": loss - fp_loss,
-                            "time_s": time.perf_counter() - t0})
-    report = {"run": str(run_dir), "fp": {"test_acc": fp_acc, "test_loss": fp_loss},
-              "settings": {"weight_mode": weight_mode, "first_last_bits": first_last_bits, "calib_size": calib_size,
-                           "fold_bn": fold_bn, "seed": seed, "activations": "asymmetric per tensor",
-                           "weights": f"{weight_mode} per output channel"},
-              "results": results}
+                              first_last_bits=first_last_bits, fold_bn=fold_bn, seed=seed,
+                              bn_reestimate=v == "rtn+bn")
+            s = scores(qmodel)
+            results.append({"bits": f"W{w}A{a}", "wbits": w, "abits": a, "range": r, "variant": qmodel.ptq_variant,
+                            **s, "acc_drop": fp["test_acc"] - s["test_acc"],
+                            "loss_increase": s["test_loss"] - fp["test_loss"],
+                            "bn_reestimated": len(qmodel.ptq_bn_reestimated), "time_s": time.perf_counter() - t0})
+    flb = ("same as the other layers" if first_last_bits is None
+           else f"{first_last_bits} bits (weights and input activations)")
+    report = {
+        "run": str(run_dir),
+        "fp": fp,
+        "data": {"dataset": meta["data"], "train_size": len(ds.x_train), "val_size": ds.val_size, "val_seed": val_seed,
+                 "test_size": len(ds.x_test), "calibration": "train"},
+        "settings": {
+            "bits": [f"W{w}A{a}" for w, a in settings],
+            "weights": f"{weight_mode} uniform, per output channel, W bits of each setting "
+                       + ("(narrow signed grid, zero point 0)" if weight_mode == "symmetric"
+                          else "(zero point per channel)"),
+            "weight_mode": weight_mode,
+            "weight_granularity": "per output channel",
+            "activations": "asymmetric uniform, per tensor, at the input of every Conv/Linear layer, "
+                           "A bits of each setting",
+            "ranges": range_list,
+            "range_method": "applies to weights (per channel) and activations (per tensor, on the float model)",
+            "first_last_bits": first_last_bits,
+            "first_last": f"first and last Conv/Linear layer in execution order: {flb}",
+            "calib_size": len(calib),
+            "calib_size_requested": calib_size,
+            "calib_split": calib_from,
+            "calib_seed": seed,
+            "fold_bn": fold_bn,
+            "bn_reestimate": bn_reestimate,
+            "variants": {v: _describe_variants(fold_bn, f"{len(calib)} calibration images")[v] for v in variants},
+            "seed": seed,
+            "eval_splits": ["val", "test"] if val is not None else ["test"],
+        },
+        "results": results,
+    }
     if write:
         atomic_write_json(run_dir / "ptq.json", report)
     return report
 
 
-def format_table(report: dict) -> str:
-    """A plain-text table of a ptq report: one row per bit setting, one column per range method."""
-    ranges = list(dict.fromkeys(r["range"] for r in report["results"]))
+def _column(r: dict) -> str:
+    return r["range"] + _SUFFIX[r.get("variant", "rtn")]  # rows of older ptq.json files have no variant: rtn
+
+
+def format_table(report: dict, metric: str = "test_acc") -> str:
+    """A plain-text table of a ptq report: one row per bit setting, one column per range method
+    and variant (``minmax`` for ``"rtn"``, ``minmax+bn`` for ``"rtn+bn"``; never two variants in
+    one column).
+
+    Args:
+        report: a dictionary from :func:`run_ptq` (or a loaded ``ptq.json``).
+        metric: ``"test_acc"`` (default), ``"val_acc"`` (percentages), ``"test_loss"`` or
+            ``"val_loss"``; a missing value prints as ``n/a``.
+    """
+    if metric not in METRICS:
+        raise ValueError(f"unknown metric {metric!r}; valid: {', '.join(METRICS)}")
+    cols = list(dict.fromkeys(_column(r) for r in report["results"]))
     bits = list(dict.fromkeys(r["bits"] for r in report["results"]))
-    acc = {(r["bits"], r["range"]): r["test_acc"] for r in report["results"]}
-    lines = [f"{'setting':<8}" + "".join(f"{r:>12}" for r in ranges),
-             f"{'FP':<8}" + "".join(f"{100 * report['fp']['test_acc']:>11.2f}%" for _ in ranges)]
+    val = {(r["bits"], _column(r)): r.get(metric) for r in report["results"]}
+    width = max([12] + [len(c) + 2 for c in cols])
+
+    def cell(v) -> str:
+        if v is None:
+            return f"{'n/a':>{width}}"
+        return f"{100 * v:>{width - 1}.2f}%" if metric.endswith("_acc") else f"{v:>{width}.4f}"
+
+    lines = [f"{'setting':<8}" + "".join(f"{c:>{width}}" for c in cols),
+             f"{'FP':<8}" + "".join(cell(report["fp"].get(metric)) for _ in cols)]
     for b in bits:
-        lines.append(f"{b:<8}" + "".join(f"{100 * acc[(b, r)]:>11.2f}%" for r in ranges))
+        lines.append(f"{b:<8}" + "".join(cell(val.get((b, c))) for c in cols))
     return "\n".join(lines)

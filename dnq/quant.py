@@ -6,6 +6,12 @@ Clipping ranges come from min-max, a percentile, or an MSE search, calibrated on
 calibration set. BatchNorm is folded into the preceding convolution before the weights are
 quantized, and the first and last layers stay at 8 bits by default.
 
+Two variants (:data:`PTQ_VARIANTS`): ``"rtn"``, round-to-nearest quantization as above, and
+``"rtn+bn"`` (``quantize(..., bn_reestimate=True)``), the same quantizers followed by a standard
+calibration-only step: every BatchNorm's running statistics are re-estimated on the calibration
+images through the quantized model (:func:`reestimate_bn`), then folded. The two differ only in
+the BatchNorm statistics (see :func:`quantize`).
+
 Why our own: ``torch.ao.quantization`` is deprecated, and torchao / quanto cannot simulate
 2-4-bit activations on convolutions. Fake quantization (quantize then dequantize in float)
 gives the accuracy of integer inference with the same rounding and clipping.
@@ -18,6 +24,8 @@ Example:
     >>> qmodel = quantize(model, wbits=4, abits=4, calib_data=torch.randn(64, 1, 8, 8))
     >>> qmodel is model
     False
+    >>> quantize(model, 2, 4, torch.randn(64, 1, 8, 8), bn_reestimate=True).ptq_variant
+    'rtn+bn'
 """
 
 from __future__ import annotations
@@ -37,6 +45,9 @@ RANGE_METHODS = ("minmax", "percentile", "mse")
 WEIGHT_MODES = ("symmetric", "asymmetric")
 MIN_BITS, MAX_BITS = 2, 8
 QUANT_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+PTQ_VARIANTS = ("rtn", "rtn+bn")
+"""``"rtn"``: round-to-nearest PTQ with the trained BatchNorm statistics; ``"rtn+bn"``: the same
+with the BatchNorm statistics re-estimated through the quantized model (``bn_reestimate=True``)."""
 _MSE_GRID = torch.linspace(0.2, 1.0, 81)
 
 
@@ -45,6 +56,13 @@ def check_bits(bits: int, what: str = "bits") -> int:
     if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
         raise ValueError(f"{what} must be an integer in {MIN_BITS}..{MAX_BITS}, got {bits!r}")
     return bits
+
+
+def ptq_variant(bn_reestimate: bool) -> str:
+    """The name in :data:`PTQ_VARIANTS` of a :func:`quantize` call with this ``bn_reestimate``."""
+    if not isinstance(bn_reestimate, bool):
+        raise ValueError(f"bn_reestimate must be True or False, got {bn_reestimate!r}")
+    return PTQ_VARIANTS[1] if bn_reestimate else PTQ_VARIANTS[0]
 
 
 def parse_bits(spec: str) -> list[tuple[int, int]]:
@@ -219,6 +237,53 @@ def quant_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, QUANT_LAYERS)]
 
 
+@torch.no_grad()
+def execution_order(model: nn.Module, example_input: torch.Tensor) -> list[str]:
+    """The Conv/Linear layers of ``model`` in the order one forward pass calls them.
+
+    This is the single definition of "first" and "last" layer used by :func:`quantize`, the DNQ
+    noise statistics (:mod:`dnq.noise`) and the study's weight-quantized models. The pass runs in
+    eval mode without gradients on a small slice of ``example_input``; the model's mode is
+    restored, and its weights and buffers are not changed (eval-mode BatchNorm does not update
+    its statistics).
+    """
+    mods = dict(quant_layers(model))
+    order: list[str] = []
+    handles = [m.register_forward_pre_hook(lambda mod, args, n=n: order.append(n) if n not in order else None)
+               for n, m in mods.items()]
+    was = model.training
+    try:
+        model.eval()
+        with full_precision():
+            model(example_input[:2])
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was)
+    return order
+
+
+def layer_bits(order: list[str], wbits: int, abits: int, first_last_bits: int | None = 8) -> dict[str, tuple[int, int]]:
+    """``{layer: (weight bits, activation bits)}`` for layers in execution ``order``: the first and
+    last get ``first_last_bits`` for both (unless it is ``None``), the rest ``(wbits, abits)``."""
+    check_bits(wbits, "weight bits")
+    check_bits(abits, "activation bits")
+    if first_last_bits is not None:
+        check_bits(first_last_bits, "first/last layer bits")
+    edge = {order[0], order[-1]} if first_last_bits is not None and order else set()
+    return {n: (first_last_bits, first_last_bits) if n in edge else (wbits, abits) for n in order}
+
+
+def weight_error(w: torch.Tensor, bits: int, mode: str = "symmetric", method: str = "minmax") -> torch.Tensor:
+    """The weight quantization error ``Q(W) - W`` of the per-output-channel quantizer of
+    :func:`quantize_weight`, computed in float32 (or float64 for a float64 ``w``) and returned in
+    that precision. This is the error DNQ models as noise and the study's ``noise`` measurement
+    takes the curvature along."""
+    wf = w.detach()
+    wf = wf if wf.dtype == torch.float64 else wf.float()
+    return quantize_weight(wf, bits, mode, method) - wf
+
+
 def _conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
     """(conv, bn) module names where the BN reads only the conv's output, found with torch.fx."""
     import torch.fx
@@ -236,29 +301,41 @@ def _conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
     return pairs
 
 
+def _foldable_pairs(model: nn.Module, stacklevel: int) -> list[tuple[str, str]] | None:
+    """:func:`_conv_bn_pairs`, or ``None`` with a warning where torch.fx cannot trace the model."""
+    try:
+        return _conv_bn_pairs(model)
+    except Exception as e:  # noqa: BLE001 - fx raises many types on untraceable code
+        warnings.warn(f"BatchNorm not folded: torch.fx could not trace the model ({type(e).__name__}: {e}); "
+                      "BatchNorm stays in floating point", stacklevel=stacklevel + 1)
+        return None
+
+
+@torch.no_grad()
+def _fold_pairs(model: nn.Module, pairs: list[tuple[str, str]]) -> None:
+    """Fold each (conv, bn) pair in place with the BN's running statistics; the BN becomes
+    ``nn.Identity``."""
+    for conv_name, bn_name in pairs:
+        conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
+        std = torch.sqrt(bn.running_var + bn.eps)
+        gamma = bn.weight if bn.affine else torch.ones_like(std)
+        beta = bn.bias if bn.affine else torch.zeros_like(std)
+        factor = gamma / std
+        bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+        conv.weight.mul_(_channel_view(factor, conv.weight))
+        conv.bias = nn.Parameter((bias - bn.running_mean) * factor + beta)
+        model.set_submodule(bn_name, nn.Identity())
+
+
 def fold_batchnorm(model: nn.Module) -> nn.Module:
     """Return a deep copy of ``model`` in eval mode with every BatchNorm that directly follows a
     convolution folded into that convolution (weight scaled, bias added) and replaced by
     ``nn.Identity``. The outputs in eval mode are unchanged up to rounding. Models that torch.fx
     cannot trace are copied unfolded, with a warning."""
     model = copy.deepcopy(model).eval()
-    try:
-        pairs = _conv_bn_pairs(model)
-    except Exception as e:  # noqa: BLE001 - fx raises many types on untraceable code
-        warnings.warn(f"BatchNorm not folded: torch.fx could not trace the model ({type(e).__name__}: {e}); "
-                      "BatchNorm stays in floating point", stacklevel=2)
-        return model
-    for conv_name, bn_name in pairs:
-        conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
-        with torch.no_grad():
-            std = torch.sqrt(bn.running_var + bn.eps)
-            gamma = bn.weight if bn.affine else torch.ones_like(std)
-            beta = bn.bias if bn.affine else torch.zeros_like(std)
-            factor = gamma / std
-            bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
-            conv.weight.mul_(_channel_view(factor, conv.weight))
-            conv.bias = nn.Parameter((bias - bn.running_mean) * factor + beta)
-        model.set_submodule(bn_name, nn.Identity())
+    pairs = _foldable_pairs(model, stacklevel=2)
+    if pairs is not None:
+        _fold_pairs(model, pairs)
     return model
 
 
@@ -270,30 +347,174 @@ def _batches(calib_data, batch_size: int) -> Iterable[torch.Tensor]:
             yield b
 
 
+_EMPTY_CALIB = "calib_data is empty; pass at least one calibration batch (e.g. Dataset.calibration_inputs(256))"
+
+
+def _check_batch_size(batch_size) -> int:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    return batch_size
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    for t in (*model.parameters(), *model.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+@torch.no_grad()
+def reestimate_bn(model: nn.Module, calib_data, batch_size: int = 256) -> nn.Module:
+    """Re-estimate every BatchNorm's running statistics on ``calib_data``, in place.
+
+    The statistics are reset and recomputed by forward passes over all of ``calib_data`` with
+    ``momentum=None`` (PyTorch's cumulative average over the batches, as in
+    ``torch.optim.swa_utils.update_bn``), the BatchNorm layers in train mode and every other
+    module in eval mode (dropout off, quantizers as they are), without gradients and in full
+    float32 precision (:func:`landscape.precision.full_precision`): the rule the trainer uses
+    after training, :func:`dnq.batchnorm.recompute_bn`, which does the pass. With one batch (the default:
+    256 calibration images, ``batch_size`` 256) ``running_mean`` and ``running_var`` are the mean
+    and the unbiased variance over all calibration images (and spatial positions); with several
+    batches, the average over the batches of the per-batch mean and unbiased variance. During the
+    pass each BatchNorm normalizes with the statistics of the current batch, so a later layer
+    sees inputs normalized as they will be after the update. Afterwards the BatchNorm momenta and
+    every module's train/eval mode are restored; on an error the old statistics are put back.
+
+    Applied to a quantized model (``quantize(..., bn_reestimate=True)`` does this), it removes the
+    shift of the BatchNorm inputs that quantization causes: the practice of BatchNorm
+    re-estimation after quantization (Nagel et al., "Overcoming Oscillations in
+    Quantization-Aware Training", ICML 2022, which traces low-bit accuracy loss to wrongly
+    estimated BatchNorm statistics; AIMET's "BN re-estimation" re-estimates on a small subset of
+    the training data and then folds).
+
+    Args:
+        model: the model to update in place (the caller's own; copy it first to keep the original).
+        calib_data: a tensor of inputs (N, ...), or an iterable of input batches or
+            ``(inputs, targets)`` pairs; each batch is moved to the model's device.
+        batch_size: batch size when ``calib_data`` is a tensor.
+
+    Returns:
+        ``model`` itself. A model without BatchNorm (with running statistics) is returned
+        unchanged, without a pass.
+
+    Raises:
+        ValueError: empty ``calib_data``, a bad ``batch_size``, or a batch of one sample where a
+            BatchNorm sees a single value per channel (BatchNorm1d after a Linear layer).
+
+    Example:
+        >>> import copy, torch
+        >>> from dnq.models import build_model
+        >>> from dnq.quant import reestimate_bn
+        >>> model = build_model("cnn-digits", 10, 1, 8).eval()
+        >>> x = torch.randn(64, 1, 8, 8)
+        >>> updated = reestimate_bn(copy.deepcopy(model), x)
+        >>> torch.allclose(updated[1].running_mean, model[0](x).mean(dim=(0, 2, 3)), atol=1e-5)
+        True
+        >>> updated.training, int(updated[1].num_batches_tracked)
+        (False, 1)
+    """
+    from .batchnorm import batchnorm_layers, recompute_bn
+
+    _check_batch_size(batch_size)
+    if isinstance(calib_data, torch.Tensor) and len(calib_data) == 0:
+        raise ValueError(_EMPTY_CALIB)
+    bns = batchnorm_layers(model)
+    if not bns:
+        return model
+    saved = [(bn, bn.running_mean.clone(), bn.running_var.clone(), bn.num_batches_tracked.clone()) for bn in bns]
+    seen = 0
+
+    def batches():
+        nonlocal seen
+        for x in _batches(calib_data, batch_size):
+            seen += len(x)
+            yield x
+
+    try:
+        recompute_bn(model, batches(), _device_of(model))
+    except Exception as e:
+        for bn, mean, var, count in saved:  # never leave the statistics reset
+            bn.running_mean.copy_(mean)
+            bn.running_var.copy_(var)
+            bn.num_batches_tracked.copy_(count)
+        if not seen and isinstance(e, ValueError):
+            raise ValueError(_EMPTY_CALIB) from None
+        if isinstance(e, ValueError) and "more than 1 value per channel" in str(e):
+            raise ValueError(f"BatchNorm re-estimation got a batch of a single sample ({e}); use a calibration "
+                             "set and batch size that leave at least 2 samples in every batch") from e
+        raise
+    return model
+
+
 @torch.no_grad()
 def quantize(model: nn.Module, wbits: int, abits: int, calib_data, *, weight_mode: str = "symmetric",
              range_method: str = "minmax", act_range_method: str | None = None, first_last_bits: int | None = 8,
-             fold_bn: bool = True, percentile: float = 99.99, batch_size: int = 256, seed: int = 0) -> nn.Module:
+             fold_bn: bool = True, percentile: float = 99.99, batch_size: int = 256, seed: int = 0,
+             bn_reestimate: bool = False) -> nn.Module:
     """Post-training fake quantization of a model; the original is never touched.
+
+    ``bn_reestimate=False`` (variant ``"rtn"``): BatchNorm is folded into the preceding
+    convolution (``fold_bn``), then every Conv/Linear weight is quantized per output channel and
+    an input quantizer, calibrated on ``calib_data`` with the float model, is attached.
+
+    ``bn_reestimate=True`` (variant ``"rtn+bn"``): the same quantizers on the *unfolded* model
+    (weights quantized per output channel in place, input quantizers calibrated on the float
+    model as above), then every BatchNorm's running statistics are re-estimated on ``calib_data``
+    through the quantized model (quantized weights and activations; :func:`reestimate_bn`), and
+    only then folded into the preceding convolution (when ``fold_bn``; same torch.fx pairs as
+    :func:`fold_batchnorm`). Folding a per-channel quantized weight ``Q(W)`` by the per-channel
+    factor ``f = gamma / sqrt(var + eps)`` keeps it on a per-channel uniform grid (step ``|f|`` times
+    the old one). For the symmetric max-abs quantizer ``Q(f W) = f Q(W)`` for any ``f != 0``
+    (``max|f W| = |f| max|W|`` and round-half-to-even is odd-symmetric; the percentile and MSE
+    ranges scale with ``|f|`` too), so before re-estimation the folded weights equal those of
+    ``"rtn"`` up to float rounding (the scale is computed in float32), the activation ranges are
+    the same, and the two variants differ only in the BatchNorm statistics (for the asymmetric
+    quantizer the identity holds for ``f > 0``, and for ``f < 0`` except at exact ties of the
+    zero point's rounding).
+    BatchNorm not after a convolution (e.g. BatchNorm1d after a Linear layer), or in a model
+    torch.fx cannot trace, is re-estimated and stays a float BatchNorm; LayerNorm and other
+    normalizations are untouched. A model without BatchNorm gives the ``"rtn"`` model (with a
+    warning) but keeps ``ptq_variant == "rtn+bn"``, so that result tables stay aligned;
+    ``qmodel.ptq_bn_reestimated`` is then empty. See :func:`reestimate_bn` for the practice and
+    its references.
 
     Args:
         model: a trained float model (any mode; the copy is put in eval mode).
         wbits, abits: weight and activation bits (2..8).
         calib_data: a tensor of inputs (N, ...), or an iterable of input batches or
-            ``(inputs, targets)`` pairs, for the activation ranges (256 samples is typical).
+            ``(inputs, targets)`` pairs, for the activation ranges and, with ``bn_reestimate``,
+            the BatchNorm statistics (256 samples is typical).
         weight_mode: ``"symmetric"`` or ``"asymmetric"`` per-channel weight quantizer.
         range_method: ``"minmax"``, ``"percentile"`` or ``"mse"`` for the weights.
         act_range_method: the same for activations (default: ``range_method``).
         first_last_bits: bits of the first and last quantized layer (weights and input
             activations); ``None`` quantizes them like the rest.
-        fold_bn: fold BatchNorm into the preceding convolution before quantizing weights.
+        fold_bn: fold BatchNorm into the preceding convolution (before quantizing the weights,
+            or after the re-estimation with ``bn_reestimate``).
         percentile: the percentile of the ``"percentile"`` method.
         batch_size: calibration batch size when ``calib_data`` is a tensor.
         seed: seed of the activation subsampling (percentile / MSE methods).
+        bn_reestimate: re-estimate the BatchNorm statistics through the quantized model.
 
     Returns:
         A new model in eval mode with quantized weights and an ``input_quantizer`` (with a
-        forward pre-hook) on every Conv/Linear; ``qmodel.ptq_layers`` lists each layer's setting.
+        forward pre-hook) on every Conv/Linear; ``qmodel.ptq_layers`` lists each layer's setting,
+        ``qmodel.ptq_variant`` is ``"rtn"`` or ``"rtn+bn"`` (:data:`PTQ_VARIANTS`), and
+        ``qmodel.ptq_bn_reestimated`` names the re-estimated BatchNorm layers (empty for ``"rtn"``).
+
+    Raises:
+        ValueError: a bad setting, empty ``calib_data`` or a model without Conv/Linear layers.
+
+    Example:
+        >>> import torch
+        >>> from dnq.models import build_model
+        >>> from dnq.quant import quantize
+        >>> model = build_model("cnn-digits", 10, 1, 8).eval()
+        >>> calib = torch.randn(256, 1, 8, 8)
+        >>> q = quantize(model, 2, 4, calib, bn_reestimate=True)
+        >>> q.ptq_variant, q.ptq_bn_reestimated
+        ('rtn+bn', ['1', '4', '8'])
+        >>> any(isinstance(m, torch.nn.BatchNorm2d) for m in q.modules())   # folded afterwards
+        False
     """
     check_bits(wbits, "weight bits")
     check_bits(abits, "activation bits")
@@ -303,7 +524,21 @@ def quantize(model: nn.Module, wbits: int, abits: int, calib_data, *, weight_mod
     for m in (range_method, act_range_method):
         if m not in RANGE_METHODS:
             raise ValueError(f"unknown range method {m!r}; valid: {', '.join(RANGE_METHODS)}")
-    qmodel = fold_batchnorm(model) if fold_bn else copy.deepcopy(model).eval()
+    if weight_mode not in WEIGHT_MODES:
+        raise ValueError(f"unknown weight mode {weight_mode!r}; valid: {', '.join(WEIGHT_MODES)}")
+    if not 0 < percentile <= 100:
+        raise ValueError(f"percentile must be in (0, 100], got {percentile!r}")
+    _check_batch_size(batch_size)
+    variant = ptq_variant(bn_reestimate)
+    pairs: list[tuple[str, str]] | None = []
+    if bn_reestimate:
+        qmodel = copy.deepcopy(model).eval()
+        if fold_bn:
+            pairs = _foldable_pairs(qmodel, stacklevel=2)  # traced before any hook or quantizer is attached
+        if not isinstance(calib_data, torch.Tensor):
+            calib_data = list(_batches(calib_data, batch_size))  # read twice: a generator would be spent
+    else:
+        qmodel = fold_batchnorm(model) if fold_bn else copy.deepcopy(model).eval()
     layers = quant_layers(qmodel)
     if not layers:
         raise ValueError("the model has no Conv/Linear layer to quantize")
@@ -332,22 +567,35 @@ def quantize(model: nn.Module, wbits: int, abits: int, calib_data, *, weight_mod
         for h in handles:
             h.remove()
     if not seen:
-        raise ValueError("calib_data is empty; pass at least one calibration batch")
+        raise ValueError(_EMPTY_CALIB)
     unused = [n for n, _ in layers if n not in order]
     if unused:
         warnings.warn(f"layers never called on the calibration data stay in floating point: {unused}", stacklevel=2)
-    edge = {order[0], order[-1]} if first_last_bits is not None and order else set()
+    bits_of = layer_bits(order, wbits, abits, first_last_bits)
 
     mods = dict(layers)
     info = []
     for name in order:
         layer = mods[name]
-        wb, ab = (first_last_bits, first_last_bits) if name in edge else (wbits, abits)
+        wb, ab = bits_of[name]
         layer.weight.copy_(quantize_weight(layer.weight, wb, weight_mode, range_method, percentile))
         lo, hi = observers[name].range(ab, act_range_method, percentile)
         scale, zp, qmin, qmax = act_qparams(lo, hi, ab)
         layer.input_quantizer = ActQuantizer(scale, zp, qmin, qmax, ab).to(device)
         layer.register_forward_pre_hook(_quantize_input_hook)
         info.append({"layer": name, "wbits": wb, "abits": ab, "act_lo": lo, "act_hi": hi})
+    reestimated: list[str] = []
+    if bn_reestimate:
+        from .batchnorm import batchnorm_layers
+
+        bns = set(batchnorm_layers(qmodel))
+        reestimated = [n for n, m in qmodel.named_modules() if m in bns]
+        if not reestimated:
+            warnings.warn("bn_reestimate=True on a model without BatchNorm running statistics: nothing to "
+                          "re-estimate, the 'rtn+bn' model equals the 'rtn' one", stacklevel=2)
+        reestimate_bn(qmodel, calib_data, batch_size)
+        _fold_pairs(qmodel, pairs or [])
     qmodel.ptq_layers = info
+    qmodel.ptq_variant = variant
+    qmodel.ptq_bn_reestimated = reestimated
     return qmodel

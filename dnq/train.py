@@ -1,13 +1,27 @@
-"""The trainer: one loop for every method (``sgd``, ``dnq``, ``dnq-w``, ``dnq-a``, ``gaussian``, ``sam``).
+"""The trainer: one loop for every method (see :data:`dnq.methods.METHODS`).
 
 Shaped like torchvision's ``references/classification/train.py``: a config, the model, data,
 optimizer (SGD + Nesterov) with a cosine schedule, optional SWA, bf16 autocast and
 channels_last on CUDA, DistributedDataParallel under ``torchrun``, and a checkpoint every epoch
-from which ``--resume`` continues bit for bit (on the CPU).
+from which ``--resume`` continues bit for bit (on the CPU). :func:`train_one_epoch`,
+:func:`evaluate` and the run folder (:mod:`dnq.rundir`) are separate pieces.
 
-A run directory holds ``config.json``, ``metrics.jsonl`` (one line per epoch), ``checkpoint.pt``
-(state dicts only; ``torch.load(..., weights_only=True)``), ``model.pt`` (the final weights and
-what is needed to rebuild the model) and ``result.json``.
+Fair comparisons (the same rules for every method):
+
+* a validation split (``val_size``, default ``"auto"``: 20% of digits' training split, else 10%
+  capped at 5,000) is held out of training; per-epoch metrics are measured on it, the test
+  split only at the end (and per epoch only when there is no validation split);
+* at the end (after SWA, if on), every method's BatchNorm running statistics are recomputed on
+  the clean final weights over one pass of the training loader (:mod:`dnq.batchnorm`);
+  ``bn_recompute=False`` (``--no-bn-recompute``) keeps the statistics accumulated in training;
+* the DNQ noise statistics of the first and last layers are taken at ``first_last_bits`` (8, the
+  bits ``dnq ptq`` gives them), and the noise strength ramps linearly over the first quarter of
+  the epochs unless ``lambda_warmup`` says otherwise.
+
+A run directory holds ``config.json``, ``metrics.jsonl`` (one line per epoch, and a last line
+with ``"final": true`` holding the final numbers), ``checkpoint.pt`` (state dicts only;
+``torch.load(..., weights_only=True)``), ``model.pt`` (the final weights and what is needed to
+rebuild the model and its data splits) and ``result.json``.
 
 Example:
     >>> from dnq.train import TrainConfig, train
@@ -21,11 +35,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import os
 import platform
-import shutil
 import subprocess
 import sys
 import time
@@ -38,13 +50,18 @@ import torch.distributed as dist
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from landscape.precision import full_precision
+
 from . import __version__
+from .batchnorm import batchnorm_layers, recompute_bn
 from .data import DATASET_NAMES, BatchLoader, load_dataset
-from .io import atomic_torch_save, atomic_write_json, atomic_write_text, safe_load
+from .io import safe_load
 from .methods import METHODS, make_method, upcast
 from .models import MODELS, build_model
 from .noise import SAMPLERS, LambdaSchedule
 from .quant import MAX_BITS, MIN_BITS
+from .rundir import (MetricsLog, load_checkpoint, prepare_run_dir, restore, save_checkpoint,  # noqa: F401
+                     save_final, write_config)
 
 
 class ConfigError(ValueError):
@@ -74,15 +91,19 @@ class TrainConfig:
     lr_warmup_epochs: int = 0
     lambda_max: float = 1.0
     lambda_start: int = 0
-    lambda_warmup: int = 0
+    lambda_warmup: int | None = None  # epochs of the linear ramp; None: a quarter of the epochs
     ema_beta: float = 0.9
     temperature: float = 1.0
     act_rho: float = 0.5
-    noise_first_last_bits: int | None = None
+    first_last_bits: int | None = 8  # the PTQ the model is prepared for keeps first/last at these bits
+    noise_first_last_bits: int | None = None  # None: follow first_last_bits
     act_sampler: str = "auto"
     calib_size: int = 256
     sam_rho: float = 0.05
     swa_start: float | None = None
+    bn_recompute: bool = True
+    val_size: int | float | str | None = "auto"
+    val_seed: int = 0
     seed: int = 0
     data_root: str | None = None
     download: bool = False
@@ -108,12 +129,17 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"unknown method {cfg.method!r}; valid methods: {', '.join(METHODS)}")
     if not (cfg.data in ("digits", "cifar10", "cifar100") or cfg.data.startswith(("npz:", "synthetic:"))):
         raise ConfigError(f"unknown dataset {cfg.data!r}; valid datasets: {', '.join(DATASET_NAMES)}")
-    for key in ("wbits", "abits") + (("noise_first_last_bits",) if cfg.noise_first_last_bits is not None else ()):
+    for key in ("wbits", "abits") + tuple(k for k in ("first_last_bits", "noise_first_last_bits")
+                                          if getattr(cfg, k) is not None):
         v = getattr(cfg, key)
         if isinstance(v, bool) or not isinstance(v, int) or not MIN_BITS <= v <= MAX_BITS:
             raise ConfigError(f"{key} must be an integer in {MIN_BITS}..{MAX_BITS}, got {v!r}")
     positive_ints = ("batch_size", "calib_size", "eval_batch_size")
-    for key in ("epochs", "lr_warmup_epochs", "lambda_start", "lambda_warmup"):
+    for key in ("epochs", "lr_warmup_epochs", "lambda_start", "lambda_warmup", "val_seed"):
+        if getattr(cfg, key) is None and key == "lambda_warmup":
+            continue
+        if isinstance(getattr(cfg, key), bool) or not isinstance(getattr(cfg, key), int):
+            raise ConfigError(f"{key} must be an integer, got {getattr(cfg, key)!r}")
         if getattr(cfg, key) < 0:
             raise ConfigError(f"{key} must be >= 0, got {getattr(cfg, key)}")
     for key in positive_ints:
@@ -142,8 +168,34 @@ def validate(cfg: TrainConfig) -> None:
     for key in ("amp", "channels_last"):
         if getattr(cfg, key) not in (None, True, False):
             raise ConfigError(f"{key} must be true, false or null (on CUDA only), got {getattr(cfg, key)!r}")
-    if not isinstance(cfg.compile, bool):
-        raise ConfigError(f"compile must be true or false, got {cfg.compile!r}")
+    for key in ("compile", "bn_recompute"):
+        if not isinstance(getattr(cfg, key), bool):
+            raise ConfigError(f"{key} must be true or false, got {getattr(cfg, key)!r}")
+    v = cfg.val_size
+    if not (v is None or v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 0)
+            or (isinstance(v, float) and 0 <= v < 1)):
+        raise ConfigError(f"val_size must be 'auto', a fraction in [0, 1), a count >= 0 or 0/None for no validation "
+                          f"split, got {v!r}")
+
+
+def noise_first_last_bits(cfg: TrainConfig) -> int | None:
+    """Bits of the first/last layers' noise statistics: ``noise_first_last_bits`` if set, else
+    ``first_last_bits`` (the bits the PTQ gives them)."""
+    return cfg.first_last_bits if cfg.noise_first_last_bits is None else cfg.noise_first_last_bits
+
+
+def default_lambda_warmup(epochs: int) -> int:
+    """The default ramp: lambda grows linearly over the first quarter of the epochs (at least 1)."""
+    return max(1, math.ceil(epochs / 4))
+
+
+def resolve_defaults(cfg: TrainConfig, device: torch.device) -> TrainConfig:
+    """``cfg`` with every setting that depends on others decided (what ``config.json`` records):
+    precision (:func:`resolve_precision`) and the lambda ramp's length."""
+    cfg = resolve_precision(cfg, device)
+    if cfg.lambda_warmup is None:
+        cfg = dataclasses.replace(cfg, lambda_warmup=default_lambda_warmup(cfg.epochs))
+    return cfg
 
 
 def resolve_precision(cfg: TrainConfig, device: torch.device) -> TrainConfig:
@@ -209,27 +261,6 @@ def environment() -> dict:
             "cuda": torch.version.cuda, "git_commit": git_commit(), "argv": sys.argv}
 
 
-def prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse to clobber anything: an existing non-empty folder needs ``--resume`` or ``--overwrite``."""
-    if resume and overwrite:
-        raise ConfigError("--resume and --overwrite exclude each other; pick one")
-    if resume:
-        if not (out / "checkpoint.pt").is_file():
-            raise ConfigError(f"cannot resume: no checkpoint.pt in {out}; start the run without --resume")
-        return
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()):
-        if not overwrite:
-            raise ConfigError(f"run folder {out} already exists and is not empty; pass --resume to continue it "
-                              "or --overwrite to replace it")
-        if not (out / "config.json").is_file():
-            raise ConfigError(f"refusing to --overwrite {out}: it has no config.json, so it does not look like a run "
-                              "folder; pick another --out")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-
-
 def _lr_lambda(total_steps: int, warmup_steps: int):
     def f(step: int) -> float:
         if step < warmup_steps:
@@ -243,7 +274,8 @@ def _lr_lambda(total_steps: int, warmup_steps: int):
 def evaluate(model: nn.Module, loader: BatchLoader, autocast=contextlib.nullcontext) -> tuple[float, float]:
     """Mean cross-entropy (no label smoothing) and accuracy over the loader, summed over ranks.
 
-    The model is evaluated in eval mode and put back in its previous mode.
+    The model is evaluated in eval mode and put back in its previous mode. An empty loader (no
+    validation split) gives ``(nan, nan)``.
     """
     was = model.training
     model.eval()
@@ -261,24 +293,13 @@ def evaluate(model: nn.Module, loader: BatchLoader, autocast=contextlib.nullcont
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(tot)
     loss, correct, n = tot.tolist()
-    return loss / max(n, 1), correct / max(n, 1)
+    if n == 0:
+        return math.nan, math.nan
+    return loss / n, correct / n
 
 
 def make_criterion(cfg: TrainConfig) -> nn.Module:
     return nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-
-
-def _rng_state(device: torch.device) -> dict:
-    state = {"torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def _set_rng_state(state: dict, device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def model_meta(cfg: TrainConfig, ds) -> dict:
@@ -286,7 +307,7 @@ def model_meta(cfg: TrainConfig, ds) -> dict:
     data = f"npz:{os.path.abspath(os.path.expanduser(cfg.data[4:]))}" if cfg.data.startswith("npz:") else cfg.data
     return {"arch": cfg.model, "num_classes": ds.num_classes, "in_channels": ds.in_channels,
             "image_size": ds.image_size, "data": data, "mean": list(ds.mean), "std": list(ds.std),
-            "max_value": ds.max_value}
+            "max_value": ds.max_value, "val_size": ds.val_size, "val_seed": ds.val_seed or 0}
 
 
 def load_model(run_dir: str | os.PathLike, device="cpu") -> tuple[nn.Module, dict]:
@@ -304,16 +325,13 @@ def load_model(run_dir: str | os.PathLike, device="cpu") -> tuple[nn.Module, dic
     return model.to(device).eval(), meta
 
 
-def _read_metrics(path: Path, upto_epoch: int) -> list[str]:
-    if not path.is_file():
-        return []
-    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
-    return [ln for ln in lines if json.loads(ln)["epoch"] <= upto_epoch]
-
-
 # ----------------------------------------------------------------------------------- train
 def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, quiet: bool = False) -> dict:
-    """Train a model as ``cfg`` says; returns the final test metrics (also in ``result.json``).
+    """Train a model as ``cfg`` says; returns the final metrics (also in ``result.json``).
+
+    The final model's BatchNorm statistics are recomputed on its clean weights over one pass of
+    the training loader (:mod:`dnq.batchnorm`) for every method, unless ``cfg.bn_recompute`` is
+    False; the final validation and test numbers are measured in float32 with them.
 
     Raises:
         ConfigError: a bad setting or an existing run folder (names the fix).
@@ -324,9 +342,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, qu
     validate(cfg)
     want = "cuda" if cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
     rank, world, local_rank, own_pg = init_distributed(want)
-    benchmark = torch.backends.cudnn.benchmark  # _train turns autotuning on for CUDA; the caller's is restored
+    benchmark = torch.backends.cudnn.benchmark  # autotuning is turned on for CUDA; the caller's is restored
     try:
-        return _train(cfg, resume, overwrite, quiet, rank, world, local_rank)
+        return _Run(cfg, rank, world, local_rank, quiet).fit(resume, overwrite)
     finally:
         torch.backends.cudnn.benchmark = benchmark
         if own_pg:
@@ -338,160 +356,228 @@ def _barrier(world: int) -> None:
         dist.barrier()
 
 
-def _train(cfg, resume, overwrite, quiet, rank, world, local_rank) -> dict:
-    device = resolve_device(cfg.device, local_rank)
-    cfg = resolve_precision(cfg, device)
-    out = Path(cfg.out)
-    cuda = device.type == "cuda"
-    if cuda:
-        torch.backends.cudnn.benchmark = True  # fixed batch shapes: pick the fastest convolution once
-    show = not quiet and rank == 0
+def train_one_epoch(net: nn.Module, method, loader: BatchLoader, optimizer, scheduler, criterion, autocast, *,
+                    epoch: int, out: Path, bar=None) -> tuple[torch.Tensor, int]:
+    """One epoch of ``method``'s steps; returns ``([sum of losses, correct], samples seen)`` (a
+    device tensor: one host sync every 20 steps, for the NaN check and the progress bar)."""
+    steps = len(loader)
+    net.train()
+    losses = torch.zeros(steps, device=loader.x.device)
+    correct = torch.zeros((), device=loader.x.device, dtype=torch.long)
+    seen = 0
+    for step, (x, y) in enumerate(loader):
+        optimizer.zero_grad(set_to_none=True)
+        loss, logits = method.step(net, x, y, criterion, autocast)
+        losses[step] = loss
+        correct += (logits.argmax(1) == y).sum()
+        seen += len(y)
+        if step % 20 == 19 or step == steps - 1:
+            _check_finite(losses[: step + 1], epoch, out)
+            if bar is not None:
+                bar.set_postfix(loss=f"{float(losses[step]):.4f}", acc=f"{float(correct) / seen:.3f}",
+                                lam=f"{method.lam:.3g}")
+        optimizer.step()
+        scheduler.step()
+        if bar is not None:
+            bar.update()
+    _check_finite(losses, epoch, out)
+    return torch.stack([losses.sum(), correct.float()]), seen
 
-    # the run folder: only rank 0 touches the disk
-    ckpt = None
-    ds = load_dataset(cfg.data, cfg.data_root, cfg.download)  # fails before anything is written
-    if cfg.batch_size % world:
-        raise ConfigError(f"batch size {cfg.batch_size} is not divisible by the {world} processes")
-    if rank == 0:
-        prepare_run_dir(out, resume, overwrite)
-    _barrier(world)
-    if resume:
-        ckpt = safe_load(out / "checkpoint.pt")
-        saved = _upgrade_saved_config(ckpt["config"], cuda)
-        diff = {k: (saved.get(k), v) for k, v in cfg.to_dict().items() if k not in RESUMABLE_CHANGES and saved.get(k) != v}
+
+class _Run:
+    """One training run: the objects of the loop and the run folder (see :func:`train`)."""
+
+    def __init__(self, cfg: TrainConfig, rank: int, world: int, local_rank: int, quiet: bool):
+        self.device = resolve_device(cfg.device, local_rank)
+        self.cfg = resolve_defaults(cfg, self.device)
+        self.rank, self.world, self.local_rank = rank, world, local_rank
+        self.out = Path(cfg.out)
+        self.show = not quiet and rank == 0
+
+    # -- setup ------------------------------------------------------------------------------
+    def _data(self) -> None:
+        cfg = self.cfg
+        self.ds = load_dataset(cfg.data, cfg.data_root, cfg.download, val_size=cfg.val_size,
+                               val_seed=cfg.val_seed)  # fails before anything is written
+        if cfg.batch_size % self.world:
+            raise ConfigError(f"batch size {cfg.batch_size} is not divisible by the {self.world} processes")
+
+    def _check_resume(self, ckpt: dict) -> None:
+        saved = _upgrade_saved_config(ckpt["config"], self.device.type == "cuda")
+        diff = {k: (saved.get(k), v) for k, v in self.cfg.to_dict().items()
+                if k not in RESUMABLE_CHANGES and saved.get(k) != v}
         if diff:
             raise ConfigError("cannot resume with different settings (saved, given): "
                               + ", ".join(f"{k}={a!r}/{b!r}" for k, (a, b) in diff.items()))
-        if ckpt["world_size"] != world:
-            raise ConfigError(f"the run was trained with {ckpt['world_size']} processes; resume it with the same number "
-                              f"(got {world})")
+        if ckpt["world_size"] != self.world:
+            raise ConfigError(f"the run was trained with {ckpt['world_size']} processes; resume it with the same "
+                              f"number (got {self.world})")
 
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model, ds.num_classes, ds.in_channels, ds.image_size).to(device)
-    channels_last = cfg.channels_last
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    ds.to(device)
-    train_loader = BatchLoader(ds, cfg.batch_size, True, cfg.seed, rank, world, channels_last=channels_last)
-    test_loader = BatchLoader(ds, cfg.eval_batch_size, False, rank=rank, world_size=world, channels_last=channels_last)
-    calib_x = ds.calibration_inputs(cfg.calib_size, cfg.seed)
-    if channels_last:
-        calib_x = calib_x.contiguous(memory_format=torch.channels_last)
+    def _build(self) -> None:
+        cfg, device, ds = self.cfg, self.device, self.ds
+        rank, world, cl = self.rank, self.world, cfg.channels_last
+        torch.manual_seed(cfg.seed)
+        model = build_model(cfg.model, ds.num_classes, ds.in_channels, ds.image_size).to(device)
+        if cl:
+            model = model.to(memory_format=torch.channels_last)
+        self.model = model
+        ds.to(device)
+        self.train_loader = BatchLoader(ds, cfg.batch_size, True, cfg.seed, rank, world, channels_last=cl)
+        self.eval_split = "val" if ds.val_size else "test"  # per-epoch numbers: validation (test only without one)
+        self.epoch_loader = BatchLoader(ds, cfg.eval_batch_size, False, rank=rank, world_size=world,
+                                        channels_last=cl, split=self.eval_split)
+        calib_x = ds.calibration_inputs(cfg.calib_size, cfg.seed)  # training images, validation excluded
+        if cl:
+            calib_x = calib_x.contiguous(memory_format=torch.channels_last)
+        self.method = make_method(cfg.method, cfg.wbits, cfg.abits, cfg.sam_rho, cfg.ema_beta, cfg.temperature,
+                                  cfg.act_rho, noise_first_last_bits(cfg), cfg.act_sampler)
+        self.method.setup(model, calib_x, device, cfg.seed, rank)
+        self.schedule = LambdaSchedule(cfg.lambda_max, cfg.lambda_start, cfg.lambda_warmup)
+        self.optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                         nesterov=cfg.momentum > 0, weight_decay=cfg.weight_decay)
+        steps = len(self.train_loader)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, _lr_lambda(max(1, cfg.epochs * steps), cfg.lr_warmup_epochs * steps))
+        self.swa_epoch = None if cfg.swa_start is None else min(cfg.epochs - 1, int(cfg.swa_start * cfg.epochs))
+        self.swa = torch.optim.swa_utils.AveragedModel(model) if self.swa_epoch is not None else None
+        self.criterion = make_criterion(cfg)
+        self.autocast = make_autocast(device, cfg.amp)
+        net: nn.Module = model
+        if world > 1:
+            net = nn.parallel.DistributedDataParallel(model, device_ids=[self.local_rank] if device.type == "cuda" else None)
+        self.net = torch.compile(net) if cfg.compile else net
 
-    method = make_method(cfg.method, cfg.wbits, cfg.abits, cfg.sam_rho, cfg.ema_beta, cfg.temperature,
-                         cfg.act_rho, cfg.noise_first_last_bits, cfg.act_sampler)
-    method.setup(model, calib_x, device, cfg.seed, rank)
-    schedule = LambdaSchedule(cfg.lambda_max, cfg.lambda_start, cfg.lambda_warmup)
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0,
-                                weight_decay=cfg.weight_decay)
-    steps = len(train_loader)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, _lr_lambda(max(1, cfg.epochs * steps), cfg.lr_warmup_epochs * steps))
-    swa_epoch = None if cfg.swa_start is None else min(cfg.epochs - 1, int(cfg.swa_start * cfg.epochs))
-    swa = torch.optim.swa_utils.AveragedModel(model) if swa_epoch is not None else None
-    criterion = make_criterion(cfg)
-    autocast = make_autocast(device, cfg.amp)
+    # -- the loop ---------------------------------------------------------------------------
+    def fit(self, resume: bool, overwrite: bool) -> dict:
+        cfg, out, rank, world = self.cfg, self.out, self.rank, self.world
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed batch shapes: pick the fastest convolution once
+        self._data()
+        if rank == 0:
+            prepare_run_dir(out, resume, overwrite)
+        _barrier(world)
+        ckpt = None
+        if resume:
+            ckpt = load_checkpoint(out)
+            self._check_resume(ckpt)
+        self._build()
+        start = 0
+        if ckpt is not None:
+            start = restore(ckpt, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler, swa=self.swa,
+                            method=self.method, device=self.device)
+        elif rank == 0:
+            write_config(out, {**cfg.to_dict(), "world_size": world, "resolved_device": str(self.device),
+                               "splits": self._splits(), "environment": environment()})
+        log = MetricsLog(out, start - 1) if rank == 0 else None
+        for epoch in range(start, cfg.epochs):
+            self._epoch(epoch, log)
+        return self._finish()
 
-    start_epoch = 0
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        if swa is not None and ckpt["swa"] is not None:
-            swa.load_state_dict(ckpt["swa"])
-        method.load_state_dict(ckpt["method"])
-        _set_rng_state(ckpt["rng"], device)
-        start_epoch = int(ckpt["epoch"]) + 1
-    elif rank == 0:
-        atomic_write_json(out / "config.json", {**cfg.to_dict(), "world_size": world, "resolved_device": str(device),
-                                                "environment": environment()})
-    metrics_path = out / "metrics.jsonl"
-    history = _read_metrics(metrics_path, start_epoch - 1) if rank == 0 else []
+    def _splits(self) -> dict:
+        ds = self.ds
+        return {"train": len(ds.x_train), "val": ds.val_size, "test": len(ds.x_test), "val_seed": ds.val_seed}
 
-    net: nn.Module = model
-    if world > 1:
-        net = nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if cuda else None)
-    if cfg.compile:
-        net = torch.compile(net)
-
-    for epoch in range(start_epoch, cfg.epochs):
+    def _epoch(self, epoch: int, log) -> None:
+        cfg, method, world = self.cfg, self.method, self.world
         t0 = time.perf_counter()
-        train_loader.set_epoch(epoch)
-        lam = schedule(epoch) if method.uses_noise else 0.0
+        self.train_loader.set_epoch(epoch)
+        lam = self.schedule(epoch) if method.uses_noise else 0.0
         method.on_epoch_start(epoch, lam)
-        net.train()
-        losses = torch.zeros(steps, device=device)
-        correct = torch.zeros((), device=device, dtype=torch.long)
-        seen = 0
-        bar = tqdm(train_loader, total=steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not show,
-                   leave=False, dynamic_ncols=True)
-        for step, (x, y) in enumerate(bar):
-            optimizer.zero_grad(set_to_none=True)
-            loss, logits = method.step(net, x, y, criterion, autocast)
-            losses[step] = loss
-            correct += (logits.argmax(1) == y).sum()
-            seen += len(y)
-            if step % 20 == 19 or step == steps - 1:  # one host sync every 20 steps
-                _check_finite(losses[: step + 1], epoch, out)
-                if show:
-                    bar.set_postfix(loss=f"{float(losses[step]):.4f}", acc=f"{float(correct) / seen:.3f}",
-                                    lam=f"{lam:.3g}")
-            optimizer.step()
-            scheduler.step()
-        bar.close()
-        _check_finite(losses, epoch, out)
-        if swa is not None and epoch >= swa_epoch:
-            swa.update_parameters(model)
-        tr = torch.stack([losses.sum(), correct.float()])
+        bar = tqdm(total=len(self.train_loader), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
+                   dynamic_ncols=True) if self.show else None
+        try:
+            tr, seen = train_one_epoch(self.net, method, self.train_loader, self.optimizer, self.scheduler,
+                                       self.criterion, self.autocast, epoch=epoch, out=self.out, bar=bar)
+        finally:
+            if bar is not None:
+                bar.close()
+        if self.swa is not None and epoch >= self.swa_epoch:
+            self.swa.update_parameters(self.model)
         if world > 1:
             dist.all_reduce(tr)
-            for b in model.buffers():  # BatchNorm statistics of rank 0, so every rank evaluates one model
+            for b in self.model.buffers():  # BatchNorm statistics of rank 0, so every rank evaluates one model
                 dist.broadcast(b, 0)
-        test_loss, test_acc = evaluate(model, test_loader, autocast)
+        ev_loss, ev_acc = evaluate(self.model, self.epoch_loader, self.autocast)
+        steps = len(self.train_loader)
+        sp = self.eval_split
         rec = {"epoch": epoch, "train_loss": float(tr[0]) / (steps * world), "train_acc": float(tr[1]) / (seen * world),
-               "test_loss": test_loss, "test_acc": test_acc, "lr": optimizer.param_groups[0]["lr"],
+               f"{sp}_loss": ev_loss, f"{sp}_acc": ev_acc, "lr": self.optimizer.param_groups[0]["lr"],
                "lambda": lam, "time_s": time.perf_counter() - t0, **method.epoch_metrics()}
         rec["images_per_s"] = seen * world / rec["time_s"]
-        if rank == 0:
-            state = {"epoch": epoch, "config": cfg.to_dict(), "world_size": world, "model": model.state_dict(),
-                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                     "swa": swa.state_dict() if swa is not None else None, "method": method.state_dict(),
-                     "rng": _rng_state(device)}
-            atomic_torch_save(state, out / "checkpoint.pt")
-            history.append(json.dumps(rec))
-            atomic_write_text(metrics_path, "\n".join(history) + "\n")
-            if show:
-                tqdm.write(f"epoch {epoch + 1}/{cfg.epochs}  loss {rec['train_loss']:.4f}  train acc {rec['train_acc']:.4f}  "
-                           f"test loss {test_loss:.4f}  test acc {test_acc:.4f}  lambda {lam:.3g}  "
+        if self.rank == 0:
+            save_checkpoint(self.out, epoch=epoch, config=cfg.to_dict(), world_size=world, model=self.model,
+                            optimizer=self.optimizer, scheduler=self.scheduler, swa=self.swa, method=method,
+                            device=self.device)
+            log.append(rec)
+            if self.show:
+                tqdm.write(f"epoch {epoch + 1}/{cfg.epochs}  loss {rec['train_loss']:.4f}  train acc "
+                           f"{rec['train_acc']:.4f}  {sp} loss {ev_loss:.4f}  {sp} acc {ev_acc:.4f}  lambda {lam:.3g}  "
                            f"({rec['time_s']:.1f}s, {rec['images_per_s']:.0f} img/s)")
         _barrier(world)
 
-    final = model
-    if method.uses_noise:
-        method.noise.act_lambda = 0.0  # the SWA copy shares the activation-noise hooks
-    if swa is not None and cfg.epochs > 0:
-        bn_loader = BatchLoader(ds, cfg.batch_size, True, cfg.seed, 0, 1, channels_last=channels_last, augment=False)
-        torch.optim.swa_utils.update_bn(bn_loader, swa, device)
-        final = swa.module
-    test_loss, test_acc = evaluate(final, test_loader, autocast)
-    result = {"method": cfg.method, "model": cfg.model, "data": cfg.data, "epochs": cfg.epochs, "seed": cfg.seed,
-              "test_loss": test_loss, "test_acc": test_acc, "swa": swa is not None}
-    if rank == 0:
-        state = {k: v.detach().to("cpu").contiguous() for k, v in final.state_dict().items()}
-        atomic_torch_save({"model": state, "meta": model_meta(cfg, ds), "result": result}, out / "model.pt")
-        atomic_write_json(out / "result.json", result)
-        if show:
-            tqdm.write(f"final: test acc {test_acc:.4f}, test loss {test_loss:.4f} -> {out / 'model.pt'}")
-    _barrier(world)
-    return result
+    # -- the end ----------------------------------------------------------------------------
+    def _evaluate_final(self, model: nn.Module) -> dict:
+        """Validation (when there is a split) and test numbers in float32, as PTQ measures them."""
+        ds, cl, res = self.ds, self.cfg.channels_last, {}
+        with full_precision():
+            for split in (("val",) if ds.val_size else ()) + ("test",):
+                loader = BatchLoader(ds, self.cfg.eval_batch_size, False, rank=self.rank, world_size=self.world,
+                                     channels_last=cl, split=split)
+                res[f"{split}_loss"], res[f"{split}_acc"] = evaluate(model, loader)
+        if not ds.val_size:
+            res["val_loss"] = res["val_acc"] = None
+        return res
+
+    def _finish(self) -> dict:
+        cfg, ds, out, rank = self.cfg, self.ds, self.out, self.rank
+        self.method.on_train_end()  # clean weights, no noise hooks
+        final = self.model
+        saved_bn = None
+        if self.swa is not None and cfg.epochs > 0:
+            final = self.swa.module
+            if not cfg.bn_recompute:  # the behaviour before the one-rule BatchNorm: non-augmented images
+                bn_loader = BatchLoader(ds, cfg.batch_size, True, cfg.seed, 0, 1, channels_last=cfg.channels_last,
+                                        augment=False)
+                torch.optim.swa_utils.update_bn(bn_loader, self.swa, self.device)
+        if cfg.bn_recompute and cfg.epochs > 0 and batchnorm_layers(final):
+            saved_bn = self._evaluate_final(final) if self.swa is None else None
+            # the training loader as training saw it (same augmentation), a pass of its own (epoch
+            # index cfg.epochs), whole on every rank: every rank computes the same statistics
+            loader = BatchLoader(ds, cfg.batch_size, True, cfg.seed, 0, 1, channels_last=cfg.channels_last)
+            loader.set_epoch(cfg.epochs)
+            recompute_bn(final, loader, self.device)
+        fin = self._evaluate_final(final)
+        result = {"method": cfg.method, "model": cfg.model, "data": cfg.data, "epochs": cfg.epochs, "seed": cfg.seed,
+                  **fin, "swa": self.swa is not None,
+                  "bn": "recomputed" if cfg.bn_recompute and batchnorm_layers(final) and cfg.epochs > 0 else
+                        ("swa-update-bn" if self.swa is not None and cfg.epochs > 0 else "as trained"),
+                  "bn_as_trained": saved_bn, "splits": self._splits(), "precision": "float32"}
+        if rank == 0:
+            MetricsLog(out, cfg.epochs - 1).append({"epoch": cfg.epochs - 1, "final": True, **fin, "bn": result["bn"]})
+            save_final(out, final, model_meta(cfg, ds), result)
+            if self.show:
+                tqdm.write(f"final ({result['bn']} BatchNorm statistics): "
+                           + (f"val acc {fin['val_acc']:.4f}, " if fin["val_acc"] is not None else "")
+                           + f"test acc {fin['test_acc']:.4f} -> {out / 'model.pt'}")
+        _barrier(self.world)
+        return result
 
 
 def _upgrade_saved_config(saved: dict, cuda: bool) -> dict:
-    """A checkpoint's config as this version would have resolved it: runs saved before
-    ``channels_last`` existed had bf16 autocast and channels_last exactly when on CUDA."""
-    if "channels_last" in saved:
-        return saved
-    return {**saved, "amp": bool(saved.get("amp", True)) and cuda, "channels_last": cuda}
+    """A checkpoint's config as this version would have resolved it.
+
+    Runs saved before ``channels_last`` existed had bf16 autocast and channels_last exactly when
+    on CUDA. Runs saved before the fair-comparison rules (no ``bn_recompute`` key) had no
+    validation split, kept the trained BatchNorm statistics, took the first/last layers' noise at
+    the target bits, and their ``gaussian`` was today's ``gaussian-walk``: resuming them needs
+    those settings, given explicitly (``--val-size 0 --no-bn-recompute --first-last-bits none``).
+    """
+    if "channels_last" not in saved:
+        saved = {**saved, "amp": bool(saved.get("amp", True)) and cuda, "channels_last": cuda}
+    if "bn_recompute" not in saved:
+        saved = {**saved, "bn_recompute": False, "val_size": 0, "val_seed": 0, "first_last_bits": None,
+                 "method": "gaussian-walk" if saved.get("method") == "gaussian" else saved.get("method")}
+    return saved
 
 
 def _check_finite(losses: torch.Tensor, epoch: int, out: Path) -> None:

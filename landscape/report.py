@@ -5,13 +5,24 @@ offline), the same figures as PNG and PDF for papers, and ``summary.csv`` / ``su
     >>> from landscape.report import build             # doctest: +SKIP
     >>> build("reports/digits")                        # doctest: +SKIP
 
-Sections: a summary table of all models; the correlation table (PTQ degradation against each
-flatness measure, per bit-width: Spearman, Kendall, Pearson with p-values, least-squares slope
-with its confidence interval); scatter plots of accuracy drop against trace, top eigenvalue and
-Tr(H Sigma) per bit-width with the fit and its confidence band; measured against predicted loss
-increase with the identity line; and per model: accuracy at every bit-width, flatness figures,
-the spectral density, the 2-D surface (3-D and contour) and the 1-D slice along the model's own
-quantization direction with the weight-quantized point (alpha = 1) marked.
+Sections: the PTQ settings, the split sizes and which split every number comes from; a summary
+table of all models (FP accuracy on validation and test, PTQ test accuracy of every variant at
+every bit-width, flatness); scatter plots of accuracy drop against trace, top eigenvalue and
+Tr(H Sigma), per bit-width and PTQ variant, with the fit and its confidence band; the
+correlation tables; measured against predicted loss increase with the identity line, and its
+out-of-sample check; and per model: accuracy at every bit-width, flatness figures, the spectral
+density, the 2-D surface (3-D and contour) and the 1-D slice along the model's own quantization
+direction with the weight-quantized point (alpha = 1) marked.
+
+Statistics (see :mod:`landscape.regress`): nothing is pooled across bit-widths or PTQ variants;
+every fit and correlation is for one bit-width and one variant. One correlation table is one
+family of tests: the (flatness measure, degradation) pairs of one (bit-width, PTQ variant), up
+to 4 x 2 = 8 tests per statistic; Holm-adjusted p-values and Benjamini-Hochberg q-values are
+computed over that family (Spearman's rho is the primary test; Kendall and Pearson are adjusted
+over the same pairs, each on its own), and ``correlations.csv`` also gives Spearman's p Holm-
+adjusted over every table of the report. The bootstrap intervals resample whole training
+configurations (the ``config`` column: seeds of one configuration are not independent); a study
+without that column falls back to resampling models, and the table says so.
 
 Every user-supplied string (model names, paths, settings) is HTML-escaped, in the page and in the
 figures' labels; JSON embedded in ``<script>`` has ``<``, ``>`` and ``&`` escaped.
@@ -24,13 +35,14 @@ import html
 import io
 import json
 import math
+import re
 import sys
 import warnings
 from pathlib import Path
 
 import numpy as np
 
-from .regress import correlation_table, fit
+from .regress import correlation_table, fit, holm, prediction_holdout
 from .study import StudyError, load_records, summary_rows
 
 MEASURES = [("trace", "Hessian trace"), ("top_eigenvalue", "top eigenvalue"), ("trace_h_sigma", "Tr(H Sigma)"),
@@ -68,47 +80,178 @@ def _x_col(measure: str, bits: str) -> str:
     return f"{measure}_{bits}" if measure in ("trace_h_sigma", "predicted") else measure
 
 
-def correlations(rows: list[dict], bits: list[str], n_boot: int = 2000, seed: int = 0) -> tuple[list, list]:
-    """Fits of accuracy drop and PTQ loss increase on each flatness measure, per bit-width.
+#: PTQ variants: (name, column suffix, what it is)
+VARIANTS = [("rtn", "", "round to nearest, BatchNorm folded with its saved statistics"),
+            ("rtn+bn", "_bn", "the same, with the BatchNorm statistics re-estimated on the calibration images "
+                              "through the quantized model before folding")]
 
-    Returns ``(fits, skipped)``; a pair with fewer than 3 usable models is skipped with its reason.
+
+def variants(rows: list[dict], bits: list[str]) -> list[tuple[str, str, str]]:
+    """The PTQ variants whose columns the rows have (``(name, suffix, description)``)."""
+    have = {k for r in rows for k in r}
+    return [v for v in VARIANTS if any(f"acc_drop_{b}{v[1]}" in have or f"ptq_acc_{b}{v[1]}" in have for b in bits)]
+
+
+def method_comparison(rows: list[dict], bits: list[str], vars_: list) -> list[dict]:
+    """Per method: the configuration chosen on validation and its test accuracy, per column.
+
+    For each method and each column (FP, and every bit-width under every PTQ variant), the
+    method's configurations (its ``config`` values: a strength or radius) are ranked by their
+    mean *validation* accuracy over seeds; the chosen one's *test* accuracy is reported as mean,
+    standard deviation and number of seeds. Test accuracy never takes part in the choice.
+    Without validation numbers (an older study) the column is left out, never chosen on test.
     """
-    fits, skipped = [], []
+    import statistics
+
+    cols = [("FP", "fp_val_acc", "fp_acc")] + [
+        (f"{b} {name}", f"ptq_val_acc_{b}{sfx}", f"ptq_acc_{b}{sfx}") for b in bits for name, sfx, _ in vars_]
+    out = []
+    for method in dict.fromkeys(r.get("method") for r in rows):
+        mine = [r for r in rows if r.get("method") == method]
+        configs = list(dict.fromkeys(r.get("config") or r.get("model") for r in mine))
+        row = {"method": method, "configs": len(configs)}
+        for label, vcol, tcol in cols:
+            best, best_val = None, -math.inf
+            for c in configs:
+                vals = [r[vcol] for r in mine if (r.get("config") or r.get("model")) == c and r.get(vcol) is not None]
+                if vals and statistics.mean(vals) > best_val:
+                    best, best_val = c, statistics.mean(vals)
+            if best is None:
+                continue
+            tests = [r[tcol] for r in mine if (r.get("config") or r.get("model")) == best and r.get(tcol) is not None]
+            if not tests:
+                continue
+            sd = statistics.stdev(tests) if len(tests) > 1 else float("nan")
+            row[label] = f"{100 * statistics.mean(tests):.2f} ± {100 * sd:.2f} (n={len(tests)})" + (
+                f" [{best}]" if len(configs) > 1 else "")
+        out.append(row)
+    return out
+
+
+def cluster_labels(rows: list[dict]) -> list | None:
+    """The ``config`` label of every row (the bootstrap's cluster), or ``None`` when any is missing."""
+    labels = [r.get("config") for r in rows]
+    return labels if rows and all(v is not None for v in labels) else None
+
+
+def _values(rows, col) -> np.ndarray:
+    return np.array([np.nan if r.get(col) is None else r[col] for r in rows], dtype=float)
+
+
+def correlation_families(rows: list[dict], bits: list[str], n_boot: int = 2000, seed: int = 0) -> list[dict]:
+    """The correlation tables: one family of tests per (bit-width, PTQ variant).
+
+    A family holds the fits of accuracy drop and PTQ test-loss increase (of that bit-width and
+    variant) on each flatness measure (trace, top eigenvalue, and the bit-width's Tr(H Sigma) and
+    predicted loss increase): up to 8 tests per statistic, adjusted together (Holm and BH, see
+    :func:`landscape.regress.correlation_table`). The bootstrap is clustered on ``config`` when
+    every row has one, else over rows.
+
+    Returns:
+        One dict per family: ``bits``, ``variant``, ``fits``, ``table`` (rows of
+        ``correlation_table(fits, adjust=True)`` with ``bits``, ``variant``, ``family``), ``m_tests``
+        and ``skipped`` (pairs with fewer than 3 usable models, with the reason).
+    """
+    groups = cluster_labels(rows)
+    out = []
     for b in bits:
-        for y in (f"acc_drop_{b}", f"ptq_loss_increase_{b}"):
-            for m, _ in MEASURES:
-                x = _x_col(m, b)
-                xs = np.array([np.nan if r.get(x) is None else r[x] for r in rows], dtype=float)
-                ys = np.array([np.nan if r.get(y) is None else r[y] for r in rows], dtype=float)
-                try:
-                    with warnings.catch_warnings():
-                        warnings.simplefilter("ignore")
-                        fits.append(fit(xs, ys, x_name=x, y_name=y, n_boot=n_boot, seed=seed))
-                except ValueError as e:
-                    skipped.append({"x": x, "y": y, "reason": str(e)})
-    return fits, skipped
+        for name, sfx, _ in variants(rows, bits):
+            fits, skipped = [], []
+            for y in (f"acc_drop_{b}{sfx}", f"ptq_loss_increase_{b}{sfx}"):
+                for m, _ in MEASURES:
+                    x = _x_col(m, b)
+                    try:
+                        with warnings.catch_warnings():
+                            warnings.simplefilter("ignore")
+                            fits.append(fit(_values(rows, x), _values(rows, y), x_name=x, y_name=y, n_boot=n_boot,
+                                            seed=seed, groups=groups))
+                    except ValueError as e:
+                        skipped.append({"bits": b, "variant": name, "x": x, "y": y, "reason": str(e)})
+            family = f"{b} {name}"
+            table = [{"bits": b, "variant": name, "family": family, **r} for r in correlation_table(fits, adjust=True)]
+            out.append({"bits": b, "variant": name, "family": family, "fits": fits, "table": table,
+                        "m_tests": table[0]["m_tests"] if table else 0, "skipped": skipped})
+    everything = [r for f in out for r in f["table"]]  # the whole report as one family, for the sceptical reader
+    for r, h in zip(everything, holm([r["spearman_p"] for r in everything])):
+        r["spearman_p_holm_report"] = float(h)
+    return out
 
 
-def prediction_fits(rows: list[dict], bits: list[str], seed: int = 0) -> dict:
-    """Measured against predicted loss increase (weights only), per bit-width and pooled."""
+def correlations(rows: list[dict], bits: list[str], n_boot: int = 2000, seed: int = 0) -> tuple[list, list]:
+    """All fits of :func:`correlation_families`, flattened: ``(fits, skipped)``."""
+    fams = correlation_families(rows, bits, n_boot=n_boot, seed=seed)
+    return [f for fam in fams for f in fam["fits"]], [s for fam in fams for s in fam["skipped"]]
+
+
+def prediction_fits(rows: list[dict], bits: list[str], seed: int = 0, n_boot: int = 2000) -> dict:
+    """Measured against predicted loss increase (weights only), one fit per bit-width (never pooled:
+    the bit-widths are the same models again). The bootstrap is clustered on ``config`` when
+    every row has one."""
+    groups = cluster_labels(rows)
     out = {}
-    pooled_x, pooled_y = [], []
     for b in bits:
-        xs = [r.get(f"predicted_{b}") for r in rows]
-        ys = [r.get(f"measured_{b}") for r in rows]
-        pairs = [(x, y) for x, y in zip(xs, ys) if x is not None and y is not None]
-        pooled_x += [p[0] for p in pairs]
-        pooled_y += [p[1] for p in pairs]
         try:
-            out[b] = fit([p[0] for p in pairs], [p[1] for p in pairs], x_name=f"predicted_{b}",
-                         y_name=f"measured_{b}", seed=seed)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                out[b] = fit(_values(rows, f"predicted_{b}"), _values(rows, f"measured_{b}"), x_name=f"predicted_{b}",
+                             y_name=f"measured_{b}", seed=seed, n_boot=n_boot, groups=groups)
         except ValueError:
             pass
-    try:
-        out["all"] = fit(pooled_x, pooled_y, x_name="predicted", y_name="measured", seed=seed)
-    except ValueError:
-        pass
     return out
+
+
+def prediction_holdouts(rows: list[dict], bits: list[str]) -> dict:
+    """Per bit-width, :func:`landscape.regress.prediction_holdout` of measured against predicted loss
+    increase split by ``seed``; a string (the reason) where it cannot be done."""
+    out = {}
+    for b in bits:
+        try:
+            out[b] = prediction_holdout(_values(rows, f"measured_{b}"), _values(rows, f"predicted_{b}"),
+                                        [r.get("seed") for r in rows])
+        except ValueError as e:
+            out[b] = str(e).removeprefix("prediction_holdout: ")
+    return out
+
+
+# -- what was measured, on which split -------------------------------------------------------------
+def _wa(bits: str) -> tuple[str, str]:
+    m = re.fullmatch(r"\s*[Ww](\d+)[Aa](\d+)\s*", str(bits))
+    return (m[1], m[2]) if m else ("?", "?")
+
+
+def ptq_settings_text(cfg: dict, bits: list[str]) -> str:
+    """One sentence with the exact PTQ settings of the study (``config["ptq"]``), or "not recorded"."""
+    ptq = cfg.get("ptq")
+    wb = "; ".join(f"{b}: weights {_wa(b)[0]} bits, activations {_wa(b)[1]} bits" for b in bits)
+    if not isinstance(ptq, dict):
+        return (f"PTQ settings: not recorded in study.json (a study from before they were stored); bit-widths {wb}. "
+                "Only the round-to-nearest variant was measured.")
+    g = ptq.get
+
+    def rec(v):
+        return "not recorded" if v is None else v
+
+    fold = g("fold_bn")
+    named = {n: d for n, _, d in VARIANTS}
+    var = "; ".join(f"{v}: {named.get(v, 'as named')}" for v in (g("variants") or [])) or "not recorded"
+    return (f"PTQ settings: {wb}. Weights: {rec(g('weight_mode'))}, {rec(g('weight_granularity'))}. "
+            f"Activations: {rec(g('act'))}. Range: {rec(g('range'))}. First and last layers at "
+            f"{rec(g('first_last_bits'))} bits. Calibration: {rec(g('calib_size'))} images from "
+            f"{rec(g('calib_split'))}. BatchNorm folded into the convolutions: "
+            f"{'yes' if fold is True else 'no' if fold is False else 'not recorded'}. Variants: {var}.")
+
+
+def splits_text(meta: dict, cfg: dict) -> str:
+    """The split sizes and which split every number in the report comes from."""
+    sp = meta.get("splits")
+    sizes = (", ".join(f"{k} {v}" for k, v in sp.items()) if isinstance(sp, dict) and sp
+             else "not recorded in study.json")
+    hs = (cfg.get("instruments") or {}).get("hessian_samples", "not recorded")
+    return (f"Splits: {sizes}. FP val / FP test: accuracy of the full-precision model on the validation / test split. "
+            f"PTQ accuracy, accuracy drop (FP test minus PTQ test) and PTQ loss increase: test split "
+            f"(PTQ validation accuracy is in summary.csv). Curvature (Hessian trace, eigenvalues, density, "
+            f"Tr(H Sigma)), the predicted and measured weight-quantization loss increase, the surface and the "
+            f"slices: {hs} non-augmented training images.")
 
 
 # -- figures (plotly) ---------------------------------------------------------------------------
@@ -122,41 +265,54 @@ _COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e
            "#17becf"]
 
 
-def _scatter_figure(rows, fits_by_key, bits: str, y: str, ytitle: str):
+def _scatter_figure(rows, fits_by_key, bits: str, vars_: list, ytitle: str = "accuracy drop", adjusted=None):
+    """Accuracy drop at ``bits`` against the three flatness measures: one row of panels per PTQ variant.
+    ``adjusted`` maps ``(x, y)`` to the Holm-adjusted p-value of Spearman's rho, shown with the raw one."""
+    adjusted = adjusted or {}
     from plotly.subplots import make_subplots
 
     go = _go()
+    vars_ = vars_ or [VARIANTS[0]]
     titles = []
-    for m, label in MEASURES[:3]:
-        f = fits_by_key.get((_x_col(m, bits), y))
-        titles.append(label if f is None else
-                      f"{label}: rho={f.spearman_rho:.2f} (p={f.spearman_p:.2g}), tau={f.kendall_tau:.2f}")
-    fig = make_subplots(rows=1, cols=3, subplot_titles=titles, horizontal_spacing=0.07)
+    for name, sfx, _ in vars_:
+        for m, label in MEASURES[:3]:
+            f = fits_by_key.get((_x_col(m, bits), f"acc_drop_{bits}{sfx}"))
+            h = adjusted.get((_x_col(m, bits), f"acc_drop_{bits}{sfx}"))
+            holm_txt = "" if h is None else f", Holm {h:.2g}"
+            titles.append(f"{name}: {label}" if f is None else
+                          f"{name}: {label}: rho={f.spearman_rho:.2f} (p={f.spearman_p:.2g}{holm_txt}), "
+                          f"tau={f.kendall_tau:.2f}")
+    fig = make_subplots(rows=len(vars_), cols=3, subplot_titles=titles, horizontal_spacing=0.07,
+                        vertical_spacing=0.3 / len(vars_))
     methods = sorted({str(r.get("method")) for r in rows})
-    for j, (m, label) in enumerate(MEASURES[:3], start=1):
-        x = _x_col(m, bits)
-        f = fits_by_key.get((x, y))
-        if f is not None:
-            grid = np.linspace(min(f.x), max(f.x), 50)
-            lo, hi = f.band(grid)
-            fig.add_trace(go.Scatter(x=np.r_[grid, grid[::-1]].tolist(), y=(100 * np.r_[hi, lo[::-1]]).tolist(),
-                                     fill="toself", fillcolor="rgba(60,60,60,0.12)", line=dict(width=0),
-                                     hoverinfo="skip", showlegend=False), row=1, col=j)
-            fig.add_trace(go.Scatter(x=grid.tolist(), y=(100 * f.predict(grid)).tolist(), mode="lines",
-                                     line=dict(color="#444"), name="least squares, 95% band", showlegend=j == 1),
-                          row=1, col=j)
-        for k, meth in enumerate(methods):  # one colour per method, the same in every panel
-            pts = [(r[x], r[y], r["model"]) for r in rows
-                   if str(r.get("method")) == meth and r.get(x) is not None and r.get(y) is not None]
-            if pts:
-                fig.add_trace(go.Scatter(x=[p[0] for p in pts], y=[100 * p[1] for p in pts], mode="markers",
-                                         text=[_esc(p[2]) for p in pts], name=_esc(meth), legendgroup=_esc(meth),
-                                         hovertemplate="%{text}<br>x=%{x:.4g}<br>y=%{y:.3g}",
-                                         marker=dict(size=9, color=_COLORS[k % len(_COLORS)]), showlegend=j == 1),
-                              row=1, col=j)
-        fig.update_xaxes(title_text=label, row=1, col=j)
-    fig.update_yaxes(title_text=f"{ytitle} (points)", row=1, col=1)
-    fig.update_layout(height=400, margin=dict(l=60, r=20, t=60, b=50), title=f"{ytitle} at {bits} against flatness")
+    for i, (name, sfx, _) in enumerate(vars_, start=1):
+        y = f"acc_drop_{bits}{sfx}"
+        first = i == 1
+        for j, (m, label) in enumerate(MEASURES[:3], start=1):
+            x = _x_col(m, bits)
+            f = fits_by_key.get((x, y))
+            if f is not None:
+                grid = np.linspace(min(f.x), max(f.x), 50)
+                lo, hi = f.band(grid)
+                fig.add_trace(go.Scatter(x=np.r_[grid, grid[::-1]].tolist(), y=(100 * np.r_[hi, lo[::-1]]).tolist(),
+                                         fill="toself", fillcolor="rgba(60,60,60,0.12)", line=dict(width=0),
+                                         hoverinfo="skip", showlegend=False), row=i, col=j)
+                fig.add_trace(go.Scatter(x=grid.tolist(), y=(100 * f.predict(grid)).tolist(), mode="lines",
+                                         line=dict(color="#444"), name="least squares, 95% band",
+                                         showlegend=first and j == 1), row=i, col=j)
+            for k, meth in enumerate(methods):  # one colour per method, the same in every panel
+                pts = [(r[x], r[y], r["model"]) for r in rows
+                       if str(r.get("method")) == meth and r.get(x) is not None and r.get(y) is not None]
+                if pts:
+                    fig.add_trace(go.Scatter(x=[p[0] for p in pts], y=[100 * p[1] for p in pts], mode="markers",
+                                             text=[_esc(p[2]) for p in pts], name=_esc(meth), legendgroup=_esc(meth),
+                                             hovertemplate="%{text}<br>x=%{x:.4g}<br>y=%{y:.3g}",
+                                             marker=dict(size=9, color=_COLORS[k % len(_COLORS)]),
+                                             showlegend=first and j == 1), row=i, col=j)
+            fig.update_xaxes(title_text=label, row=i, col=j)
+        fig.update_yaxes(title_text=f"{ytitle}, {name} (points)", row=i, col=1)
+    fig.update_layout(height=80 + 330 * len(vars_), margin=dict(l=60, r=20, t=60, b=50),
+                      title=f"{ytitle} at {bits} against flatness (test split), per PTQ variant")
     fig.update_annotations(font_size=11)
     return fig
 
@@ -237,7 +393,7 @@ def _slice_figure(slices: dict, name: str):
 
 
 # -- static figures (matplotlib) -----------------------------------------------------------------
-def _static(figdir: Path, rows, fits_by_key, bits, pfits, records) -> list[str]:
+def _static(figdir: Path, rows, fits_by_key, bits, pfits, records, vars_=None, adjusted=None) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -253,22 +409,29 @@ def _static(figdir: Path, rows, fits_by_key, bits, pfits, records) -> list[str]:
             written.append(f"{stem}.{ext}")
         plt.close(fig)
 
+    vars_ = vars_ or [VARIANTS[0]]
+    adjusted = adjusted or {}
     for b in bits:
-        fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-        for ax, (m, label) in zip(axes, MEASURES[:3]):
-            x, y = _x_col(m, b), f"acc_drop_{b}"
-            pts = [(r[x], r[y]) for r in rows if r.get(x) is not None and r.get(y) is not None]
-            if pts:
-                ax.scatter([p[0] for p in pts], [100 * p[1] for p in pts], s=25)
-            f = fits_by_key.get((x, y))
-            if f is not None:
-                grid = np.linspace(min(f.x), max(f.x), 50)
-                lo, hi = f.band(grid)
-                ax.plot(grid, 100 * f.predict(grid), color="C0")
-                ax.fill_between(grid, 100 * lo, 100 * hi, color="C0", alpha=0.15)
-                ax.set_title(f"rho={f.spearman_rho:.2f} (p={f.spearman_p:.2g})", fontsize=9)
-            ax.set_xlabel(label)
-        axes[0].set_ylabel(f"accuracy drop at {b} (points)")
+        fig, grid_axes = plt.subplots(len(vars_), 3, figsize=(13, 3.8 * len(vars_)), squeeze=False)
+        for axes, (name, sfx, _) in zip(grid_axes, vars_):
+            y = f"acc_drop_{b}{sfx}"
+            for ax, (m, label) in zip(axes, MEASURES[:3]):
+                x = _x_col(m, b)
+                pts = [(r[x], r[y]) for r in rows if r.get(x) is not None and r.get(y) is not None]
+                if pts:
+                    ax.scatter([p[0] for p in pts], [100 * p[1] for p in pts], s=25)
+                f = fits_by_key.get((x, y))
+                if f is not None:
+                    grid = np.linspace(min(f.x), max(f.x), 50)
+                    lo, hi = f.band(grid)
+                    ax.plot(grid, 100 * f.predict(grid), color="C0")
+                    ax.fill_between(grid, 100 * lo, 100 * hi, color="C0", alpha=0.15)
+                    h = adjusted.get((x, y))
+                    ax.set_title(f"{name}: rho={f.spearman_rho:.2f} (p={f.spearman_p:.2g}"
+                                 + ("" if h is None else f", Holm {h:.2g}") + ")", fontsize=9)
+                ax.set_xlabel(label)
+            axes[0].set_ylabel(f"accuracy drop at {b}, {name} (points)")
+        fig.tight_layout()
         save(fig, f"sharpness_vs_ptq_{b}")
     fig, axes = plt.subplots(1, max(len(bits), 1), figsize=(4.3 * max(len(bits), 1), 3.8), squeeze=False)
     for ax, b in zip(axes[0], bits):  # one panel per bit-width: their scales differ by 100x
@@ -371,8 +534,14 @@ def _table(rows: list[dict], cols: list[tuple[str, str]], left: set = frozenset(
 
 
 def build(path, out=None, *, static: bool = True, n_boot: int = 2000) -> Path:
-    """Write ``report.html`` (and ``figures/``, ``summary.csv``, ``summary.json``) for the study
-    in ``path``; returns the HTML file's path.
+    """Write ``report.html`` (and ``figures/``, ``summary.csv``, ``summary.json``,
+    ``correlations.csv``) for the study in ``path``; returns the HTML file's path.
+
+    Args:
+        path: the study directory.
+        out: the HTML file (default ``path / "report.html"``).
+        static: also write the PNG and PDF figures.
+        n_boot: bootstrap resamples per fit.
 
     Raises:
         StudyError: ``path`` holds no study, or no model has finished a measurement yet.
@@ -385,29 +554,57 @@ def build(path, out=None, *, static: bool = True, n_boot: int = 2000) -> Path:
     cfg = meta["config"]
     bits = list(cfg.get("bits", []))
     rows = summary_rows(records, bits)
-    fits, skipped = correlations(rows, bits, n_boot=n_boot)
+    vars_ = variants(rows, bits)
+    families = correlation_families(rows, bits, n_boot=n_boot)
+    fits = [f for fam in families for f in fam["fits"]]
+    skipped = [s for fam in families for s in fam["skipped"]]
     fits_by_key = {(f.x_name, f.y_name): f for f in fits}
-    pfits = prediction_fits(rows, bits)
-    corr = correlation_table(fits)
+    adjusted = {(r["x"], r["y"]): r["spearman_p_holm"] for fam in families for r in fam["table"]}
+    pfits = prediction_fits(rows, bits, n_boot=n_boot)
+    holdouts = prediction_holdouts(rows, bits)
+    corr = [r for fam in families for r in fam["table"]]
+    clustered = cluster_labels(rows) is not None
+    n_configs = len({r["config"] for r in rows}) if clustered else None
+    unit_note = (f"resampling whole training configurations (the {n_configs} values of the config column; the "
+                 f"seeds of one configuration share everything but the seed and are resampled together)"
+                 if clustered else
+                 "resampling models one by one: this study records no training configuration (config column) "
+                 "for every model, so seeds of one configuration are treated as independent and the intervals "
+                 "are too narrow if there are several seeds")
 
     # machine-readable outputs
-    cols = list(rows[0].keys())
+    cols = list(dict.fromkeys(k for r in rows for k in r))
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=cols)
+    w = csv.DictWriter(buf, fieldnames=cols, restval="")
     w.writeheader()
     w.writerows(rows)
     _atomic_text(path / "summary.csv", buf.getvalue())
     buf = io.StringIO()
     if corr:
-        w = csv.DictWriter(buf, fieldnames=list(corr[0].keys()))
+        w = csv.DictWriter(buf, fieldnames=list(dict.fromkeys(k for r in corr for k in r)), restval="")
         w.writeheader()
         w.writerows(corr)
     _atomic_text(path / "correlations.csv", buf.getvalue())
-    summary = {"study": cfg.get("name"), "config_hash": meta.get("hash"), "models": rows, "correlations": corr,
-               "skipped_fits": skipped,
+    summary = {"study": cfg.get("name"), "config_hash": meta.get("hash"), "ptq": cfg.get("ptq"),
+               "splits": meta.get("splits"), "variants": [v[0] for v in vars_],
+               "bootstrap": {"unit": "cluster" if clustered else "row",
+                             "cluster_column": "config" if clustered else None,
+                             "n_groups": n_configs, "n_boot": n_boot},
+               "multiplicity": {"family": "one (bit-width, PTQ variant): every (flatness measure, degradation) pair "
+                                          "fitted in it, one test per pair and statistic",
+                                "holm": "<statistic>_p_holm", "bh": "<statistic>_q_bh",
+                                "report_wide_holm": "spearman_p_holm_report"},
+               "families": [{"family": f["family"], "bits": f["bits"], "variant": f["variant"], "m_tests": f["m_tests"]}
+                            for f in families],
+               "models": rows, "correlations": corr, "skipped_fits": skipped,
+               "methods_chosen_on_validation": method_comparison(rows, bits, vars_),
                "prediction": {k: {"slope": f.slope, "slope_ci": f.slope_ci, "intercept": f.intercept, "n": f.n,
-                                  "pearson_r": f.pearson_r, "spearman_rho": f.spearman_rho}
-                              for k, f in pfits.items()}}
+                                  "pearson_r": f.pearson_r, "spearman_rho": f.spearman_rho,
+                                  "bootstrap_slope_ci": f.bootstrap_slope_ci, "bootstrap_unit": f.bootstrap_unit,
+                                  "n_groups": f.n_groups}
+                              for k, f in pfits.items()},
+               "prediction_holdout": {k: {"skipped": h} if isinstance(h, str) else h.to_dict()
+                                      for k, h in holdouts.items()}}
     _atomic_text(path / "summary.json", json.dumps(summary, indent=2, default=_default) + "\n")
 
     figures: dict[str, dict] = {}
@@ -420,58 +617,131 @@ def build(path, out=None, *, static: bool = True, n_boot: int = 2000) -> Path:
     parts = [f"<h1>Flatness and PTQ accuracy: {_esc(cfg.get('name'))}</h1>",
              f"<p class='note'>{len(records)} models ({_esc(cfg.get('model'))} on {_esc(cfg.get('data'))}), bit-widths "
              f"{_esc(', '.join(bits))}; noise methods trained for {_esc(cfg.get('train_bits'))}. Study hash "
-             f"{_esc(meta.get('hash'))}. Curvature on {_esc(cfg['instruments']['hessian_samples'])} training images, "
-             f"accuracies on the test split.</p>",
+             f"{_esc(meta.get('hash'))}.</p>",
+             f"<p class='note' id='ptq-settings'>{_esc(ptq_settings_text(cfg, bits))}</p>",
+             f"<p class='note' id='splits'>{_esc(splits_text(meta, cfg))}</p>",
              "<p id='report-status'>rendering...</p>",
              "<h2 id='summary'>Summary of all models</h2>"]
-    scols = [("model", "model"), ("method", "method"), ("lambda_max", "lambda"), ("sam_rho", "rho"),
-             ("fp_acc", "FP acc")] + [(f"ptq_acc_{b}", f"{b} acc") for b in bits] + \
-        [("trace", "trace"), ("trace_se", "+- SE"), ("top_eigenvalue", "top eig")] + \
-        [(f"trace_h_sigma_{b}", f"Tr(H Sigma) {b}") for b in bits]
-    parts.append(_table(rows, scols, left={"model", "method"}))
+    scols = [("model", "model")] + ([("config", "config")] if any("config" in r for r in rows) else [])
+    scols += [("method", "method"), ("lambda_max", "lambda"), ("sam_rho", "rho"), ("seed", "seed"),
+              ("fp_val_acc", "FP val acc"), ("fp_acc", "FP test acc")]
+    scols += [(f"ptq_acc_{b}{sfx}", f"{b} {name} test acc") for b in bits for name, sfx, _ in vars_]
+    scols += [("trace", "trace"), ("trace_se", "+- SE"), ("top_eigenvalue", "top eig")]
+    scols += [(f"trace_h_sigma_{b}", f"Tr(H Sigma) {b}") for b in bits]
+    parts.append(_table(rows, scols, left={"model", "config", "method"}))
+    parts.append("<p class='note'>PTQ variants: " + "; ".join(_esc(f"{n}: {d}") for n, _, d in vars_)
+                 + ". Accuracies on the split named in the header; curvature on training images.</p>")
+    comparison = method_comparison(rows, bits, vars_)
+    ccols_m = [("method", "method"), ("configs", "configs")] + [
+        (c, c) for c in ["FP"] + [f"{b} {name}" for b in bits for name, _, _ in vars_]]
+    parts.append("<h2 id='methods'>Methods compared, choices on validation</h2>")
+    parts.append("<p class='note'>Test accuracy (%) per method: mean ± standard deviation over seeds (n) of the "
+                 "configuration [in brackets, when the method has several] with the best mean validation accuracy "
+                 "in that column. The choice uses the validation split only; test numbers never take part in it. "
+                 "Noise methods are trained for the study's train_bits; compare methods on the same column only, "
+                 "and read differences smaller than a standard deviation as none.</p>")
+    parts.append(_table(comparison, ccols_m, left={"method"}))
     parts.append("<h2 id='scatter'>Sharpness against PTQ accuracy</h2>")
     for b in bits:
-        parts.append(place(_scatter_figure(rows, fits_by_key, b, f"acc_drop_{b}", "accuracy drop")))
+        parts.append(place(_scatter_figure(rows, fits_by_key, b, vars_, adjusted=adjusted)))
     parts.append("<h2 id='correlations'>Correlation of PTQ degradation with flatness</h2>")
-    parts.append("<p class='note'>One row per (flatness measure, degradation, bit-width), across all models. rho: "
-                 "Spearman, tau: Kendall, r: Pearson, each with its p-value; slope: least squares with its 95% "
-                 "t-interval; the rho interval is a percentile bootstrap over models. With few models, read the "
-                 "p-values before the point estimates.</p>")
-    ccols = [("x", "flatness"), ("y", "degradation"), ("n", "n"), ("spearman_rho", "rho"), ("spearman_p", "p"),
+    parts.append("<p class='note'>One table per bit-width and PTQ variant; nothing is pooled across bit-widths (they "
+                 "are the same models again) or variants. Each table is one family of tests: every (flatness "
+                 "measure, degradation) pair fitted in it, one test per pair and statistic. rho: Spearman (the "
+                 "primary test), tau: Kendall, r: Pearson, each with its p-value as computed (models taken as "
+                 "independent); Holm: the p-value Holm-adjusted over the table's family (family-wise error; Holm "
+                 "1979); BH: the Benjamini-Hochberg q-value over the same family (false discovery rate; Benjamini and "
+                 "Hochberg 1995). Kendall's and Pearson's p-values are adjusted over the same pairs, each on its own. "
+                 "correlations.csv adds Spearman's p Holm-adjusted over every table of the report "
+                 f"(spearman_p_holm_report, m = {sum(f['m_tests'] for f in families)}). slope: least squares with its "
+                 f"95% t-interval. The bootstrap intervals (rho and slope, 95% percentile, {n_boot} resamples) are "
+                 f"computed {_esc(unit_note)}.</p>")
+    ccols = [("x", "flatness"), ("y", "degradation"), ("n", "n"), ("n_groups", "configs"),
+             ("spearman_rho", "rho"), ("spearman_p", "p"), ("spearman_p_holm", "p Holm"), ("spearman_q_bh", "q BH"),
              ("bootstrap_rho_low", "rho low"), ("bootstrap_rho_high", "rho high"), ("kendall_tau", "tau"),
-             ("kendall_p", "p"), ("pearson_r", "r"), ("pearson_p", "p"), ("slope", "slope"),
-             ("slope_ci_low", "low"), ("slope_ci_high", "high")]
-    parts.append(_table(corr, ccols, left={"x", "y"}))
-    if skipped:
-        parts.append("<p class='note'>Not fitted: " + "; ".join(_esc(f"{s['y']} ~ {s['x']}: {s['reason']}")
-                                                                  for s in skipped) + "</p>")
+             ("kendall_p", "p"), ("kendall_p_holm", "p Holm"), ("pearson_r", "r"), ("pearson_p", "p"),
+             ("pearson_p_holm", "p Holm"), ("slope", "slope"), ("slope_ci_low", "t low"), ("slope_ci_high", "t high"),
+             ("bootstrap_slope_low", "boot low"), ("bootstrap_slope_high", "boot high")]
+    for fam in families:
+        fid = re.sub(r"[^A-Za-z0-9_-]", "_", f"corr-{fam['bits']}-{fam['variant']}")
+        parts.append(f"<h3 id='{_esc(fid)}'>{_esc(fam['bits'])}, PTQ variant {_esc(fam['variant'])}</h3>")
+        m = fam["m_tests"]
+        unit = "cluster bootstrap over configs" if clustered else "bootstrap over models (no config column)"
+        parts.append("<p class='note family'>" + _esc(f"m = {m} tests per statistic in this table; Holm: family-wise "
+                                                       f"adjusted p over these {m}; BH: q-values over these {m}; "
+                                                       f"intervals: {unit}.") + "</p>")
+        if fam["table"]:
+            parts.append(_table(fam["table"], ccols, left={"x", "y"}))
+        if fam["skipped"]:
+            parts.append("<p class='note'>Not fitted: " + "; ".join(_esc(f"{s['y']} ~ {s['x']}: {s['reason']}")
+                                                                      for s in fam["skipped"]) + "</p>")
+    if not families:
+        parts.append("<p class='note'>No correlation: no bit-width or PTQ column in this study.</p>")
     parts.append("<h2 id='prediction'>Measured against predicted loss increase</h2>")
-    f = pfits.get("all")
     parts.append("<p class='note'>Weights only: the model's own quantization error Q(W) - W, its per-channel mean mu "
-                 "and variance Sigma; the second-order theory predicts slope 1. "
-                 + (f"Pooled over bit-widths: slope {f.slope:.3g} (95% CI {f.slope_ci[0]:.3g} to {f.slope_ci[1]:.3g}), "
-                    f"Pearson r {f.pearson_r:.3f}, n = {f.n}." if f is not None else "Not enough models for a fit.")
-                 + "</p>")
+                 "and variance Sigma; the second-order theory predicts slope 1 and intercept 0. Measured and "
+                 "predicted on the same training images; one fit per bit-width (never pooled). The t-interval takes "
+                 f"models as independent; the bootstrap interval is computed {_esc(unit_note)}.</p>")
+    prow = [{"bits": b, "n": f.n, "configs": f.n_groups, "slope": f.slope, "low": f.slope_ci[0], "high": f.slope_ci[1],
+             "blow": f.bootstrap_slope_ci[0], "bhigh": f.bootstrap_slope_ci[1], "intercept": f.intercept,
+             "r": f.pearson_r} for b, f in pfits.items()]
+    if prow:
+        parts.append(_table(prow, [("bits", "bit-width"), ("n", "n"), ("configs", "configs"), ("slope", "slope"),
+                                   ("low", "t low"), ("high", "t high"), ("blow", "boot low"), ("bhigh", "boot high"),
+                                   ("intercept", "intercept"), ("r", "Pearson r")], left={"bits"}))
+    else:
+        parts.append("<p class='note'>Not enough models for a fit.</p>")
+    parts.append("<h3 id='holdout'>Out of sample: calibrated on some seeds, scored on the others</h3>")
+    parts.append("<p class='note'>Per bit-width: measured = intercept + slope * predicted fitted on the models "
+                 "whose seed is in the first half of the sorted seeds, then scored on the models of the other seeds "
+                 "(no held-out model was seen by the fit). RMSE and MAE of the calibrated prediction and of the raw "
+                 "prediction (slope 1, intercept 0); the constant baseline predicts the fitting half's mean.</p>")
+    hrows, hskip = [], []
+    for b, h in holdouts.items():
+        if isinstance(h, str):
+            hskip.append(f"{b}: {h}")
+            continue
+        hrows.append({"bits": b, "fit": ", ".join(map(str, h.fit_seeds)), "test": ", ".join(map(str, h.test_seeds)),
+                      "n_fit": h.n_fit, "n_test": h.n_test, "slope": h.slope, "low": h.slope_ci[0],
+                      "high": h.slope_ci[1], "rmse_cal": h.rmse_calibrated, "mae_cal": h.mae_calibrated,
+                      "rmse_raw": h.rmse_raw, "mae_raw": h.mae_raw, "rmse_const": h.rmse_constant})
+    if hrows:
+        parts.append(_table(hrows, [("bits", "bit-width"), ("fit", "fit seeds"), ("test", "held-out seeds"),
+                                    ("n_fit", "n fit"), ("n_test", "n held out"), ("slope", "slope (fit half)"),
+                                    ("low", "t low"), ("high", "t high"), ("rmse_cal", "RMSE calibrated"),
+                                    ("mae_cal", "MAE calibrated"), ("rmse_raw", "RMSE raw"), ("mae_raw", "MAE raw"),
+                                    ("rmse_const", "RMSE constant")], left={"bits", "fit", "test"}))
+    if hskip:
+        parts.append("<p class='note'>No out-of-sample check: " + "; ".join(_esc(t) for t in hskip) + ".</p>")
     parts.append(place(_prediction_figure(rows, bits, pfits)))
     parts.append("<h2 id='models'>Per model</h2>")
     for rec, row in zip(records, rows):
         m = rec.get("measurements", {})
         name = row["model"]
         sec = [f"<details><summary>{_esc(name)}</summary>"]
-        acc_rows = [{"setting": "FP", "acc": row.get("fp_acc"), "loss": row.get("fp_loss")}]
-        acc_rows += [{"setting": b, "acc": row.get(f"ptq_acc_{b}"),
-                      "loss": (m.get(f"ptq:{b}", {}).get("value") or {}).get("test_loss")} for b in bits]
+        acc_rows = [{"setting": "FP", "val": row.get("fp_val_acc"), "acc": row.get("fp_acc"),
+                     "loss": row.get("fp_loss")}]
+        for b in bits:
+            for vname, sfx, _ in vars_:
+                inc, fp_loss = row.get(f"ptq_loss_increase_{b}{sfx}"), row.get("fp_loss")
+                loss = fp_loss + inc if inc is not None and fp_loss is not None else (
+                    (m.get(f"ptq:{b}", {}).get("value") or {}).get("test_loss") if not sfx else None)
+                acc_rows.append({"setting": f"{b} {vname}", "val": row.get(f"ptq_val_acc_{b}{sfx}"),
+                                 "acc": row.get(f"ptq_acc_{b}{sfx}"), "loss": loss})
         flat = [{"measure": "Hessian trace", "value": row.get("trace"), "se": row.get("trace_se")}]
         eig = (m.get("eigen", {}).get("value") or {}).get("eigenvalues") or []
         flat += [{"measure": f"eigenvalue {i + 1}", "value": v, "se": None} for i, v in enumerate(eig)]
         for b in bits:
             nv = m.get(f"noise:{b}", {}).get("value") or {}
-            flat.append({"measure": f"Tr(H Sigma) {b}", "value": nv.get("trace_h_sigma"),
+            flat.append({"measure": f"Tr(H Sigma) {b}",
+                         "value": row.get(f"trace_h_sigma_{b}", nv.get("trace_h_sigma")),
                          "se": nv.get("trace_h_sigma_std_error")})
-            flat.append({"measure": f"predicted / measured dL {b}", "value": nv.get("predicted"),
-                         "se": nv.get("measured")})
-        sec.append("<div class='grid2'><div>" + _table(acc_rows, [("setting", "setting"), ("acc", "test acc"),
-                                                                   ("loss", "test loss")], left={"setting"})
+            flat.append({"measure": f"predicted / measured dL {b}",
+                         "value": row.get(f"predicted_{b}", nv.get("predicted")),
+                         "se": row.get(f"measured_{b}", nv.get("measured"))})
+        sec.append("<div class='grid2'><div>" + _table(acc_rows, [("setting", "setting"), ("val", "val acc"),
+                                                                   ("acc", "test acc"), ("loss", "test loss")],
+                                                         left={"setting"})
                    + "</div><div>" + _table(flat, [("measure", "flatness"), ("value", "value"), ("se", "SE / measured")],
                                             left={"measure"}) + "</div></div>")
         settings = ", ".join(f"{k}={v}" for k, v in rec.get("settings", {}).items())
@@ -487,7 +757,7 @@ def build(path, out=None, *, static: bool = True, n_boot: int = 2000) -> Path:
         sec.append("</details>")
         parts.append("".join(sec))
 
-    written = _static(path / "figures", rows, fits_by_key, bits, pfits, records) if static else []
+    written = _static(path / "figures", rows, fits_by_key, bits, pfits, records, vars_, adjusted) if static else []
     if written:
         parts.append("<h2 id='files'>Files</h2><p class='note'>Static figures (PNG, PDF) in figures/: "
                      + ", ".join(_esc(w) for w in written[:12]) + (" ..." if len(written) > 12 else "")

@@ -23,8 +23,11 @@ finished trainings and finished measurements, and a killed study loses nothing i
 Measurements per model (``H`` is the Hessian of the training loss on ``hessian_samples``
 non-augmented training images, evaluated in eval mode):
 
-* ``fp``: test accuracy and loss; ``ptq``: test accuracy and loss after PTQ at each bit-width
-  (:func:`dnq.quant.quantize`, min-max, BatchNorm folded, first/last layer at 8 bits);
+* ``fp``: validation and test accuracy and loss (the run's own validation split, held out of
+  training); ``ptq:<bits>`` / ``ptq+bn:<bits>``: the same after PTQ at each bit-width, variant
+  ``rtn`` / ``rtn+bn`` (:data:`DEFAULT_PTQ`: :func:`dnq.quant.quantize`, min-max, BatchNorm
+  folded, first/last layer at 8 bits, 256 calibration images from the training split; ``rtn+bn``
+  re-estimates the BatchNorm statistics on them through the quantized model before folding);
 * ``trace`` (with its standard error), ``eigen`` (top eigenvalues), ``density`` (SLQ),
   ``blocks`` (per-layer traces);
 * ``noise`` per bit-width: ``Tr(H Sigma)`` with ``Sigma`` the per-channel variance of the
@@ -51,6 +54,7 @@ import itertools
 import json
 import math
 import os
+import re
 import time
 import tomllib
 from pathlib import Path
@@ -67,8 +71,23 @@ from .hessian import HessianOperator
 from .precision import full_precision
 from .surface import surface_1d, surface_2d
 from .trace import block_traces, hessian_trace, predicted_loss_increase
+from dnq.quant import PTQ_VARIANTS
 
-STUDY_VERSION = 1
+STUDY_VERSION = 2
+
+# The PTQ every model of a study gets (the same for every method): recorded in study.json and
+# stated in the report's header. Variants: "rtn" (round to nearest with min-max ranges, BatchNorm
+# folded with the model's statistics) and "rtn+bn" (the same, with BatchNorm statistics re-estimated
+# on the calibration images through the quantized model before folding).
+DEFAULT_PTQ = {"variants": ["rtn", "rtn+bn"], "weight_mode": "symmetric", "weight_granularity": "per output channel",
+               "act": "asymmetric per tensor", "range": "minmax", "first_last_bits": 8, "calib_size": 256,
+               "calib_split": "train (validation images excluded)", "fold_bn": True}
+VARIANT_SUFFIX = {"rtn": "", "rtn+bn": "_bn"}
+
+
+def ptq_column(stem: str, bits: str, variant: str = "rtn") -> str:
+    """The summary column of a PTQ quantity: ``ptq_acc_W4A4`` (``rtn``), ``ptq_acc_W4A4_bn`` (``rtn+bn``)."""
+    return f"{stem}_{bits}{VARIANT_SUFFIX[variant]}"
 
 
 class StudyError(ValueError):
@@ -113,6 +132,7 @@ class StudyConfig:
     train: dict = dataclasses.field(default_factory=dict)
     instruments: Instruments = dataclasses.field(default_factory=Instruments)
     data_root: str | None = None
+    ptq: dict = dataclasses.field(default_factory=lambda: dict(DEFAULT_PTQ))
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -133,7 +153,8 @@ class StudyConfig:
             raise StudyError(f"unknown instrument keys {bad}; valid: {sorted(known_i)}")
         if "slice_span" in inst:
             inst["slice_span"] = tuple(inst["slice_span"])
-        cfg = cls(**d, instruments=Instruments(**inst))
+        ptq = {**DEFAULT_PTQ, **(d.pop("ptq", None) or {})}
+        cfg = cls(**d, instruments=Instruments(**inst), ptq=ptq)
         cfg.validate()
         return cfg
 
@@ -160,6 +181,19 @@ class StudyConfig:
                 parse_bits(b)
         except ValueError as e:
             raise StudyError(f"bad bit-width: {e}") from None
+        unknown = sorted(set(self.ptq) - set(DEFAULT_PTQ))
+        if unknown:
+            raise StudyError(f"ptq: unknown keys {unknown}; valid: {sorted(DEFAULT_PTQ)}")
+        bad = [v for v in self.ptq.get("variants", []) if v not in PTQ_VARIANTS]
+        if bad or not self.ptq.get("variants"):
+            raise StudyError(f"ptq.variants must be a non-empty list of {', '.join(PTQ_VARIANTS)}, got "
+                             f"{self.ptq.get('variants')!r}")
+        fixed = {k: DEFAULT_PTQ[k] for k in ("weight_mode", "weight_granularity", "act", "range", "calib_split",
+                                             "fold_bn")}
+        changed = {k: self.ptq[k] for k in fixed if k in self.ptq and self.ptq[k] != fixed[k]}
+        if changed:
+            raise StudyError(f"ptq: {changed} cannot be changed in a study (it is the simple PTQ of the toolkit: "
+                             f"{fixed}); use `dnq ptq` for other quantizers")
         i = self.instruments
         if i.trace_method not in ("hutchinson", "hutch++"):
             raise StudyError(f"instruments.trace_method must be 'hutchinson' or 'hutch++', got {i.trace_method!r}")
@@ -187,7 +221,8 @@ class StudyConfig:
                         raise StudyError(f"two runs expand to the same settings or name ({rid}); remove the duplicate")
                     seen.add(rid)
                     name = rid if label is None else (str(label) if len(self.seeds) == 1 else f"{label} (seed {seed})")
-                    out.append({"id": rid, "name": name, "settings": s})
+                    config = _run_id(settings, seed=False) if label is None else _safe(str(label))
+                    out.append({"id": rid, "name": name, "settings": s, "config": config})
         return out
 
 
@@ -195,16 +230,21 @@ def _fmt(v) -> str:
     return f"{v:g}" if isinstance(v, float) else str(v)
 
 
-def _run_id(s: dict) -> str:
+def _run_id(s: dict, seed: bool = True) -> str:
+    """A run's id: method, strength, other settings and seed (``seed=False``: the training
+    configuration shared by all seeds, the cluster of the report's bootstrap)."""
+    from dnq.methods import NOISE_METHODS
+
     parts = [s["method"]]
-    if s["method"] in ("dnq", "dnq-w", "dnq-a", "gaussian") and "lambda_max" in s:
+    if s["method"] in NOISE_METHODS and "lambda_max" in s:
         parts.append(f"lam{_fmt(s['lambda_max'])}")
     if s["method"] == "sam" and "sam_rho" in s:
         parts.append(f"rho{_fmt(s['sam_rho'])}")
     for k in sorted(s):
         if k not in ("method", "lambda_max", "sam_rho", "seed"):
             parts.append(f"{k}{_fmt(s[k])}")
-    parts.append(f"s{s['seed']}")
+    if seed:
+        parts.append(f"s{s['seed']}")
     return _safe("-".join(parts))
 
 
@@ -222,9 +262,11 @@ def _hash(obj) -> str:
 PRESETS: dict[str, dict] = {
     "digits": {
         "name": "digits", "data": "digits", "model": "cnn-digits",
+        # gaussian / gaussian-iso at lambda 1: the variance of DNQ's measured weight error, not tuned
         "runs": [{"method": "sgd"}, {"method": "dnq", "lambda_max": [0.5, 1.0, 2.0]},
                  {"method": "dnq-w", "lambda_max": [1.0]}, {"method": "dnq-a", "lambda_max": [1.0]},
-                 {"method": "gaussian", "lambda_max": [0.05]}, {"method": "sam", "sam_rho": [0.02, 0.1, 0.3]}],
+                 {"method": "gaussian", "lambda_max": [1.0]}, {"method": "gaussian-iso", "lambda_max": [1.0]},
+                 {"method": "sam", "sam_rho": [0.02, 0.1, 0.3]}],
         "seeds": [0, 1], "bits": ["W4A4", "W3A3", "W2A4"], "train_bits": "W3A3",
         "train": {"epochs": 12, "batch_size": 128, "lr": 0.1},
         "instruments": {"hessian_samples": 512, "trace_matvecs": 48, "eig_k": 3, "density_runs": 2,
@@ -373,7 +415,7 @@ class Study:
 
         (w, a), = parse_bits(self.cfg.train_bits)
         base = {"data": self.cfg.data, "model": self.cfg.model, "wbits": w, "abits": a,
-                "data_root": self.cfg.data_root,
+                "data_root": self.cfg.data_root, "first_last_bits": self.cfg.ptq["first_last_bits"],
                 "device": "cpu" if self.device.type == "cpu" else ("cuda" if self.world > 1 else str(self.device))}
         return TrainConfig(**{**base, **settings, "out": str(out)})
 
@@ -385,8 +427,8 @@ class Study:
         run_dir = self.out / "runs" / f"{r['id']}-{tkey[:8]}"
         rec = self._load_record(r["id"])
         if rec is None or rec.get("train_key") != tkey:
-            rec = {"id": r["id"], "name": r["name"], "settings": r["settings"], "train_key": tkey,
-                   "run_dir": str(run_dir.relative_to(self.out)), "measurements": {}}
+            rec = {"id": r["id"], "name": r["name"], "config": r["config"], "settings": r["settings"],
+                   "train_key": tkey, "run_dir": str(run_dir.relative_to(self.out)), "measurements": {}}
         if not (run_dir / "model.pt").is_file():
             t0 = time.perf_counter()
             resume = (run_dir / "checkpoint.pt").is_file()
@@ -398,8 +440,22 @@ class Study:
         elif "train" not in rec and (run_dir / "result.json").is_file():
             rec["train"] = json.loads((run_dir / "result.json").read_text())
         model, meta = load_model(run_dir, self.device)
-        Measure(self, rec, model, meta).all()
+        m = Measure(self, rec, model, meta)
+        self._record_splits(m.ds)
+        m.all()
         return rec
+
+    def _record_splits(self, ds) -> None:
+        """Write the split sizes into study.json once (the report states them)."""
+        if self.rank != 0:
+            return
+        path = self.out / "study.json"
+        meta = json.loads(path.read_text())
+        splits = {"train": len(ds.x_train), "val": ds.val_size, "test": len(ds.x_test),
+                  "calibration": min(self.cfg.ptq["calib_size"], len(ds.x_train)),
+                  "hessian": min(self.cfg.instruments.hessian_samples, len(ds.x_train))}
+        if meta.get("splits") != splits:
+            _write_json(path, {**meta, "splits": splits})
 
 
 class Measure:
@@ -410,9 +466,13 @@ class Measure:
 
         self.s, self.rec, self.model = study, rec, model
         self.inst = study.cfg.instruments
-        if meta["data"] not in study._datasets:
-            study._datasets[meta["data"]] = load_dataset(meta["data"], study.cfg.data_root).to(study.device)
-        self.ds = study._datasets[meta["data"]]
+        self.ptq_cfg = study.cfg.ptq
+        key = (meta["data"], meta.get("val_size", 0), meta.get("val_seed", 0))  # the run's own splits
+        if key not in study._datasets:
+            study._datasets[key] = load_dataset(meta["data"], study.cfg.data_root, val_size=key[1],
+                                                val_seed=key[2]).to(study.device)
+        self.ds = study._datasets[key]
+        self._order = None
         n = min(self.inst.hessian_samples, len(self.ds.x_train))
         g = torch.Generator().manual_seed(self.inst.seed)
         idx = torch.randperm(len(self.ds.x_train), generator=g)[:n].to(study.device)
@@ -444,9 +504,13 @@ class Measure:
 
     def all(self) -> None:
         i = self.inst
-        self._do("fp", {}, self.fp)
-        for bits in self.s.cfg.bits:
-            self._do(f"ptq:{bits}", {"bits": bits}, lambda bits=bits: self.ptq(bits))
+        self._do("fp", {"splits": ["val", "test"]}, self.fp)
+        pdeps = {k: self.ptq_cfg[k] for k in ("first_last_bits", "calib_size")}
+        for variant in self.ptq_cfg["variants"]:
+            for bits in self.s.cfg.bits:
+                name = f"ptq:{bits}" if variant == "rtn" else f"ptq+bn:{bits}"
+                self._do(name, {"bits": bits, "variant": variant, **pdeps},
+                         lambda bits=bits, variant=variant: self.ptq(bits, variant))
         hd = {"samples": i.hessian_samples, "batch": i.hessian_batch, "seed": i.seed}
         self._do("trace", {**hd, "m": i.trace_method, "mv": i.trace_matvecs},
                  lambda: hessian_trace(self.op(), i.trace_matvecs, i.trace_method, seed=i.seed).to_dict())
@@ -463,26 +527,32 @@ class Measure:
                      lambda bits=bits: self.slice(bits))
 
     # -- the measurements -------------------------------------------------------------------
-    def _test_loader(self):
+    def _accuracy(self, model: nn.Module) -> dict:
+        """Accuracy and loss on the validation split (None without one) and on the test split."""
         from dnq.data import BatchLoader
+        from dnq.train import evaluate
 
-        return BatchLoader(self.ds, 1024, False)
+        out = {}
+        for split in ("val", "test"):
+            if split == "val" and not self.ds.val_size:
+                out["val_loss"] = out["val_acc"] = None
+                continue
+            out[f"{split}_loss"], out[f"{split}_acc"] = evaluate(model, BatchLoader(self.ds, 1024, False, split=split))
+        return out
 
     def fp(self) -> dict:
-        from dnq.train import evaluate
+        return self._accuracy(self.model)
 
-        loss, acc = evaluate(self.model, self._test_loader())
-        return {"test_acc": acc, "test_loss": loss}
-
-    def ptq(self, bits: str) -> dict:
+    def ptq(self, bits: str, variant: str = "rtn") -> dict:
+        """The study's PTQ (:data:`DEFAULT_PTQ`) at ``bits``: ``rtn``, or ``rtn+bn`` with BatchNorm
+        statistics re-estimated on the calibration images through the quantized model."""
         from dnq.quant import parse_bits, quantize
-        from dnq.train import evaluate
 
         (w, a), = parse_bits(bits)
-        calib = self.ds.calibration_inputs(256, self.inst.seed)
-        q = quantize(self.model, w, a, calib, first_last_bits=8)
-        loss, acc = evaluate(q, self._test_loader())
-        return {"test_acc": acc, "test_loss": loss}
+        calib = self.ds.calibration_inputs(self.ptq_cfg["calib_size"], self.inst.seed)
+        q = quantize(self.model, w, a, calib, first_last_bits=self.ptq_cfg["first_last_bits"],
+                     bn_reestimate=variant == "rtn+bn")
+        return {**self._accuracy(q), "variant": variant}
 
     def eigen(self) -> dict:
         res = top_eigenvalues(self.op(), k=self.inst.eig_k, tol=self.inst.eig_tol, seed=self.inst.seed)
@@ -490,16 +560,28 @@ class Measure:
         d.pop("eigenvectors", None)
         return d
 
-    def _weight_quantized(self, bits: str) -> nn.Module:
-        """A copy with every Conv/Linear weight replaced by Q(W) (no BatchNorm folding)."""
-        from dnq.quant import parse_bits, quant_layers, quantize_weight
+    def _weight_bits(self, bits: str) -> dict[str, int]:
+        """Weight bits per Conv/Linear layer as PTQ gives them (first/last in execution order at
+        the study's ``first_last_bits``: :func:`dnq.quant.layer_bits`)."""
+        from dnq.quant import execution_order, layer_bits, parse_bits
 
-        (w, _), = parse_bits(bits)
+        (w, a), = parse_bits(bits)
+        if self._order is None:
+            self._order = execution_order(self.model, self.hdata[0][0])
+        return {n: wb for n, (wb, _) in layer_bits(self._order, w, a, self.ptq_cfg["first_last_bits"]).items()}
+
+    def _weight_quantized(self, bits: str) -> nn.Module:
+        """A copy with every Conv/Linear weight replaced by Q(W) (no BatchNorm folding): the
+        quantizer of :func:`dnq.quant.weight_error` (symmetric per-channel min-max), at the bits
+        PTQ gives each layer."""
+        from dnq.quant import quantize_weight
+
+        wbits = self._weight_bits(bits)
         q = copy.deepcopy(self.model).eval()
-        layers = quant_layers(q)
+        mods = dict(q.named_modules())
         with torch.no_grad():
-            for j, (_, layer) in enumerate(layers):
-                b = 8 if j in (0, len(layers) - 1) else w
+            for name, b in wbits.items():
+                layer = mods[name]
                 layer.weight.copy_(quantize_weight(layer.weight.float(), b, "symmetric", "minmax").to(layer.weight))
         return q
 
@@ -580,6 +662,12 @@ def load_records(path: str | os.PathLike, include_other: bool = False) -> list[d
 def summary_rows(records: list[dict], bits: list[str] | None = None) -> list[dict]:
     """One flat row per model: the columns the regression and the report use.
 
+    Columns: ``model``, ``config`` (the training configuration, shared by its seeds: the cluster
+    of the report's bootstrap), ``method``, ``lambda_max``, ``sam_rho``, ``seed``, ``fp_val_acc``,
+    ``fp_val_loss`` (validation split), ``fp_acc``, ``fp_loss`` (test split), the flatness
+    measures, and per bit-width ``b`` and PTQ variant (:func:`ptq_column`: no suffix for ``rtn``,
+    ``_bn`` for ``rtn+bn``) ``ptq_acc``, ``ptq_val_acc``, ``acc_drop`` (test), and
+    ``ptq_loss_increase`` (test); ``trace_h_sigma_b``, ``predicted_b``, ``measured_b``.
     Missing measurements are ``None`` (a study still running).
     """
     rows = []
@@ -595,17 +683,24 @@ def summary_rows(records: list[dict], bits: list[str] | None = None) -> list[dic
             return v
 
         fp_acc = val("fp", "test_acc")
-        row = {"model": rec.get("name", rec["id"]), "method": rec["settings"].get("method"),
+        config = rec.get("config") or re.sub(r"-s-?\d+$", "", rec["id"])
+        row = {"model": rec.get("name", rec["id"]), "config": config, "method": rec["settings"].get("method"),
                "lambda_max": rec["settings"].get("lambda_max"), "sam_rho": rec["settings"].get("sam_rho"),
-               "seed": rec["settings"].get("seed"), "fp_acc": fp_acc, "fp_loss": val("fp", "test_loss"),
+               "seed": rec["settings"].get("seed"), "fp_val_acc": val("fp", "val_acc"),
+               "fp_val_loss": val("fp", "val_loss"), "fp_acc": fp_acc, "fp_loss": val("fp", "test_loss"),
                "trace": val("trace", "value"), "trace_se": val("trace", "std_error"),
                "top_eigenvalue": val("eigen", "eigenvalues", 0)}
         for b in bits or sorted({k.split(":", 1)[1] for k in m if k.startswith("ptq:")}):
-            acc = val(f"ptq:{b}", "test_acc")
-            row[f"ptq_acc_{b}"] = acc
-            row[f"acc_drop_{b}"] = None if acc is None or fp_acc is None else fp_acc - acc
-            loss = val(f"ptq:{b}", "test_loss")
-            row[f"ptq_loss_increase_{b}"] = None if loss is None or row["fp_loss"] is None else loss - row["fp_loss"]
+            for variant, key in (("rtn", f"ptq:{b}"), ("rtn+bn", f"ptq+bn:{b}")):
+                if variant == "rtn+bn" and key not in m:
+                    continue  # a study without the variant (or an older one)
+                acc = val(key, "test_acc")
+                row[ptq_column("ptq_acc", b, variant)] = acc
+                row[ptq_column("ptq_val_acc", b, variant)] = val(key, "val_acc")
+                row[ptq_column("acc_drop", b, variant)] = None if acc is None or fp_acc is None else fp_acc - acc
+                loss = val(key, "test_loss")
+                row[ptq_column("ptq_loss_increase", b, variant)] = (None if loss is None or row["fp_loss"] is None
+                                                                    else loss - row["fp_loss"])
             row[f"trace_h_sigma_{b}"] = val(f"noise:{b}", "trace_h_sigma")
             row[f"predicted_{b}"] = val(f"noise:{b}", "predicted")
             row[f"measured_{b}"] = val(f"noise:{b}", "measured")

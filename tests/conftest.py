@@ -37,3 +37,16 @@ def tiny_cnn():
                 m.weight.uniform_(0.5, 1.5)
                 m.bias.uniform_(-0.2, 0.2)
     return model.eval()
+
+
+class UntraceableConvBN(torch.nn.Module):
+    """Conv + BatchNorm behind data-dependent control flow, which torch.fx cannot trace."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent control flow: torch.fx cannot trace it
+            x = -x
+        return self.bn(self.conv(x)).flatten(1)

@@ -40,9 +40,10 @@ def test_two_processes_match_one_process_without_batchnorm(tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
     ma = [json.loads(x) for x in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
     mb = [json.loads(x) for x in (tmp_path / "single" / "metrics.jsonl").read_text().splitlines()]
-    assert len(ma) == 3  # rank 0 alone wrote
-    for ra, rb in zip(ma, mb):
-        assert abs(ra["test_acc"] - rb["test_acc"]) < 1e-9 and abs(ra["train_loss"] - rb["train_loss"]) < 1e-5
+    assert len(ma) == 4 and ma[-1]["final"]  # rank 0 alone wrote: 3 epochs and the final line
+    for ra, rb in zip(ma[:3], mb[:3]):
+        assert abs(ra["val_acc"] - rb["val_acc"]) < 1e-9 and abs(ra["train_loss"] - rb["train_loss"]) < 1e-5
+    assert abs(ma[-1]["test_acc"] - mb[-1]["test_acc"]) < 1e-9
 
 
 @pytest.mark.slow

@@ -44,9 +44,13 @@ def test_every_model_has_every_measurement_and_they_agree_with_each_other(study)
     assert [r["id"] for r in records] == [e["id"] for e in cfg.expand()] and len(records) == 4
     for rec in records:
         m = rec["measurements"]
-        expected = {"fp", "trace", "eigen", "density", "blocks", "surface"} | {f"{k}:{b}" for k in ("ptq", "noise", "slice")
-                                                                              for b in cfg.bits}
+        expected = {"fp", "trace", "eigen", "density", "blocks", "surface"} | {
+            f"{k}:{b}" for k in ("ptq", "ptq+bn", "noise", "slice") for b in cfg.bits}
         assert set(m) == expected
+        # both PTQ variants on both splits; the model's validation split is the trainer's (20% of digits)
+        for b in cfg.bits:
+            assert m[f"ptq:{b}"]["value"]["variant"] == "rtn" and m[f"ptq+bn:{b}"]["value"]["variant"] == "rtn+bn"
+            assert all(0 <= m[k]["value"][f"{s}_acc"] <= 1 for k in (f"ptq:{b}", f"ptq+bn:{b}") for s in ("val", "test"))
         assert (out / rec["run_dir"] / "model.pt").is_file()
         for b in cfg.bits:
             noise, sl = m[f"noise:{b}"]["value"], m[f"slice:{b}"]["value"]
@@ -57,7 +61,10 @@ def test_every_model_has_every_measurement_and_they_agree_with_each_other(study)
             assert noise["trace_h_sigma"] > 0 and noise["measured"] == pytest.approx(
                 noise["loss_weight_quantized"] - noise["loss_fp"])
         assert m["surface"]["value"]["center_loss"] == pytest.approx(m["noise:W4A4"]["value"]["loss_fp"], rel=1e-5)
-        assert 0 <= m["fp"]["value"]["test_acc"] <= 1
+        assert 0 <= m["fp"]["value"]["test_acc"] <= 1 and 0 <= m["fp"]["value"]["val_acc"] <= 1
+    splits = json.loads((out / "study.json").read_text())["splits"]
+    assert splits == {"train": 1150, "val": 287, "test": 360, "calibration": 256, "hessian": 128}
+    assert [r["config"] for r in records] == ["_script_alert_1___script_", "dnq-lam1", "sam-rho0.1", "dnq-w-lam2"]
     assert records[0]["name"] == EVIL and records[0]["id"] == "_script_alert_1___script_-s0"
 
 
@@ -117,7 +124,7 @@ def test_a_killed_study_loses_nothing_it_had_finished(tmp_path):
     for k, at in done_then.items():
         assert again["measurements"][k]["at"] == at, k  # not recomputed
     assert model_pt.stat().st_mtime_ns == stamp  # not retrained
-    assert all(len(r["measurements"]) == 12 for r in recs.values())
+    assert all(len(r["measurements"]) == 14 for r in recs.values())  # 6 + 4 kinds x 2 bit-widths
 
 
 def test_configs_are_validated_with_the_fix_named(tmp_path):
@@ -151,7 +158,13 @@ def test_the_digits_preset_sweeps_methods_and_strengths():
     cfg = load_config("digits")
     ids = [e["id"] for e in cfg.expand()]
     methods = {e["settings"]["method"] for e in cfg.expand()}
-    assert methods == {"sgd", "dnq", "dnq-w", "dnq-a", "gaussian", "sam"} and len(ids) == len(set(ids)) >= 10
+    assert methods == {"sgd", "dnq", "dnq-w", "dnq-a", "gaussian", "gaussian-iso", "sam"}
+    assert len(ids) == len(set(ids)) >= 10
+    # the seeds of one configuration share its cluster label, and only they do
+    configs = {}
+    for e in cfg.expand():
+        configs.setdefault(e["config"], set()).add(e["settings"]["seed"])
+    assert len(configs) == len(ids) // len(cfg.seeds) and all(v == set(cfg.seeds) for v in configs.values())
 
 
 # -- the report -----------------------------------------------------------------------------------

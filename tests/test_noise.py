@@ -60,10 +60,10 @@ def test_gradient_is_taken_at_the_perturbed_weights(tiny_cnn):
     assert not torch.allclose(clean[0], method.noise.params[0].grad)  # the noise did change the gradient
 
 
-def test_gaussian_ablation_accumulates(tiny_cnn):
+def test_gaussian_walk_ablation_accumulates(tiny_cnn):
     model = tiny_cnn.train()
     calib, x, y = torch.randn(64, 1, 8, 8), torch.randn(32, 1, 8, 8), torch.randint(0, 10, (32,))
-    method = _setup("gaussian", model, calib, lam=0.5)
+    method = _setup("gaussian-walk", model, calib, lam=0.5)
     gen = torch.Generator().manual_seed(method.w_gen.initial_seed())
     before = [p.detach().clone() for p in method.noise.params]
     d1 = method.noise.sample_weight_noise(gen)
@@ -203,3 +203,50 @@ def test_dnq_step_on_every_architecture(name):
     method.step(model, x, y, nn.CrossEntropyLoss(), _null)
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
     assert all(torch.equal(a, p) for a, p in zip(before, method.noise.params))
+
+
+@pytest.mark.parametrize("name", ["gaussian", "gaussian-iso"])
+def test_fair_gaussian_draws_and_clean_weights(tiny_cnn, name):
+    """The fair baselines: zero mean, the target variance (per channel for ``gaussian``, the
+    layer's mean channel variance for ``gaussian-iso``), drawn fresh every step and removed before
+    the update: with learning rate 0 the weights stay bit-exact."""
+    model = tiny_cnn.train()
+    calib, x, y = torch.randn(64, 1, 8, 8), torch.randn(32, 1, 8, 8), torch.randint(0, 10, (32,))
+    method = _setup(name, model, calib, lam=1.0)
+    noise = method.noise
+    assert not noise.act and not noise._hooks  # no activation noise
+    # the target: the measured per-channel error variance of symmetric min-max quantization at 3 bits,
+    # computed here independently of the noise code
+    from dnq.quant import quantize_weight
+    gen = torch.Generator().manual_seed(1)
+    n_draws = 4000
+    for (lname, layer), p in zip(noise.layers, noise.params):
+        w = layer.weight.detach().double()
+        err = (quantize_weight(w, 3) - w).reshape(w.shape[0], -1)
+        target = err.var(dim=1, unbiased=False)
+        if name == "gaussian-iso":
+            target = target.mean().expand_as(target)
+        mean, sd = noise.weight_noise_moments(lname)
+        assert torch.equal(mean, torch.zeros_like(mean))
+        torch.testing.assert_close(sd.double() ** 2, target, rtol=1e-4, atol=1e-12)
+    draws = [torch.stack([noise.sample_weight_noise(gen)[i] for _ in range(n_draws)]) for i in range(len(noise.params))]
+    for (lname, _), d in zip(noise.layers, draws):
+        d = d.double().reshape(n_draws, d.shape[1], -1)  # (draws, channels, elements)
+        _, sd = noise.weight_noise_moments(lname)
+        var = sd.double() ** 2
+        emp_mean = d.mean(dim=(0, 2))
+        emp_var = d.var(dim=(0, 2))
+        m = d.shape[0] * d.shape[2]
+        # the empirical mean within 5 standard errors of 0, the variance within 5 of its standard errors
+        assert (emp_mean.abs() <= 5 * (var / m).sqrt() + 1e-15).all()
+        assert ((emp_var - var).abs() <= 5 * var * (2 / (m - 1)) ** 0.5 + 1e-15).all()
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = torch.optim.SGD(model.parameters(), lr=0.0, momentum=0.9, nesterov=True)
+    grads = []
+    for _ in range(3):
+        opt.zero_grad()
+        method.step(model, x, y, nn.CrossEntropyLoss(), _null)
+        grads.append(noise.params[1].grad.clone())
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # bit-exact clean weights
+    assert not torch.equal(grads[0], grads[1])  # a fresh draw every step

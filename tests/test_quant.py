@@ -5,6 +5,8 @@ import pytest
 import torch
 import torch.nn as nn
 
+from conftest import UntraceableConvBN
+
 from dnq.models import build_model
 from dnq.noise import weight_error_stats
 from dnq.quant import (ActObserver, act_qparams, fake_quantize, fold_batchnorm, parse_bits, quant_layers, quantize,
@@ -165,18 +167,49 @@ def test_quantize_rejects_bad_arguments(tiny_cnn):
 
 
 def test_untraceable_model_is_quantized_without_folding():
-    class Dynamic(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv, self.bn = nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4)
-
-        def forward(self, x):
-            if x.sum() > 0:  # data-dependent control flow: torch.fx cannot trace it
-                x = -x
-            return self.bn(self.conv(x)).flatten(1)
-
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
-        q = quantize(Dynamic().eval(), 8, 8, torch.randn(8, 1, 8, 8), first_last_bits=None)
+        q = quantize(UntraceableConvBN().eval(), 8, 8, torch.randn(8, 1, 8, 8), first_last_bits=None)
     assert any("not folded" in str(x.message) for x in w)
     assert isinstance(q.bn, nn.BatchNorm2d)
+
+
+class _Reordered(nn.Module):
+    """Registered head first, stem last: registration order is not execution order."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Linear(32, 10)
+        self.mid = nn.Conv2d(4, 8, 3, padding=1)
+        self.stem = nn.Conv2d(1, 4, 3, padding=1)
+        self.pool = nn.AdaptiveAvgPool2d(2)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        x = torch.relu(self.mid(x))
+        return self.head(self.pool(x).flatten(1))
+
+
+def test_first_and_last_layers_are_decided_once_in_execution_order():
+    """PTQ and the DNQ noise statistics agree on which layers are first and last: the layers a
+    forward pass calls first and last, not the first and last registered."""
+    from dnq.noise import QuantNoise
+    from dnq.quant import execution_order, layer_bits, quantize_weight, weight_error
+
+    torch.manual_seed(0)
+    model = _Reordered()
+    x = torch.randn(16, 1, 8, 8)
+    assert [n for n, _ in quant_layers(model)] == ["head", "mid", "stem"]
+    assert execution_order(model, x) == ["stem", "mid", "head"]
+    assert layer_bits(["stem", "mid", "head"], 3, 4, 8) == {"stem": (8, 8), "mid": (3, 4), "head": (8, 8)}
+    assert layer_bits(["stem", "mid", "head"], 3, 4, None) == {"stem": (3, 4), "mid": (3, 4), "head": (3, 4)}
+    q = quantize(model, 3, 4, x, first_last_bits=8)
+    assert {r["layer"]: (r["wbits"], r["abits"]) for r in q.ptq_layers} == {"stem": (8, 8), "mid": (3, 4),
+                                                                            "head": (8, 8)}
+    noise = QuantNoise(model, 3, 4, first_last_bits=8)
+    noise.update(x)
+    for name, bits in (("stem", 8), ("mid", 3), ("head", 8)):
+        w = getattr(model, name).weight.detach()
+        err = (quantize_weight(w, bits) - w).reshape(w.shape[0], -1)  # Q(W) - W written out
+        torch.testing.assert_close(weight_error(w, bits).reshape(w.shape[0], -1), err)
+        torch.testing.assert_close(noise.w_var[name], err.var(dim=1, unbiased=False), rtol=1e-5, atol=1e-12)
