@@ -533,13 +533,18 @@ class _Run:
         self.method.on_train_end()  # clean weights, no noise hooks
         final = self.model
         saved_bn = None
-        if self.swa is not None and cfg.epochs > 0:
+        trained = cfg.epochs > 0
+        bn = "as trained"
+        if self.swa is not None and trained:
             final = self.swa.module
             if not cfg.bn_recompute:  # the behaviour before the one-rule BatchNorm: non-augmented images
                 bn_loader = BatchLoader(ds, cfg.batch_size, True, cfg.seed, 0, 1, channels_last=cfg.channels_last,
                                         augment=False)
                 torch.optim.swa_utils.update_bn(bn_loader, self.swa, self.device)
-        if cfg.bn_recompute and cfg.epochs > 0 and batchnorm_layers(final):
+                bn = "swa-update-bn"
+        if cfg.bn_recompute and trained and batchnorm_layers(final):
+            bn = "recomputed"
+            # the numbers with the statistics training left (an SWA average has none of its own)
             saved_bn = self._evaluate_final(final) if self.swa is None else None
             # the training loader as training saw it (same augmentation), a pass of its own (epoch
             # index cfg.epochs), whole on every rank: every rank computes the same statistics
@@ -548,10 +553,7 @@ class _Run:
             recompute_bn(final, loader, self.device)
         fin = self._evaluate_final(final)
         result = {"method": cfg.method, "model": cfg.model, "data": cfg.data, "epochs": cfg.epochs, "seed": cfg.seed,
-                  **fin, "swa": self.swa is not None,
-                  "bn": "recomputed" if cfg.bn_recompute and batchnorm_layers(final) and cfg.epochs > 0 else
-                        ("swa-update-bn" if self.swa is not None and cfg.epochs > 0 else "as trained"),
-                  "bn_as_trained": saved_bn, "splits": self._splits(), "precision": "float32"}
+                  **fin, "swa": self.swa is not None, "bn": bn, "bn_as_trained": saved_bn, "splits": self._splits(), "precision": "float32"}
         if rank == 0:
             MetricsLog(out, cfg.epochs - 1).append({"epoch": cfg.epochs - 1, "final": True, **fin, "bn": result["bn"]})
             save_final(out, final, model_meta(cfg, ds), result)

@@ -93,3 +93,32 @@ def test_test_loader_sees_every_sample_once():
     ds = load_dataset("digits")
     ys = torch.cat([y for _, y in BatchLoader(ds, 100, False)])
     assert torch.equal(ys, ds.y_test)
+
+
+def test_validation_split_is_stratified_disjoint_and_seeded_by_its_own_seed():
+    from dnq.data import resolve_val_size
+
+    full = load_dataset("digits")
+    a = load_dataset("digits", val_size="auto")
+    b = load_dataset("digits", val_size="auto", val_seed=0)
+    c = load_dataset("digits", val_size="auto", val_seed=1)
+    assert (full.val_size, a.val_size) == (0, 287) and len(a.x_train) == 1150 and torch.equal(a.x_test, full.x_test)
+    assert torch.equal(a.x_val, b.x_val) and not torch.equal(a.x_val, c.x_val)
+    # a partition of the original training split: every image exactly once
+    key = lambda x: sorted(map(bytes, x.reshape(len(x), -1).numpy()))  # noqa: E731
+    assert key(torch.cat([a.x_train, a.x_val])) == key(full.x_train)
+    # stratified: every class's share in validation within one image of its share in training
+    counts_full = np.bincount(full.y_train.numpy(), minlength=10)
+    counts_val = np.bincount(a.y_val.numpy(), minlength=10)
+    assert np.all(np.abs(counts_val - counts_full * 287 / 1437) <= 1)
+    # the normalization statistics are those of the whole training split (the model's input
+    # pipeline does not depend on the split)
+    assert a.mean == full.mean and a.std == full.std
+    # the calibration images come from what is left of the training split
+    calib = a.calibration_inputs(256, 0)
+    val_set = set(map(bytes, a.normalize(a.x_val).reshape(287, -1).numpy()))
+    assert not any(bytes(r) in val_set for r in calib.reshape(256, -1).numpy())
+    assert resolve_val_size("auto", "cifar10", 50_000) == 5000 and resolve_val_size("auto", "npz:x", 10_000) == 1000
+    assert resolve_val_size(0.25, "digits", 1437) == 359 and resolve_val_size(None, "digits", 1437) == 0
+    with pytest.raises(DataError, match="0..1436"):
+        resolve_val_size(1437, "digits", 1437)

@@ -19,6 +19,13 @@ from dnq.train import NonFiniteLossError, TrainConfig, train
 FAST = ["--data", "digits", "--model", "cnn-digits", "--quiet"]
 
 
+def test_a_val_size_that_is_no_number_is_refused_by_the_parser(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--out", str(tmp_path / "run"), "--val-size", "lots"])
+    assert e.value.code == 2 and "--val-size takes auto, none" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("args, needles", [
     (["--model", "resnet9"], ["unknown model", *MODELS]),
     (["--method", "adamw"], ["unknown method", *METHODS]),
@@ -27,6 +34,10 @@ FAST = ["--data", "digits", "--model", "cnn-digits", "--quiet"]
     (["--abits", "9"], ["abits", "2..8"]),
     (["--epochs", "-3"], ["epochs", ">= 0"]),
     (["--swa-start", "1.5"], ["swa_start"]),
+    (["--val-size", "-3"], ["val_size", "fraction"]),
+    (["--val-size", "1.5"], ["val_size", "fraction"]),
+    (["--val-size", "99999"], ["val_size 99999", "0..1436"]),
+    (["--method", "gaussian-walk", "--first-last-bits", "9"], ["first_last_bits", "2..8"]),
 ])
 def test_bad_input_gives_a_clear_error(tmp_path, capsys, args, needles):
     out = tmp_path / "run"
