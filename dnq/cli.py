@@ -35,10 +35,17 @@ def _val_size(s: str):
                                          f"got {s!r}") from None
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line on stderr (exit code 2), naming ``--help``."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     d = TrainConfig()
-    p = argparse.ArgumentParser(prog="dnq", description="Quantization-ready training (DNQ) and simple PTQ.")
-    sub = p.add_subparsers(dest="command", required=True)
+    p = OneLineParser(prog="dnq", description="Quantization-ready training (DNQ) and simple PTQ.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
 
     t = sub.add_parser("train", help=f"train a model with {', '.join(METHODS)}",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -94,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint")
     t.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
     t.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
+    t.add_argument("--debug", action="store_true", help="show the traceback of an error (also: DNQ_DEBUG=1)")
 
     q = sub.add_parser("ptq", help="post-training quantization of a finished run; writes RUN/ptq.json",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -113,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--data-root", default=None)
     q.add_argument("--quiet", action="store_true")
+    q.add_argument("--debug", action="store_true", help="show the traceback of an error (also: DNQ_DEBUG=1)")
     return p
 
 
@@ -122,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "train":
             from .train import train
 
-            opts = {k: v for k, v in vars(args).items() if k not in ("command", "resume", "overwrite", "quiet")}
+            opts = {k: v for k, v in vars(args).items() if k not in ("command", "resume", "overwrite", "quiet", "debug")}
             train(TrainConfig(**opts), resume=args.resume, overwrite=args.overwrite, quiet=args.quiet)
         elif args.command == "ptq":
             from .ptq import format_table, run_ptq
@@ -136,13 +145,30 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"test accuracy ({report['data']['test_size']} images):")
             print(format_table(report))
             print(f"wrote {args.run}/ptq.json")
-    except (ConfigError, DataError, ValueError, FileNotFoundError) as e:
-        print(f"dnq {args.command}: error: {e}", file=sys.stderr)
+    except EXPECTED_ERRORS as e:
+        if args.debug or os.environ.get("DNQ_DEBUG", "") not in ("", "0"):
+            raise
+        print(f"dnq {args.command}: error: {one_line(e)}", file=sys.stderr)
         return 2
-    except NonFiniteLossError as e:
-        print(f"dnq train: error: {e}", file=sys.stderr)
-        return 1
     return 0
+
+
+# Every error a user can cause (settings, data, files, devices, non-finite training): one line on
+# stderr and exit code 2; --debug or DNQ_DEBUG=1 shows the traceback.
+EXPECTED_ERRORS = (ConfigError, DataError, ValueError, OSError, NonFiniteLossError, RuntimeError, KeyError)
+
+
+def one_line(e: BaseException) -> str:
+    """An exception as one line: its message (the first line of it), or its type and path for an
+    ``OSError`` (``PermissionError: [Errno 13] ... 'path'``), never a traceback."""
+    if isinstance(e, OSError) and not isinstance(e, (ConfigError, DataError)):
+        where = f": {e.filename}" if getattr(e, "filename", None) else ""
+        what = e.strerror or str(e) or type(e).__name__
+        return f"{type(e).__name__}{where}: {what} (check the path and its permissions; --debug shows the traceback)"
+    text = " ".join(str(e).split("\n")[0].split()) or type(e).__name__
+    if isinstance(e, RuntimeError) and not isinstance(e, NonFiniteLossError):
+        return f"{text} (--debug shows the traceback)"
+    return text
 
 
 def exit_distributed(code: int) -> None:

@@ -209,17 +209,42 @@ def _load_torchvision(name: str, data_root: str | None, download: bool):
     return xtr, xte, np.asarray(tr.targets, np.int64), np.asarray(te.targets, np.int64)
 
 
+def _labels(y: np.ndarray, key: str, path: str) -> np.ndarray:
+    """Integer class labels 0..K-1 as int64, or a :class:`DataError` naming the problem."""
+    if y.ndim != 1:
+        raise DataError(f"{path}: {key} has shape {y.shape}; labels must be one integer per image (shape (N,)), "
+                        "not one-hot or 2-D")
+    if y.dtype.kind == "f":
+        if not np.all(np.isfinite(y)) or not np.all(y == np.round(y)):
+            raise DataError(f"{path}: {key} holds non-integer values; labels must be class indices 0..K-1")
+    elif y.dtype.kind not in "iu":
+        raise DataError(f"{path}: {key} has dtype {y.dtype}; labels must be integers 0..K-1")
+    return y.astype(np.int64)
+
+
 def _load_npz(path: str):
+    import zipfile
+
     path = os.path.expanduser(path)
     if not os.path.isfile(path):
         raise DataError(f"npz file not found: {os.path.abspath(path)!r}; give --data npz:PATH with an existing file")
-    with np.load(path, allow_pickle=False) as f:
-        missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in f.files]
-        if missing:
-            raise DataError(f"{path}: missing arrays {missing}; an npz dataset needs x_train, y_train, x_test, y_test")
-        xtr = _to_nchw(f["x_train"], "x_train", path)
-        xte = _to_nchw(f["x_test"], "x_test", path)
-        ytr, yte = f["y_train"].astype(np.int64), f["y_test"].astype(np.int64)
+    if os.path.getsize(path) == 0:
+        raise DataError(f"{path} is empty (0 bytes); an npz dataset needs x_train, y_train, x_test, y_test")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in f.files]
+            if missing:
+                raise DataError(f"{path}: missing arrays {missing}; an npz dataset needs x_train, y_train, x_test, y_test")
+            xtr = _to_nchw(f["x_train"], "x_train", path)
+            xte = _to_nchw(f["x_test"], "x_test", path)
+            ytr, yte = _labels(f["y_train"], "y_train", path), _labels(f["y_test"], "y_test", path)
+    except DataError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as e:
+        raise DataError(f"{path} cannot be read as an npz file ({type(e).__name__}: {str(e)[:120]}); it may be "
+                        "truncated or not an npz (np.savez) file") from None
+    if len(xtr) == 0 or len(xte) == 0:
+        raise DataError(f"{path}: the {'training' if len(xtr) == 0 else 'test'} split is empty; both need images")
     if len(xtr) != len(ytr) or len(xte) != len(yte):
         raise DataError(f"{path}: image and label counts differ ({len(xtr)}/{len(ytr)} train, {len(xte)}/{len(yte)} test)")
     if xtr.shape[1:] != xte.shape[1:]:
@@ -299,6 +324,10 @@ def load_dataset(spec: str, data_root: str | None = None, download: bool = False
         num_classes = int(max(y_train.max(), y_test.max())) + 1
     if int(min(y_train.min(), y_test.min())) < 0:
         raise DataError(f"{spec}: labels must be 0..K-1, found a negative label")
+    distinct = int(torch.unique(torch.cat([y_train, y_test])).numel())
+    if num_classes > max(10 * distinct, 1000):
+        raise DataError(f"{spec}: the largest label is {num_classes - 1} but only {distinct} distinct labels occur; "
+                        f"a model with {num_classes} outputs is almost surely a mistake: map the labels to 0..{distinct - 1}")
     mean, std = _channel_stats(x_train, max_value)
     ds = Dataset(spec, x_train, y_train, x_test, y_test, num_classes, mean, std,
                  augment=x_train.shape[-1] == 32 and x_train.shape[-2] == 32, max_value=max_value)

@@ -32,6 +32,7 @@ from landscape.precision import full_precision
 
 from .data import BatchLoader, load_dataset
 from .io import atomic_write_json
+from .rundir import folder_lock
 from .quant import PTQ_VARIANTS, RANGE_METHODS, WEIGHT_MODES, check_bits, parse_bits, ptq_variant, quantize
 from .train import evaluate, load_model
 
@@ -105,8 +106,45 @@ def run_ptq(run_dir, bits: str = DEFAULT_BITS, ranges: str = ",".join(RANGE_METH
         raise ValueError(f"calib_size must be a positive integer (number of calibration images), got {calib_size!r}")
     variants = PTQ_VARIANTS if ptq_variant(bn_reestimate) == "rtn+bn" else PTQ_VARIANTS[:1]
     run_dir = Path(run_dir)
-    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
-    model, meta = load_model(run_dir, dev)
+    dev = _device(device)
+    if not (run_dir / "model.pt").is_file():
+        raise FileNotFoundError(f"no model.pt in {run_dir}; is the training finished? (dnq train ... --resume continues it)")
+    loaded = load_model(run_dir, dev)  # a damaged model.pt is refused before anything is written
+    if not write:
+        return _run_ptq(run_dir, loaded, settings, range_list, variants, weight_mode, first_last_bits, calib_size,
+                        fold_bn, seed, data_root, quiet)
+    _check_writable(run_dir)  # before the work, not after it
+    with folder_lock(run_dir, "dnq ptq"):
+        report = _run_ptq(run_dir, loaded, settings, range_list, variants, weight_mode, first_last_bits, calib_size,
+                          fold_bn, seed, data_root, quiet)
+        atomic_write_json(run_dir / "ptq.json", report)
+    return report
+
+
+def _device(device: str) -> torch.device:
+    if not isinstance(device, str) or not (device in ("auto", "cpu", "cuda")
+                                           or (device.startswith("cuda:") and device[5:].isdigit())):
+        raise ValueError(f"unknown device {device!r}; valid: auto, cpu, cuda, cuda:N")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device} asked for, but CUDA is not available here; use --device cpu or auto")
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+
+
+def _check_writable(run_dir: Path) -> None:
+    """Fail now, not after the quantization, when ``ptq.json`` cannot be written."""
+    import tempfile
+
+    try:
+        with tempfile.NamedTemporaryFile(dir=run_dir, prefix=".ptq-check.", suffix=".tmp"):
+            pass
+    except OSError as e:
+        raise PermissionError(e.errno, f"cannot write ptq.json into {run_dir} ({e.strerror})", str(run_dir)) from None
+
+
+def _run_ptq(run_dir, loaded, settings, range_list, variants, weight_mode, first_last_bits, calib_size, fold_bn, seed,
+             data_root, quiet) -> dict:
+    model, meta = loaded
+    dev = next(model.parameters()).device
     val_size, val_seed = int(meta.get("val_size") or 0), int(meta.get("val_seed") or 0)
     ds = load_dataset(meta["data"], data_root, val_size=val_size, val_seed=val_seed).to(dev)
     test = BatchLoader(ds, 1024, False)
@@ -158,15 +196,13 @@ def run_ptq(run_dir, bits: str = DEFAULT_BITS, ranges: str = ",".join(RANGE_METH
             "calib_split": calib_from,
             "calib_seed": seed,
             "fold_bn": fold_bn,
-            "bn_reestimate": bn_reestimate,
+            "bn_reestimate": "rtn+bn" in variants,
             "variants": {v: _describe_variants(fold_bn, f"{len(calib)} calibration images")[v] for v in variants},
             "seed": seed,
             "eval_splits": ["val", "test"] if val is not None else ["test"],
         },
         "results": results,
     }
-    if write:
-        atomic_write_json(run_dir / "ptq.json", report)
     return report
 
 

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 import os
 import platform
@@ -55,13 +56,13 @@ from landscape.precision import full_precision
 from . import __version__
 from .batchnorm import batchnorm_layers, recompute_bn
 from .data import DATASET_NAMES, BatchLoader, load_dataset
-from .io import safe_load
+from .io import atomic_write_json
 from .methods import METHODS, make_method, upcast
 from .models import MODELS, build_model
 from .noise import SAMPLERS, LambdaSchedule
 from .quant import MAX_BITS, MIN_BITS
-from .rundir import (MetricsLog, load_checkpoint, prepare_run_dir, restore, save_checkpoint,  # noqa: F401
-                     save_final, write_config)
+from .rundir import (CheckpointError, MetricsLog, RunDir, load_checkpoint, load_file, prepare_run_dir, restore,  # noqa: F401
+                     save_checkpoint, save_final, write_config)
 
 
 class ConfigError(ValueError):
@@ -119,10 +120,18 @@ class TrainConfig:
 
 # Settings that may differ between an interrupted run and its resumption.
 RESUMABLE_CHANGES = ("out", "device", "compile", "download", "data_root", "eval_batch_size")
+# Settings a resumption may change on purpose (after a NaN stop: a lower lr or noise strength, a
+# warm-up, more or fewer epochs); the changes are recorded in config.json under "resumed".
+RESUME_ADJUSTABLE = ("lr", "lr_warmup_epochs", "lambda_max", "lambda_start", "lambda_warmup", "epochs")
 
 
 def validate(cfg: TrainConfig) -> None:
     """Check every setting at the entry point; raise :class:`ConfigError` naming the valid values."""
+    for key in ("data", "model", "method", "out", "device", "act_sampler"):
+        if not isinstance(getattr(cfg, key), str):
+            raise ConfigError(f"{key} must be a string, got {getattr(cfg, key)!r}")
+    if not cfg.out.strip():
+        raise ConfigError("--out is empty (an unset shell variable?); give the run folder's path")
     if cfg.model not in MODELS:
         raise ConfigError(f"unknown model {cfg.model!r}; valid models: {', '.join(MODELS)}")
     if cfg.method not in METHODS:
@@ -134,17 +143,22 @@ def validate(cfg: TrainConfig) -> None:
         v = getattr(cfg, key)
         if isinstance(v, bool) or not isinstance(v, int) or not MIN_BITS <= v <= MAX_BITS:
             raise ConfigError(f"{key} must be an integer in {MIN_BITS}..{MAX_BITS}, got {v!r}")
-    positive_ints = ("batch_size", "calib_size", "eval_batch_size")
-    for key in ("epochs", "lr_warmup_epochs", "lambda_start", "lambda_warmup", "val_seed"):
-        if getattr(cfg, key) is None and key == "lambda_warmup":
+    for key in ("epochs", "lr_warmup_epochs", "lambda_start", "lambda_warmup", "val_seed", "seed", "batch_size",
+                "calib_size", "eval_batch_size"):
+        v = getattr(cfg, key)
+        if v is None and key == "lambda_warmup":
             continue
-        if isinstance(getattr(cfg, key), bool) or not isinstance(getattr(cfg, key), int):
-            raise ConfigError(f"{key} must be an integer, got {getattr(cfg, key)!r}")
-        if getattr(cfg, key) < 0:
-            raise ConfigError(f"{key} must be >= 0, got {getattr(cfg, key)}")
-    for key in positive_ints:
-        if getattr(cfg, key) < 1:
-            raise ConfigError(f"{key} must be >= 1, got {getattr(cfg, key)}")
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ConfigError(f"{key} must be an integer, got {v!r}")
+        low = 1 if key in ("epochs", "batch_size", "calib_size", "eval_batch_size") else 0
+        if v < low:
+            raise ConfigError(f"{key} must be >= {low}, got {v}" + (" (0 would save an untrained model)"
+                                                                   if key == "epochs" else ""))
+    for key in ("lr", "momentum", "weight_decay", "label_smoothing", "lambda_max", "ema_beta", "temperature", "act_rho",
+                "sam_rho") + (("swa_start",) if cfg.swa_start is not None else ()):
+        v = getattr(cfg, key)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise ConfigError(f"{key} must be a finite number, got {v!r}")
     if not cfg.lr > 0 or not math.isfinite(cfg.lr):
         raise ConfigError(f"lr must be a positive number, got {cfg.lr}")
     if not 0 <= cfg.momentum < 1 or cfg.weight_decay < 0 or not 0 <= cfg.label_smoothing < 1:
@@ -157,7 +171,7 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"sam_rho must be > 0, got {cfg.sam_rho}")
     if cfg.swa_start is not None and not 0 < cfg.swa_start < 1:
         raise ConfigError(f"swa_start is the fraction of training after which SWA averages, in (0, 1); got {cfg.swa_start}")
-    if cfg.device not in ("auto", "cpu", "cuda") and not cfg.device.startswith("cuda:"):
+    if cfg.device not in ("auto", "cpu", "cuda") and not (cfg.device.startswith("cuda:") and cfg.device[5:].isdigit()):
         raise ConfigError(f"unknown device {cfg.device!r}; valid: auto, cpu, cuda, cuda:N")
     if cfg.device.startswith("cuda:") and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError(f"--device {cfg.device} under torchrun: every process takes the GPU of its LOCAL_RANK, so "
@@ -318,10 +332,15 @@ def load_model(run_dir: str | os.PathLike, device="cpu") -> tuple[nn.Module, dic
     path = Path(run_dir) / "model.pt"
     if not path.is_file():
         raise FileNotFoundError(f"no model.pt in {run_dir}; is the training finished? (dnq train ... --resume continues it)")
-    blob = safe_load(path, map_location=device)
-    meta = blob["meta"]
-    model = build_model(meta["arch"], meta["num_classes"], meta["in_channels"], meta["image_size"])
-    model.load_state_dict(blob["model"])
+    fix = "train the run again (dnq train ... --overwrite)"
+    blob = load_file(path, fix, map_location=device)
+    try:
+        meta = blob["meta"]
+        model = build_model(meta["arch"], meta["num_classes"], meta["in_channels"], meta["image_size"])
+        model.load_state_dict(blob["model"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{path} is not a model written by dnq train ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:120] if str(e) else ''}); {fix}") from None
     return model.to(device).eval(), meta
 
 
@@ -401,14 +420,27 @@ class _Run:
                                val_seed=cfg.val_seed)  # fails before anything is written
         if cfg.batch_size % self.world:
             raise ConfigError(f"batch size {cfg.batch_size} is not divisible by the {self.world} processes")
+        if cfg.batch_size > len(self.ds.x_train):
+            raise ConfigError(f"batch size {cfg.batch_size} is larger than the {len(self.ds.x_train)} training images "
+                              f"(after the {self.ds.val_size}-image validation split); use a smaller --batch-size")
 
     def _check_resume(self, ckpt: dict) -> None:
+        need = ("epoch", "config", "world_size", "model", "optimizer", "scheduler", "method", "rng")
+        if not isinstance(ckpt, dict) or any(k not in ckpt for k in need) or not isinstance(ckpt["config"], dict):
+            raise CheckpointError(f"{self.out / 'checkpoint.pt'} is not a dnq train checkpoint (missing entries); "
+                                  "delete it to restart the run from scratch, or start over with --overwrite")
         saved = _upgrade_saved_config(ckpt["config"], self.device.type == "cuda")
         diff = {k: (saved.get(k), v) for k, v in self.cfg.to_dict().items()
-                if k not in RESUMABLE_CHANGES and saved.get(k) != v}
+                if k not in RESUMABLE_CHANGES + RESUME_ADJUSTABLE and saved.get(k) != v}
         if diff:
             raise ConfigError("cannot resume with different settings (saved, given): "
-                              + ", ".join(f"{k}={a!r}/{b!r}" for k, (a, b) in diff.items()))
+                              + ", ".join(f"{k}={a!r}/{b!r}" for k, (a, b) in diff.items())
+                              + f"; only {', '.join(RESUME_ADJUSTABLE)} may change on --resume")
+        self.adjusted = {k: (saved.get(k), getattr(self.cfg, k)) for k in RESUME_ADJUSTABLE
+                         if saved.get(k) != getattr(self.cfg, k)}
+        if self.cfg.epochs <= int(ckpt["epoch"]) and "epochs" in self.adjusted:
+            raise ConfigError(f"--epochs {self.cfg.epochs}: the checkpoint is already after epoch {int(ckpt['epoch']) + 1}; "
+                              "give more epochs than that")
         if ckpt["world_size"] != self.world:
             raise ConfigError(f"the run was trained with {ckpt['world_size']} processes; resume it with the same "
                               f"number (got {self.world})")
@@ -449,22 +481,46 @@ class _Run:
 
     # -- the loop ---------------------------------------------------------------------------
     def fit(self, resume: bool, overwrite: bool) -> dict:
-        cfg, out, rank, world = self.cfg, self.out, self.rank, self.world
+        """Check everything, then open the run folder (locked), train, finish; a failure before
+        the first checkpoint leaves the folder as it was (see :class:`dnq.rundir.RunDir`)."""
+        rank, world = self.rank, self.world
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed batch shapes: pick the fastest convolution once
-        self._data()
+        rundir = RunDir(self.out, resume, overwrite)
         if rank == 0:
-            prepare_run_dir(out, resume, overwrite)
-        _barrier(world)
+            rundir.check()
+        self._data()
         ckpt = None
+        self.adjusted = {}
         if resume:
-            ckpt = load_checkpoint(out)
+            ckpt = load_checkpoint(self.out)
             self._check_resume(ckpt)
-        self._build()
+        self._build()  # every check has passed before anything is written
+        if rank == 0:
+            rundir.open()
+        _barrier(world)
+        try:
+            result = self._run(ckpt)
+        except BaseException:
+            if rank == 0:
+                rundir.rollback()
+            raise
+        else:
+            if rank == 0:
+                rundir.commit()
+        finally:
+            if rank == 0:
+                rundir.close()
+        return result
+
+    def _run(self, ckpt: dict | None) -> dict:
+        cfg, out, rank, world = self.cfg, self.out, self.rank, self.world
         start = 0
         if ckpt is not None:
             start = restore(ckpt, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler, swa=self.swa,
                             method=self.method, device=self.device)
+            if self.adjusted:
+                self._apply_adjustments(start)
         elif rank == 0:
             write_config(out, {**cfg.to_dict(), "world_size": world, "resolved_device": str(self.device),
                                "splits": self._splits(), "environment": environment()})
@@ -472,6 +528,25 @@ class _Run:
         for epoch in range(start, cfg.epochs):
             self._epoch(epoch, log)
         return self._finish()
+
+    def _apply_adjustments(self, start: int) -> None:
+        """A resumption with a changed lr, warm-up, lambda schedule or epochs: the schedules are
+        rebuilt from the new settings at the checkpoint's step; config.json records the change."""
+        cfg = self.cfg
+        steps = len(self.train_loader)
+        self.scheduler.lr_lambdas = [_lr_lambda(max(1, cfg.epochs * steps), cfg.lr_warmup_epochs * steps)]
+        self.scheduler.base_lrs = [cfg.lr for _ in self.optimizer.param_groups]
+        for g in self.optimizer.param_groups:
+            g["initial_lr"] = cfg.lr
+            g["lr"] = cfg.lr * self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
+        if self.rank == 0:
+            path = self.out / "config.json"
+            saved = json.loads(path.read_text())
+            saved.setdefault("resumed", []).append({"at_epoch": start, "changed": {k: {"from": a, "to": b}
+                                                                                  for k, (a, b) in self.adjusted.items()}})
+            for k, (_, b) in self.adjusted.items():
+                saved[k] = b
+            atomic_write_json(path, saved)
 
     def _splits(self) -> dict:
         ds = self.ds

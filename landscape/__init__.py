@@ -5,6 +5,7 @@ from .density import DensityResult, spectral_density
 from .directions import (Direction, eigenvector_directions, interpolation_direction, quantization_direction,
                          random_directions)
 from .eigen import EigenResult, power_iteration, top_eigenvalues
+from .errors import NonFiniteError
 from .hessian import HessianOperator
 from .precision import full_precision
 from .surface import SurfaceResult, surface_1d, surface_2d
@@ -17,4 +18,4 @@ __all__ = ["HessianOperator", "hessian_trace", "block_traces", "noise_weighted_t
            "top_eigenvalues", "power_iteration", "spectral_density",
            "random_directions", "interpolation_direction", "quantization_direction", "eigenvector_directions",
            "Direction", "surface_1d", "surface_2d", "SurfaceResult", "TraceResult", "BlockTraceResult",
-           "LossIncreasePrediction", "EigenResult", "DensityResult", "full_precision"]
+           "LossIncreasePrediction", "EigenResult", "DensityResult", "full_precision", "NonFiniteError"]

@@ -4,43 +4,144 @@ writes its report.
     landscape study --preset digits --out reports/digits
     landscape study --config my_study.toml --out reports/mine --set train.epochs=2
     landscape report reports/digits
+
+Every error a user can cause (a bad flag or setting, a corrupt file, a folder in use, a device
+that is not there, a model whose loss is not finite) is one line on stderr,
+``landscape <command>: error: ...``, and exit code 2, with nothing written; ``--debug`` (or the
+environment variable ``DNQ_DEBUG=1``) shows the traceback instead. An interrupted study (Ctrl-C)
+exits with code 130 and resumes when the same command is run again.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from . import __version__
 
 
+class UsageError(Exception):
+    """A command line that does not parse (the message is argparse's, the prog names the command)."""
+
+    def __init__(self, prog: str, message: str):
+        super().__init__(message)
+        self.prog = prog
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors are one line (no usage block) and raise
+    :class:`UsageError` instead of exiting, so that :func:`main` returns exit code 2."""
+
+    def error(self, message: str):
+        raise UsageError(self.prog, f"{message} (see {self.prog} --help)")
+
+
+def debug_requested(argv: list[str] | None = None) -> bool:
+    """Whether ``--debug`` is on the command line or ``DNQ_DEBUG`` is set (not ``0``)."""
+    args = sys.argv[1:] if argv is None else argv
+    return "--debug" in args or os.environ.get("DNQ_DEBUG", "") not in ("", "0")
+
+
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    """Every error class a user can cause (see the module doc); anything else is a bug and keeps
+    its traceback."""
+    from .errors import NonFiniteError
+
+    errors: tuple = (ValueError, OSError, NonFiniteError, RuntimeError, json.JSONDecodeError)
+    try:  # the trainer's: ConfigError / DataError / LockedError are ValueErrors, NonFiniteLossError a RuntimeError
+        from dnq.train import NonFiniteLossError
+
+        errors += (NonFiniteLossError,)
+    except ImportError:  # pragma: no cover - dnq is part of this project
+        pass
+    return errors
+
+
+def one_line(e: BaseException) -> str:
+    """An exception as one line: its message's first line, whitespace collapsed; for an
+    ``OSError`` its type, path and reason; a ``RuntimeError`` of unknown kind says how to see its
+    traceback."""
+    from .errors import NonFiniteError
+
+    if isinstance(e, OSError) and not isinstance(e, ValueError):
+        where = f": {e.filename}" if getattr(e, "filename", None) else ""
+        what = e.strerror or " ".join(str(e).split()) or type(e).__name__
+        return f"{type(e).__name__}{where}: {what} (check the path and its permissions)"
+    text = " ".join(str(e).split("\n")[0].split()) or type(e).__name__
+    if isinstance(e, RuntimeError) and not isinstance(e, NonFiniteError) and type(e).__name__ != "NonFiniteLossError":
+        return f"{text} (--debug shows the traceback)"
+    return text
+
+
+def guarded(command: str, fn, debug: bool = False) -> int:
+    """Run ``fn()`` and return its exit code; an expected error (:func:`_expected_errors`)
+    becomes one line ``<command>: error: ...`` on stderr and exit code 2 (``debug``: raised, with
+    its traceback); Ctrl-C exits with 130."""
+    try:
+        return fn()
+    except UsageError as e:
+        print(f"{e.prog}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"{command}: interrupted; what was finished is saved (run the same command again to resume)",
+              file=sys.stderr)
+        return 130
+    except _expected_errors() as e:
+        if debug:
+            raise
+        print(f"{command}: error: {one_line(e)}", file=sys.stderr)
+        return 2
+
+
 def _parse_set(items: list[str]) -> dict:
-    """``a.b=value`` pairs into a nested dict (values parsed as JSON when they parse)."""
+    """``a.b=value`` pairs into a nested dict (values parsed as JSON when they parse).
+
+    Raises:
+        StudyError: an item without ``=``, an empty key or key part, or two items that give a key
+            both a value and sub-keys.
+    """
+    from .study import StudyError
+
     out: dict = {}
     for item in items:
         if "=" not in item:
-            raise SystemExit(f"--set expects KEY=VALUE (for example train.epochs=2), got {item!r}")
+            raise StudyError(f"--set expects KEY=VALUE (for example train.epochs=2), got {item!r}")
         key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        if not all(p.strip() for p in parts):
+            raise StudyError(f"--set {item!r}: the key must be a name or a dotted path such as train.epochs")
         try:
             value = json.loads(raw)
         except json.JSONDecodeError:
             value = raw
         d = out
-        parts = key.split(".")
         for p in parts[:-1]:
             d = d.setdefault(p, {})
+            if not isinstance(d, dict):
+                raise StudyError(f"--set {item!r}: {p} was given a value by another --set; give either {p}=VALUE "
+                                 f"or {p}.KEY=VALUE")
+        if isinstance(d.get(parts[-1]), dict) and not isinstance(value, dict):
+            raise StudyError(f"--set {item!r}: {key} was given sub-keys by another --set; give either {key}=VALUE "
+                             f"or {key}.KEY=VALUE")
         d[parts[-1]] = value
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="landscape", description="Loss-landscape instruments for PyTorch models: "
-                                "studies that tie flatness to post-training-quantization accuracy, and their reports.")
+def build_parser() -> OneLineParser:
+    from .study import PRESETS
+
+    p = OneLineParser(prog="landscape", description="Loss-landscape instruments for PyTorch models: studies that "
+                      "tie flatness to post-training-quantization accuracy, and their reports.")
     p.add_argument("--version", action="version", version=f"landscape {__version__}")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error (also DNQ_DEBUG=1)")
     sub = p.add_subparsers(dest="command")
     s = sub.add_parser("study", help="train, quantize and measure a set of models (resumable)")
-    s.add_argument("--preset", default=None, help="digits (default), cifar10-subset or cifar100")
+    s.add_argument("--preset", default=None, choices=list(PRESETS),
+                   help="digits (default), cifar10-subset or cifar100")
     s.add_argument("--config", default=None, help="a JSON or TOML study file (its keys override the preset's)")
     s.add_argument("--out", required=True, help="the study directory (rerun the same command to resume)")
     s.add_argument("--device", default="auto", help="auto, cpu or cuda[:i]")
@@ -49,35 +150,46 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--report", action=argparse.BooleanOptionalAction, default=True,
                    help="write the report when the study is done (default: yes)")
     s.add_argument("--quiet", action="store_true", help="no progress bars")
+    s.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                   help="show the traceback of an error (also DNQ_DEBUG=1)")
     r = sub.add_parser("report", help="write report.html, figures and summary.csv/json of a study")
     r.add_argument("path", help="the study directory")
     r.add_argument("--no-static", action="store_true", help="skip the PNG/PDF figures (faster)")
-    a = p.parse_args(argv)
+    r.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                   help="show the traceback of an error (also DNQ_DEBUG=1)")
+    p.commands = {"study": s, "report": r}
+    return p
+
+
+def _run(a) -> int:
+    from .report import build
+
+    if a.command == "study":
+        from .study import Study, load_config
+
+        cfg = load_config(a.preset, a.config, **_parse_set(a.set))
+        Study(cfg, a.out, device=a.device, progress=not a.quiet).run()
+        print(build(a.out) if a.report else a.out)
+    else:
+        print(build(a.path, static=not a.no_static))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The ``landscape`` command line; returns the exit code (0, 2 for an error, 130 when
+    interrupted)."""
+    p = build_parser()
+    try:
+        a, extra = p.parse_known_args(argv)
+        if extra:  # named by the command they were given to
+            p.commands.get(a.command, p).error(f"unrecognized arguments: {' '.join(extra)}")
+    except UsageError as e:
+        print(f"{e.prog}: error: {e}", file=sys.stderr)
+        return 2
     if a.command is None:
         p.print_help()
         return 0
-    from .study import StudyError
-
-    try:
-        if a.command == "study":
-            from .study import Study, load_config
-
-            cfg = load_config(a.preset, a.config, **_parse_set(a.set))
-            Study(cfg, a.out, device=a.device, progress=not a.quiet).run()
-            if a.report:
-                from .report import build
-
-                print(build(a.out))
-            else:
-                print(a.out)
-        else:
-            from .report import build
-
-            print(build(a.path, static=not a.no_static))
-    except StudyError as e:
-        print(f"landscape {a.command}: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return guarded(f"landscape {a.command}", lambda: _run(a), a.debug or debug_requested(argv))
 
 
 def entry() -> None:

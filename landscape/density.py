@@ -7,6 +7,8 @@ Density", ICML 2019. For a random unit vector ``v``, ``m`` Lanczos steps give a 
 of its eigenvectors. Averaging over runs estimates ``Tr f(H) / dim``: the spectral density
 ``phi(t) = (1/dim) sum_i delta(t - lambda_i)``, which is then broadened by a Gaussian of width
 ``sigma`` and evaluated on a grid. The runs share their products (one block product per step).
+A NaN or Inf loss or product raises :class:`landscape.errors.NonFiniteError` naming the batch
+(``on_nonfinite="nan"``: a result of NaN values).
 
 Example:
     >>> import torch, torch.nn as nn
@@ -26,7 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .hessian import HessianOperator
+from .errors import NonFiniteError
+from .hessian import HessianOperator, measuring, nonfinite_policy
 from .lanczos import lanczos, tridiagonal
 from .precision import full_precision
 from .results import Result
@@ -69,7 +72,8 @@ def quadrature(alphas: torch.Tensor, betas: torch.Tensor) -> tuple[torch.Tensor,
 
 @full_precision()
 def spectral_density(op: HessianOperator, num_runs: int = 4, lanczos_steps: int = 64, seed: int = 0, *,
-                     grid_size: int = 1000, sigma: float | None = None) -> DensityResult:
+                     grid_size: int = 1000, sigma: float | None = None,
+                     on_nonfinite: str | None = None) -> DensityResult:
     """Estimate the eigenvalue density of H.
 
     Args:
@@ -78,14 +82,33 @@ def spectral_density(op: HessianOperator, num_runs: int = 4, lanczos_steps: int 
         seed: seed of the start vectors.
         grid_size: points of the density grid.
         sigma: Gaussian broadening; default 1% of the spectral range seen by the nodes.
+        on_nonfinite: ``"raise"`` or ``"nan"`` (nodes, weights, grid and density one NaN each per
+            run); default: the operator's.
+
+    Raises:
+        NonFiniteError: a NaN or Inf loss or product (``on_nonfinite="raise"``).
     """
     if num_runs < 1 or lanczos_steps < 1:
         raise ValueError(f"need num_runs >= 1 and lanczos_steps >= 1, got {num_runs}, {lanczos_steps}")
+    if grid_size < 1:
+        raise ValueError(f"grid_size must be >= 1, got {grid_size}")
+    if sigma is not None and not (sigma > 0 and math.isfinite(sigma)):
+        raise ValueError(f"sigma must be a finite number > 0 (or None), got {sigma}")
+    policy = nonfinite_policy(op, on_nonfinite)
     t0 = time.perf_counter()
     start = op.num_matvecs
     gen = torch.Generator().manual_seed(seed)
     V0 = torch.randint(0, 2, (op.dim, num_runs), generator=gen).to(device=op.device, dtype=op.dtype) * 2 - 1
-    alphas, betas, _, lengths = lanczos(op.matmat, V0, lanczos_steps)
+    try:
+        with measuring(op, "spectral_density") as checked:
+            alphas, betas, _, lengths = lanczos(checked.matmat, V0, lanczos_steps)
+    except NonFiniteError:
+        if policy == "raise":
+            raise
+        nan = torch.full((num_runs, 1), float("nan"), dtype=torch.float64)
+        return DensityResult(nan, nan.clone(), torch.full((1,), float("nan"), dtype=torch.float64),
+                             torch.full((1,), float("nan"), dtype=torch.float64), float("nan"),
+                             op.num_matvecs - start, seed, time.perf_counter() - t0)
     m = alphas.shape[1]
     nodes = torch.zeros(num_runs, m, dtype=torch.float64)
     weights = torch.zeros(num_runs, m, dtype=torch.float64)

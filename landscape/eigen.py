@@ -5,6 +5,9 @@ tridiagonal matrix; it stops when the wanted Ritz pairs have relative residual
 ``||H y - theta y|| <= tol * |theta|`` (estimated as ``beta_m |s_m|``, then confirmed by explicit
 products). Power iteration with deflation mirrors what PyHessian does, for comparisons.
 
+A NaN or Inf loss or product raises :class:`landscape.errors.NonFiniteError` naming the
+instrument and the batch; ``on_nonfinite="nan"`` returns NaN eigenvalues (and no vectors) instead.
+
 Example:
     >>> import torch, torch.nn as nn
     >>> from landscape import HessianOperator, top_eigenvalues
@@ -22,7 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .hessian import HessianOperator
+from .errors import NonFiniteError
+from .hessian import HessianOperator, measuring, nonfinite_policy
 from .lanczos import lanczos, tridiagonal
 from .precision import full_precision
 from .results import Result
@@ -64,9 +68,14 @@ def _order(theta: torch.Tensor, which: str) -> torch.Tensor:
     return torch.argsort(theta.abs(), descending=True)
 
 
+def _nan_result(k: int, method: str, seed: int, t0: float) -> EigenResult:
+    nan = [float("nan")] * k
+    return EigenResult(nan, [], list(nan), 0, False, 0, method, seed, time.perf_counter() - t0)
+
+
 @full_precision()
 def top_eigenvalues(op: HessianOperator, k: int = 3, tol: float = 1e-4, seed: int = 0, *, which: str = "LA",
-                    max_iter: int | None = None, check_every: int = 1) -> EigenResult:
+                    max_iter: int | None = None, check_every: int = 1, on_nonfinite: str | None = None) -> EigenResult:
     """The ``k`` extreme eigenpairs of H by Lanczos.
 
     Args:
@@ -78,6 +87,10 @@ def top_eigenvalues(op: HessianOperator, k: int = 3, tol: float = 1e-4, seed: in
             largest magnitude.
         max_iter: Lanczos steps at most (default ``min(dim, max(200, 20 k))``).
         check_every: test convergence every this many steps.
+        on_nonfinite: ``"raise"`` or ``"nan"`` (see the module doc); default: the operator's.
+
+    Raises:
+        NonFiniteError: a NaN or Inf loss or product (``on_nonfinite="raise"``).
     """
     if which not in WHICH:
         raise ValueError(f"unknown which {which!r}; valid: {', '.join(WHICH)}")
@@ -85,7 +98,18 @@ def top_eigenvalues(op: HessianOperator, k: int = 3, tol: float = 1e-4, seed: in
         raise ValueError(f"k must be an integer in 1..{op.dim}, got {k!r}")
     if not tol > 0:
         raise ValueError(f"tol must be > 0, got {tol}")
+    policy = nonfinite_policy(op, on_nonfinite)
     t0 = time.perf_counter()
+    try:
+        with measuring(op, "top_eigenvalues") as checked:
+            return _lanczos_eigen(checked, k, tol, seed, which, max_iter, check_every, t0)
+    except NonFiniteError:
+        if policy == "raise":
+            raise
+        return _nan_result(k, "lanczos", seed, t0)
+
+
+def _lanczos_eigen(op, k, tol, seed, which, max_iter, check_every, t0) -> EigenResult:
     start = op.num_matvecs
     max_iter = min(op.dim, max_iter or max(200, 20 * k))
     gen = torch.Generator().manual_seed(seed)
@@ -116,14 +140,25 @@ def top_eigenvalues(op: HessianOperator, k: int = 3, tol: float = 1e-4, seed: in
 
 @full_precision()
 def power_iteration(op: HessianOperator, k: int = 1, max_iter: int = 100, tol: float = 1e-3,
-                    seed: int = 0) -> EigenResult:
+                    seed: int = 0, *, on_nonfinite: str | None = None) -> EigenResult:
     """Power iteration with deflation (as in PyHessian): for each eigenpair, iterate
     ``v <- H v`` orthogonalized against the pairs found so far until the relative change of the
     Rayleigh quotient is below ``tol``. Converges at rate ``lambda_2 / lambda_1``; for parity
-    with PyHessian, not for accuracy."""
+    with PyHessian, not for accuracy. ``on_nonfinite`` as for :func:`top_eigenvalues`."""
     if not isinstance(k, int) or not 1 <= k <= op.dim:
         raise ValueError(f"k must be an integer in 1..{op.dim}, got {k!r}")
+    policy = nonfinite_policy(op, on_nonfinite)
     t0 = time.perf_counter()
+    try:
+        with measuring(op, "power_iteration") as checked:
+            return _power(checked, k, max_iter, tol, seed, t0)
+    except NonFiniteError:
+        if policy == "raise":
+            raise
+        return _nan_result(k, "power", seed, t0)
+
+
+def _power(op, k, max_iter, tol, seed, t0) -> EigenResult:
     start = op.num_matvecs
     gen = torch.Generator().manual_seed(seed)
     found: list[torch.Tensor] = []

@@ -28,6 +28,11 @@ Products, quadratic forms and gradients run in full float32 precision whatever t
 TF32 and autocast settings (:func:`landscape.precision.full_precision`; the settings are
 restored after each call), and the method choice's timings synchronize the device.
 
+Every batch's loss and its share of a product (or gradient, or quadratic form) is checked for
+NaN and Inf on the device, and the flags are read once per product: a non-finite value raises
+:class:`landscape.errors.NonFiniteError` naming the batch and the instrument running
+(``on_nonfinite="nan"`` skips the checks and lets NaN through).
+
 Example:
     >>> import torch, torch.nn as nn
     >>> from landscape import HessianOperator
@@ -52,6 +57,7 @@ from torch.func import functional_call, grad, jvp, vmap
 from tqdm.auto import tqdm
 
 from ._timing import best_of, timed
+from .errors import NonFiniteError, check_policy
 from .precision import full_precision
 
 METHODS = ("auto", "fwd-rev", "rev-rev", "cached")
@@ -103,6 +109,62 @@ def select_params(model: nn.Module, params=None) -> list[str]:
     return chosen
 
 
+def _finite_pair(loss: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """``[loss is finite, every entry of value is finite]`` on the device (no host read)."""
+    return torch.stack([torch.isfinite(loss).all(), torch.isfinite(value).all()])
+
+
+@contextlib.contextmanager
+def measuring(op, instrument: str):
+    """The operator an instrument should use: ``op`` with its NaN/Inf checks on and named after
+    ``instrument`` (:meth:`HessianOperator.measuring`), or, for a duck-typed operator, a wrapper
+    that checks every product it returns (the batch is then unknown)."""
+    if isinstance(op, HessianOperator):
+        with op.measuring(instrument):
+            yield op
+    elif isinstance(op, _Checked):  # inside another instrument: already checked, under its name
+        yield op
+    else:
+        yield _Checked(op, instrument)
+
+
+def nonfinite_policy(op, on_nonfinite: str | None) -> str:
+    """An instrument's policy: its own argument, else the operator's (default ``"raise"``)."""
+    if on_nonfinite is None:
+        return check_policy(getattr(op, "on_nonfinite", "raise"), "the operator's on_nonfinite")
+    return check_policy(on_nonfinite)
+
+
+class _Checked:
+    """A duck-typed operator whose products, quadratic forms and gradients are checked for NaN/Inf."""
+
+    def __init__(self, op, instrument: str):
+        self._op, self._instrument = op, instrument
+
+    def __getattr__(self, name):
+        value = getattr(self._op, name)
+        if name in ("matmat", "matvec", "quadratic_forms"):
+            what = "quadratic form" if name == "quadratic_forms" else "Hessian-vector product"
+
+            def checked(*args, **kwargs):
+                out = value(*args, **kwargs)
+                if not bool(torch.isfinite(out).all()):
+                    raise NonFiniteError(self._instrument, what)
+                return out
+            return checked
+        if name == "gradient":
+            def checked_gradient():
+                g, loss = value()
+                if not (bool(torch.isfinite(g).all()) and torch.isfinite(torch.as_tensor(loss)).all()):
+                    raise NonFiniteError(self._instrument, "loss or gradient")
+                return g, loss
+            return checked_gradient
+        return value
+
+    def __matmul__(self, V):
+        return self.matmat(V)
+
+
 def _as_batches(data) -> list | Iterable:
     if isinstance(data, tuple) and len(data) == 2 and isinstance(data[0], torch.Tensor):
         return [data]  # one fixed batch
@@ -131,6 +193,10 @@ class HessianOperator:
             (best of two timings each);
             models or losses without Taylor-mode rules use ``"hvp"``.
         progress: show a progress bar over batches for each product.
+        on_nonfinite: ``"raise"`` (default): a NaN or Inf loss or product on any batch raises
+            :class:`landscape.errors.NonFiniteError` naming the batch; ``"nan"``: no check, NaN
+            flows into the result. The instruments (:func:`landscape.hessian_trace`, ...) take
+            this as their default and always check while they run.
 
     Under ``torch.distributed``, each rank passes its own shard of the data; products are
     all-reduced weighted by sample counts, so every rank gets the same answer.
@@ -142,7 +208,7 @@ class HessianOperator:
 
     def __init__(self, model: nn.Module, loss_fn: Callable, data, params=None, *, method: str = "auto",
                  cache_bytes: int = 2 << 30, max_block: int | None = None, quadratic: str = "auto",
-                 progress: bool = False):
+                 progress: bool = False, on_nonfinite: str = "raise"):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if not callable(loss_fn):
@@ -151,6 +217,8 @@ class HessianOperator:
             raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
         if quadratic not in QUADRATIC:
             raise ValueError(f"unknown quadratic {quadratic!r}; valid: {', '.join(QUADRATIC)}")
+        self.on_nonfinite = check_policy(on_nonfinite)
+        self.instrument: str | None = None  # the instrument running (named by NonFiniteError)
         self.model, self.loss_fn, self.data = model, loss_fn, _as_batches(data)
         self.names = select_params(model, params)
         named = dict(model.named_parameters())
@@ -224,21 +292,33 @@ class HessianOperator:
             yield x.to(self.device) if isinstance(x, torch.Tensor) else x, y.to(self.device)
 
     # -- products per batch ------------------------------------------------------------------
-    def _fwd_rev(self, x, y, V: dict, frozen) -> dict:
+    def _fwd_rev(self, x, y, V: dict, frozen) -> tuple[dict, torch.Tensor]:
+        """The products of the batch and its loss."""
         from .taylor import quiet_forward_ad
 
-        g = grad(lambda p: self._loss(p, x, y, frozen))
+        def loss(p):
+            value = self._loss(p, x, y, frozen)
+            return value, value.detach()
+
+        g = grad(loss, has_aux=True)
+
+        def one(v):
+            _, tangent, value = jvp(g, (self._params,), (v,), has_aux=True)
+            return tangent, value
+
         with quiet_forward_ad():
-            return vmap(lambda v: jvp(g, (self._params,), (v,))[1])(V)
+            prods, values = vmap(one)(V)
+        return prods, values[0]
 
     def _graph(self, x, y, frozen):
+        """The batch's gradient graph: ``(leaves, gradients, loss)``."""
         p = {n: t.clone().requires_grad_(True) for n, t in self._params.items()}
         loss = self._loss(p, x, y, frozen)
         g = torch.autograd.grad(loss, list(p.values()), create_graph=True)
-        return list(p.values()), g
+        return list(p.values()), g, loss.detach()
 
     def _rev_rev(self, graph, V: dict, retain: bool) -> dict:
-        leaves, g = graph
+        leaves, g = graph[0], graph[1]
         outs = [V[n] for n in self.names]
         k = outs[0].shape[0]
         try:
@@ -254,12 +334,14 @@ class HessianOperator:
         return {n: (r if r is not None else torch.zeros((k, *s), dtype=self.dtype, device=self.device))
                 for n, r, s in zip(self.names, res, self.shapes)}
 
-    def _batch_product(self, method, x, y, V, frozen, graph=None):
+    def _batch_product(self, method, x, y, V, frozen, graph=None) -> tuple[dict, torch.Tensor]:
+        """The products of one batch and its loss."""
         if method == "fwd-rev":
             return self._fwd_rev(x, y, V, frozen)
         if graph is None or method == "rev-rev":
-            return self._rev_rev(self._graph(x, y, frozen), V, retain=False)
-        return self._rev_rev(graph, V, retain=True)
+            graph = self._graph(x, y, frozen)
+            return self._rev_rev(graph, V, retain=False), graph[2]
+        return self._rev_rev(graph, V, retain=True), graph[2]
 
     # -- method choice -----------------------------------------------------------------------
     def _choose(self, V: dict, frozen) -> None:
@@ -293,7 +375,7 @@ class HessianOperator:
                 for w in widths:  # per-vector cost of single and blocked products
                     Vw = {n: v[:w] for n, v in V.items()}
                     # vmap traces on first use: that run is a warm-up; autograd products need none
-                    t = best_of(lambda: self._batch_product(m, x, y, Vw, frozen, graph), self.device,
+                    t = best_of(lambda: self._batch_product(m, x, y, Vw, frozen, graph)[0], self.device,
                                 warmup=m == "fwd-rev") / w
                     self.timings[f"{m}@{w}"] = t
                     if t < best_t:
@@ -340,6 +422,8 @@ class HessianOperator:
             return torch.cat([self.matmat(B) for B in V.split(self.block, dim=1)], dim=1)
         k = V.shape[1]
         Vd = self.unflatten(V.to(device=self.device, dtype=self.dtype))
+        check = self.on_nonfinite == "raise"
+        flags: list[torch.Tensor] = []  # per batch: (loss finite, product finite), read once below
         with eval_mode(self.model):
             frozen = self._frozen()
             acc = torch.zeros(self.dim, k, dtype=self.dtype, device=self.device)
@@ -348,13 +432,20 @@ class HessianOperator:
                 if self._cache is None:
                     self._cache = [(len(y), self._graph(x, y, frozen)) for x, y in self._batches()]
                 for n, graph in self._cache:
-                    acc += n * self._to_block(self._rev_rev(graph, Vd, retain=True))
+                    block = self._to_block(self._rev_rev(graph, Vd, retain=True))
+                    if check:
+                        flags.append(_finite_pair(graph[2], block))
+                    acc += n * block
                     n_total += n
             else:
                 for x, y in self._batches():
-                    acc += len(y) * self._to_block(self._batch_product(self.method, x, y, Vd, frozen))
+                    prods, loss = self._batch_product(self.method, x, y, Vd, frozen)
+                    block = self._to_block(prods)
+                    if check:
+                        flags.append(_finite_pair(loss, block))
+                    acc += len(y) * block
                     n_total += len(y)
-        acc = self._reduce(acc, n_total)
+        acc = self._reduce(acc, n_total, flags, "Hessian-vector product")
         self.num_matvecs += k
         return acc
 
@@ -367,15 +458,47 @@ class HessianOperator:
     def _to_block(self, d: dict) -> torch.Tensor:
         return torch.cat([d[n].reshape(d[n].shape[0], -1) for n in self.names], dim=1).T
 
-    def _reduce(self, acc: torch.Tensor, n: int) -> torch.Tensor:
+    def _reduce(self, acc: torch.Tensor, n: int, flags: list | None = None, what: str = "product") -> torch.Tensor:
+        """The sample-weighted mean over batches (and ranks), after checking the per-batch
+        ``(loss finite, value finite)`` flags (one host read; under ``torch.distributed`` the
+        count of bad batches is summed over ranks, so that every rank raises or none)."""
+        bad = None
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            cnt = torch.tensor([float(n)], dtype=torch.float64, device=acc.device)
+            cnt = torch.tensor([float(n), 0.0], dtype=torch.float64, device=acc.device)
+            if flags:
+                cnt[1] = (~torch.stack(flags)).any(1).sum()
             dist.all_reduce(acc)
             dist.all_reduce(cnt)
-            n = cnt.item()
+            n, bad = cnt.tolist()
+        elif flags:
+            bad = float((~torch.stack(flags)).any(1).sum())
+        if bad:
+            raise self._nonfinite_error(flags, what)
         if n == 0:
             raise ValueError("the data yielded no samples")
         return acc / n
+
+    def _nonfinite_error(self, flags: list, what: str) -> NonFiniteError:
+        """The error naming the first bad batch of this rank (or another rank's)."""
+        ok = torch.stack(flags).cpu() if flags else torch.ones(0, 2, dtype=torch.bool)
+        bad = (~ok).any(1).nonzero()
+        instrument = self.instrument or "HessianOperator"
+        if not len(bad):
+            return NonFiniteError(instrument, f"loss or {what}", None, " on another process")
+        i = int(bad[0])
+        return NonFiniteError(instrument, "loss" if not bool(ok[i, 0]) else what, i)
+
+    @contextlib.contextmanager
+    def measuring(self, instrument: str):
+        """Checks on, with NaN and Inf named as ``instrument``'s (an enclosing instrument keeps its
+        name), for the duration of the block."""
+        prev = (self.instrument, self.on_nonfinite)
+        self.instrument = self.instrument or instrument
+        self.on_nonfinite = "raise"
+        try:
+            yield self
+        finally:
+            self.instrument, self.on_nonfinite = prev
 
     @full_precision()
     def quadratic_forms(self, Z: torch.Tensor) -> torch.Tensor:
@@ -400,11 +523,15 @@ class HessianOperator:
             V = self.unflatten(B)
             acc = torch.zeros(k, 1, dtype=self.dtype, device=self.device)
             n_total = 0
+            flags: list[torch.Tensor] = []
             with eval_mode(self.model):
                 for x, y in self._batches():
-                    acc[:, 0] += len(y) * self._taylor(x, y, V)
+                    q = self._taylor(x, y, V)
+                    if self.on_nonfinite == "raise":  # the loss is finite where the model's output is
+                        flags.append(torch.stack([self._taylor.output_finite, torch.isfinite(q).all()]))
+                    acc[:, 0] += len(y) * q
                     n_total += len(y)
-            out.append(self._reduce(acc, n_total)[:, 0])
+            out.append(self._reduce(acc, n_total, flags, "quadratic form")[:, 0])
             self.num_matvecs += k
         return torch.cat(out)
 
@@ -436,7 +563,8 @@ class HessianOperator:
                 for _ in range(2):  # best of two: single timings of small batches are noisy
                     q_t, t = timed(lambda: self._taylor(x, y, V), self.device)
                     t_taylor = min(t_taylor, t)
-                    HV, t = timed(lambda: self._to_block(self._batch_product("rev-rev", x, y, V, frozen)), self.device)
+                    HV, t = timed(lambda: self._to_block(self._batch_product("rev-rev", x, y, V, frozen)[0]),
+                                  self.device)
                     t_hvp = min(t_hvp, t)
                 q_h = (Z * HV).sum(0)
                 scale = Z.norm(dim=0) * HV.norm(dim=0)
@@ -463,19 +591,24 @@ class HessianOperator:
     def gradient(self) -> tuple[torch.Tensor, float]:
         """The flat gradient of the average loss and the average loss itself (eval mode)."""
         g_acc = torch.zeros(self.dim, dtype=self.dtype, device=self.device)
-        loss_acc, n_total = 0.0, 0
+        loss_acc = torch.zeros((), dtype=torch.float64, device=self.device)  # summed in float64 on the device
+        n_total = 0
+        flags: list[torch.Tensor] = []
         with eval_mode(self.model):
             frozen = self._frozen()
             for x, y in self._batches():
                 p = {n: t.clone().requires_grad_(True) for n, t in self._params.items()}
                 loss = self._loss(p, x, y, frozen)
                 g = torch.autograd.grad(loss, list(p.values()), allow_unused=True)
-                g = [gi if gi is not None else torch.zeros_like(t) for gi, t in zip(g, p.values())]
-                g_acc += len(y) * torch.cat([gi.reshape(-1) for gi in g])
-                loss_acc += len(y) * float(loss.detach())
+                g = torch.cat([(gi if gi is not None else torch.zeros_like(t)).reshape(-1)
+                               for gi, t in zip(g, p.values())])
+                if self.on_nonfinite == "raise":
+                    flags.append(_finite_pair(loss.detach(), g))
+                g_acc += len(y) * g
+                loss_acc += len(y) * loss.detach()
                 n_total += len(y)
-        both = self._reduce(torch.cat([g_acc, torch.tensor([loss_acc], dtype=self.dtype, device=self.device)])[:, None],
-                            n_total)[:, 0]
+        both = self._reduce(torch.cat([g_acc, loss_acc.reshape(1).to(self.dtype)])[:, None], n_total, flags,
+                            "gradient")[:, 0]
         return both[:-1], float(both[-1])
 
     def to_scipy(self):

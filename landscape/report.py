@@ -25,7 +25,15 @@ configurations (the ``config`` column: seeds of one configuration are not indepe
 without that column falls back to resampling models, and the table says so.
 
 Every user-supplied string (model names, paths, settings) is HTML-escaped, in the page and in the
-figures' labels; JSON embedded in ``<script>`` has ``<``, ``>`` and ``&`` escaped.
+figures' labels; JSON embedded in ``<script>`` has ``<``, ``>`` and ``&`` escaped. In
+``summary.csv`` and ``correlations.csv``, a text cell that starts with ``=``, ``+``, ``-``, ``@``,
+a tab or a carriage return (which a spreadsheet would run as a formula) gets a leading ``'``
+(OWASP's rule against CSV injection); numbers are written as numbers.
+
+The report does not lock the study folder: it reads the records (each written atomically by the
+study) and writes only its own files (``report.html``, ``summary.*``, ``correlations.csv``,
+``figures/``), each atomically, which a study never writes, so that a report of a study still
+running can be written at any time; two reports at once leave the later one.
 """
 
 from __future__ import annotations
@@ -43,7 +51,7 @@ from pathlib import Path
 import numpy as np
 
 from .regress import correlation_table, fit, holm, prediction_holdout
-from .study import StudyError, load_records, summary_rows
+from .study import StudyError, load_records, read_study_json, summary_rows
 
 MEASURES = [("trace", "Hessian trace"), ("top_eigenvalue", "top eigenvalue"), ("trace_h_sigma", "Tr(H Sigma)"),
             ("predicted", "predicted loss increase")]
@@ -64,6 +72,22 @@ def _default(o):
     if isinstance(o, np.ndarray):
         return o.tolist()
     raise TypeError(f"not JSON serializable: {type(o).__name__}")
+
+
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(v):
+    """A value as a CSV cell that no spreadsheet runs as a formula: a string that starts with
+    ``=``, ``+``, ``-``, ``@``, a tab or a carriage return gets a leading ``'`` (OWASP); numbers,
+    booleans and ``None`` are returned unchanged (a negative number stays a number)."""
+    if isinstance(v, str) and v.startswith(_FORMULA_START):
+        return "'" + v
+    return v
+
+
+def _csv_rows(rows: list[dict]) -> list[dict]:
+    return [{k: csv_cell(v) for k, v in r.items()} for r in rows]
 
 
 def _fmt(v, digits: int = 4) -> str:
@@ -550,7 +574,7 @@ def build(path, out=None, *, static: bool = True, n_boot: int = 2000) -> Path:
     records = load_records(path)
     if not records:
         raise StudyError(f"{path} has no model records yet; run the study first")
-    meta = json.loads((path / "study.json").read_text())
+    meta = read_study_json(path / "study.json")
     cfg = meta["config"]
     bits = list(cfg.get("bits", []))
     rows = summary_rows(records, bits)
@@ -577,13 +601,13 @@ def build(path, out=None, *, static: bool = True, n_boot: int = 2000) -> Path:
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=cols, restval="")
     w.writeheader()
-    w.writerows(rows)
+    w.writerows(_csv_rows(rows))
     _atomic_text(path / "summary.csv", buf.getvalue())
     buf = io.StringIO()
     if corr:
         w = csv.DictWriter(buf, fieldnames=list(dict.fromkeys(k for r in corr for k in r)), restval="")
         w.writeheader()
-        w.writerows(corr)
+        w.writerows(_csv_rows(corr))
     _atomic_text(path / "correlations.csv", buf.getvalue())
     summary = {"study": cfg.get("name"), "config_hash": meta.get("hash"), "ptq": cfg.get("ptq"),
                "splits": meta.get("splits"), "variants": [v[0] for v in vars_],
@@ -788,19 +812,35 @@ def _atomic_bytes(path: Path, data: bytes) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
+    """``python -m landscape.report PATH [--out FILE] [--no-static] [--debug]``: as ``landscape
+    report`` (errors are one line on stderr and exit code 2)."""
+    from .cli import OneLineParser, debug_requested, guarded
 
-    p = argparse.ArgumentParser(prog="python -m landscape.report", description="Write the report of a study.")
+    p = OneLineParser(prog="python -m landscape.report", description="Write the report of a study.")
     p.add_argument("path", help="the study directory")
     p.add_argument("--out", default=None, help="the HTML file (default PATH/report.html)")
     p.add_argument("--no-static", action="store_true", help="skip the PNG/PDF figures")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error (also DNQ_DEBUG=1)")
+    return guarded("landscape report", lambda: _main(p, argv), debug_requested(argv))
+
+
+def _main(p, argv) -> int:
     a = p.parse_args(argv)
-    try:
-        print(build(a.path, a.out, static=not a.no_static))
-    except StudyError as e:
-        print(f"landscape report: error: {e}", file=sys.stderr)
-        return 2
+    print(build(a.path, _out_file(a.out), static=not a.no_static))
     return 0
+
+
+def _out_file(out: str | None) -> Path | None:
+    """``--out`` of the report: a file whose folder exists (checked before anything is written)."""
+    if out is None:
+        return None
+    target = Path(out)
+    if str(out) == "" or target.is_dir():
+        raise StudyError(f"--out must be a file name (the HTML report), got {out!r}")
+    if not target.parent.is_dir():
+        raise StudyError(f"--out {out}: the folder {target.parent} does not exist (or is not a folder); create it "
+                         "first or choose another --out")
+    return target
 
 
 if __name__ == "__main__":

@@ -43,10 +43,24 @@ no TF32, no autocast), whatever the process's settings, which training keeps.
 
 Under ``torchrun``, training is data-parallel (``dnq train``) and the curvature products are
 sharded across ranks (:class:`landscape.HessianOperator`); rank 0 writes the records.
+
+Reliability: :meth:`Study.run` checks everything it can before it writes anything (the
+configuration, every run's training settings with :func:`dnq.train.validate`, that the dataset
+loads, that each batch size fits its training split, that the model runs on the images, the
+device, and the output folder), and raises :class:`StudyError` naming the run and the fix.
+While it runs, rank 0 holds the folder's lock (:func:`dnq.rundir.folder_lock`, ``out/.dnq.lock``):
+a second study on the same folder is refused with the first one's pid and command. A corrupt
+``study.json`` is an error naming the file (it is the study's configuration: restore it or use
+another ``--out``); a corrupt ``models/<run>.json`` is moved aside to
+``models/<run>.json.corrupt-<timestamp>`` (never deleted), with a warning, and that model's
+measurements are taken again (its training is kept). A NaN or Inf loss in a measurement stops
+the study with the model named (:class:`landscape.errors.NonFiniteError`); what was measured
+before stays recorded.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import hashlib
@@ -55,8 +69,10 @@ import json
 import math
 import os
 import re
+import sys
 import time
 import tomllib
+import typing
 from pathlib import Path
 
 import torch
@@ -67,6 +83,7 @@ from tqdm.auto import tqdm
 from . import directions as _dirs
 from .density import spectral_density
 from .eigen import top_eigenvalues
+from .errors import NonFiniteError
 from .hessian import HessianOperator
 from .precision import full_precision
 from .surface import surface_1d, surface_2d
@@ -92,6 +109,86 @@ def ptq_column(stem: str, bits: str, variant: str = "rtn") -> str:
 
 class StudyError(ValueError):
     """A bad study configuration or output directory (the message names the fix)."""
+
+
+def _first_line(e: BaseException) -> str:
+    return " ".join(str(e).split("\n")[0].split()) or type(e).__name__
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _read_json(path: Path, what: str, fix: str):
+    """The JSON in ``path``, or :class:`StudyError` naming the file and ``fix`` when it does not parse."""
+    try:
+        return json.loads(path.read_text())
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
+        raise StudyError(f"{path} is corrupt: {what} is not valid JSON ({_first_line(e)}); {fix}") from None
+
+
+def read_study_json(path: str | os.PathLike) -> dict:
+    """The contents of a study's ``study.json`` (``path`` is the file).
+
+    Raises:
+        StudyError: the file does not parse, or holds no configuration (the message names the file).
+    """
+    path = Path(path)
+    fix = ("restore it from a copy, or start the study in another --out (the records in models/ and the runs "
+           "in runs/ are left as they are)")
+    meta = _read_json(path, "the study's configuration", fix)
+    if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
+        raise StudyError(f"{path} is corrupt: it holds no study configuration (no 'config' mapping); {fix}")
+    return meta
+
+
+def _check_record(rec, path: Path) -> str | None:
+    """Why ``rec`` (read from ``path``) is not a model record, or None."""
+    if not isinstance(rec, dict):
+        return f"a {type(rec).__name__}, not a mapping"
+    for key, kind in (("id", str), ("settings", dict), ("measurements", dict)):
+        if not isinstance(rec.get(key), kind):
+            return f"no {key!r} {kind.__name__}"
+    if rec["id"] != path.stem:
+        return f"its id {rec['id']!r} is not its file name"
+    bad = sorted(k for k, v in rec["measurements"].items() if not isinstance(v, dict) or "value" not in v)
+    if bad:
+        return f"measurements {bad[:3]} hold no value"
+    return None
+
+
+_SETTING_TYPES: dict | None = None
+
+
+def _setting_types() -> dict:
+    """The allowed types of every :class:`dnq.train.TrainConfig` field."""
+    global _SETTING_TYPES
+    if _SETTING_TYPES is None:
+        from dnq.train import TrainConfig
+
+        hints = typing.get_type_hints(TrainConfig)
+        _SETTING_TYPES = {k: typing.get_args(v) or (v,) for k, v in hints.items()}
+    return _SETTING_TYPES
+
+
+def _check_setting(key: str, value, where: str) -> None:
+    """A training setting of the type its :class:`dnq.train.TrainConfig` field declares."""
+    allowed = _setting_types().get(key)
+    if allowed is None:
+        return
+    ok = ((value is None and type(None) in allowed) or (isinstance(value, bool) and bool in allowed)
+          or (_is_int(value) and (int in allowed or float in allowed))
+          or (isinstance(value, float) and float in allowed) or (isinstance(value, str) and str in allowed))
+    if isinstance(value, float) and ok and not math.isfinite(value):
+        raise StudyError(f"{where}: {key} must be a finite number, got {value!r}")
+    if not ok:
+        names = {type(None): "null", bool: "true/false", int: "an integer", float: "a number", str: "a string"}
+        want = " or ".join(names.get(t, getattr(t, "__name__", str(t))) for t in allowed)
+        raise StudyError(f"{where}: {key} must be {want}, got {value!r}")
 
 
 @dataclasses.dataclass
@@ -141,27 +238,66 @@ class StudyConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "StudyConfig":
+        """A validated study from a mapping of its keys (a JSON / TOML file's contents).
+
+        Raises:
+            StudyError: an unknown key, a value of the wrong type or out of range (the message
+                names the key and the valid values).
+        """
+        if not isinstance(d, dict):
+            raise StudyError(f"a study configuration is a mapping of keys (name, data, model, runs, ...), got "
+                             f"{type(d).__name__}")
         d = dict(d)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
             raise StudyError(f"unknown study keys {unknown}; valid: {sorted(known)}")
-        inst = d.pop("instruments", {}) or {}
+        inst = d.pop("instruments", None)
+        inst = {} if inst is None else inst
+        if not isinstance(inst, dict):
+            raise StudyError(f"instruments must be a mapping of budgets (e.g. {{\"trace_matvecs\": 48}}), got {inst!r}")
+        inst = dict(inst)
         known_i = {f.name for f in dataclasses.fields(Instruments)}
         bad = sorted(set(inst) - known_i)
         if bad:
             raise StudyError(f"unknown instrument keys {bad}; valid: {sorted(known_i)}")
         if "slice_span" in inst:
-            inst["slice_span"] = tuple(inst["slice_span"])
-        ptq = {**DEFAULT_PTQ, **(d.pop("ptq", None) or {})}
-        cfg = cls(**d, instruments=Instruments(**inst), ptq=ptq)
+            span = inst["slice_span"]
+            if not isinstance(span, (list, tuple)) or len(span) != 2:
+                raise StudyError(f"instruments.slice_span must be a pair [low, high], got {span!r}")
+            inst["slice_span"] = tuple(span)
+        ptq = d.pop("ptq", None)
+        ptq = {} if ptq is None else ptq
+        if not isinstance(ptq, dict):
+            raise StudyError(f"ptq must be a mapping (e.g. {{\"calib_size\": 256}}), got {ptq!r}")
+        cfg = cls(**d, instruments=Instruments(**inst), ptq={**DEFAULT_PTQ, **ptq})
         cfg.validate()
         return cfg
 
     def validate(self) -> None:
-        from dnq.quant import parse_bits
+        """Check every key's type and range (:meth:`from_dict` calls it).
+
+        Raises:
+            StudyError: naming the key, what it must be, and what it is.
+        """
+        from dnq.quant import MAX_BITS, MIN_BITS, parse_bits
         from dnq.train import TrainConfig
 
+        if not isinstance(self.name, str) or not self.name.strip():
+            raise StudyError(f"name must be a non-empty string, got {self.name!r}")
+        if isinstance(self.model, list):
+            raise StudyError(f"the study lists several models {self.model}; run one study per model with "
+                             "--set model=NAME (or a config file with 'model')")
+        for key in ("data", "model", "train_bits"):
+            if not isinstance(getattr(self, key), str) or not getattr(self, key):
+                raise StudyError(f"{key} must be a non-empty string, got {getattr(self, key)!r}")
+        if self.data_root is not None and not isinstance(self.data_root, str):
+            raise StudyError(f"data_root must be a path (a string) or null, got {self.data_root!r}")
+        if not isinstance(self.runs, list) or not all(isinstance(r, dict) for r in self.runs):
+            raise StudyError(f"runs must be a list of mappings such as {{\"method\": \"sgd\"}}, got {self.runs!r}")
+        if not isinstance(self.train, dict):
+            raise StudyError(f"train must be a mapping of training settings (e.g. {{\"epochs\": 2}}), got "
+                             f"{self.train!r}")
         if not self.runs:
             raise StudyError("the study has no runs; give at least one {'method': ...}")
         fields = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -171,21 +307,41 @@ class StudyConfig:
             bad = sorted(set(r) - fields - {"name"})
             if bad:
                 raise StudyError(f"run {i}: unknown training settings {bad}")
+            if "seed" in r or "out" in r:
+                raise StudyError(f"run {i}: {'seed' if 'seed' in r else 'out'} has no effect in a run (the study's "
+                                 "seeds and folder set it); remove it")
+            empty = sorted(k for k, v in r.items() if isinstance(v, list) and not v)
+            if empty:
+                raise StudyError(f"run {i}: {empty} sweep an empty list; give at least one value")
+            if not isinstance(r.get("name", ""), (str, int, float)):
+                raise StudyError(f"run {i}: name must be a string, got {r['name']!r}")
         bad = sorted(set(self.train) - fields)
         if bad:
             raise StudyError(f"train: unknown training settings {bad}")
-        if not self.seeds or not all(isinstance(s, int) for s in self.seeds):
+        overridden = {"method": "every run sets its own method (in runs)", "seed": "the study's seeds set it",
+                      "out": "the study puts each run in out/runs/"}
+        for key in sorted(set(self.train) & set(overridden)):
+            raise StudyError(f"train.{key} has no effect: {overridden[key]}; remove it")
+        for key, value in self.train.items():
+            _check_setting(key, value, "train")
+        if not isinstance(self.seeds, list) or not self.seeds or not all(_is_int(s) for s in self.seeds):
             raise StudyError(f"seeds must be a non-empty list of integers, got {self.seeds!r}")
+        if not isinstance(self.bits, list) or not self.bits or not all(isinstance(b, str) for b in self.bits):
+            raise StudyError(f"bits must be a non-empty list of bit-widths such as [\"W4A4\", \"W3A3\"], got "
+                             f"{self.bits!r}")
         try:
             for b in [*self.bits, self.train_bits]:
                 parse_bits(b)
         except ValueError as e:
             raise StudyError(f"bad bit-width: {e}") from None
+        if len(set(self.bits)) != len(self.bits):
+            raise StudyError(f"bits lists a bit-width twice: {self.bits}")
         unknown = sorted(set(self.ptq) - set(DEFAULT_PTQ))
         if unknown:
             raise StudyError(f"ptq: unknown keys {unknown}; valid: {sorted(DEFAULT_PTQ)}")
-        bad = [v for v in self.ptq.get("variants", []) if v not in PTQ_VARIANTS]
-        if bad or not self.ptq.get("variants"):
+        variants = self.ptq.get("variants")
+        bad = [v for v in variants if v not in PTQ_VARIANTS] if isinstance(variants, list) else [variants]
+        if bad or not variants:
             raise StudyError(f"ptq.variants must be a non-empty list of {', '.join(PTQ_VARIANTS)}, got "
                              f"{self.ptq.get('variants')!r}")
         fixed = {k: DEFAULT_PTQ[k] for k in ("weight_mode", "weight_granularity", "act", "range", "calib_split",
@@ -194,13 +350,33 @@ class StudyConfig:
         if changed:
             raise StudyError(f"ptq: {changed} cannot be changed in a study (it is the simple PTQ of the toolkit: "
                              f"{fixed}); use `dnq ptq` for other quantizers")
+        flb = self.ptq["first_last_bits"]
+        if flb is not None and not (_is_int(flb) and MIN_BITS <= flb <= MAX_BITS):
+            raise StudyError(f"ptq.first_last_bits must be an integer in {MIN_BITS}..{MAX_BITS} or null, got {flb!r}")
+        if not _is_int(self.ptq["calib_size"]) or self.ptq["calib_size"] < 1:
+            raise StudyError(f"ptq.calib_size must be an integer >= 1, got {self.ptq['calib_size']!r}")
         i = self.instruments
         if i.trace_method not in ("hutchinson", "hutch++"):
             raise StudyError(f"instruments.trace_method must be 'hutchinson' or 'hutch++', got {i.trace_method!r}")
+        minimum = {"trace_matvecs": 6 if i.trace_method == "hutch++" else 2, "block_matvecs": 2, "noise_matvecs": 2}
         for k in ("hessian_samples", "hessian_batch", "trace_matvecs", "eig_k", "density_runs", "density_steps",
                   "block_matvecs", "noise_matvecs", "surface_steps", "slice_steps"):
-            if int(getattr(i, k)) < 1:
-                raise StudyError(f"instruments.{k} must be >= 1, got {getattr(i, k)}")
+            low = minimum.get(k, 1)
+            if not _is_int(getattr(i, k)) or getattr(i, k) < low:
+                why = f" ({i.trace_method})" if k == "trace_matvecs" else ""
+                raise StudyError(f"instruments.{k} must be an integer >= {low}{why}, got {getattr(i, k)!r}")
+        if not _is_number(i.eig_tol) or not i.eig_tol > 0:
+            raise StudyError(f"instruments.eig_tol must be a number > 0, got {i.eig_tol!r}")
+        if not _is_number(i.surface_span) or not i.surface_span > 0:
+            raise StudyError(f"instruments.surface_span must be a number > 0, got {i.surface_span!r}")
+        span = tuple(i.slice_span) if isinstance(i.slice_span, (list, tuple)) else None
+        if span is None or len(span) != 2 or not all(_is_number(v) for v in span) or not span[0] < span[1]:
+            raise StudyError(f"instruments.slice_span must be [low, high] with low < high, got {i.slice_span!r}")
+        if not _is_int(i.seed):
+            raise StudyError(f"instruments.seed must be an integer, got {i.seed!r}")
+        for r in self.expand():  # every model's settings, sweeps expanded (duplicates refused there)
+            for key, value in r["settings"].items():
+                _check_setting(key, value, f"run {r['name']!r}")
 
     def hash(self) -> str:
         return _hash(self.to_dict())
@@ -305,22 +481,28 @@ def load_config(preset: str | None = None, config: str | os.PathLike | None = No
         preset = "digits"
     d: dict = {}
     if preset is not None:
-        if preset not in PRESETS:
+        if not isinstance(preset, str) or preset not in PRESETS:
             raise StudyError(f"unknown preset {preset!r}; valid: {', '.join(PRESETS)}")
         d = copy.deepcopy(PRESETS[preset])
     if config is not None:
         path = Path(config)
         if not path.is_file():
-            raise StudyError(f"study config {path} not found")
-        text = path.read_text()
+            raise StudyError(f"study config {path} not found" + (" (it is a folder)" if path.is_dir() else ""))
         try:
+            text = path.read_text()
             extra = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
         except (ValueError, tomllib.TOMLDecodeError) as e:
-            raise StudyError(f"cannot parse {path}: {e}") from None
+            kind = "TOML" if path.suffix == ".toml" else "JSON (name it .toml for TOML)"
+            raise StudyError(f"cannot parse {path} as {kind}: {_first_line(e)}") from None
+        if not isinstance(extra, dict):
+            raise StudyError(f"{path} must hold a mapping of study keys (name, runs, ...), not a "
+                             f"{type(extra).__name__}")
         d = _merge(d, extra)
     d = _merge(d, overrides)
     if isinstance(d.get("model"), list):  # a list of architectures: one sub-study each is the user's job here
-        raise StudyError(f"preset {preset!r} lists several models {d['model']}; run one study per model with "
+        from_preset = preset is not None and d["model"] == PRESETS[preset].get("model")
+        where = f"preset {preset!r}" if from_preset else "the study"
+        raise StudyError(f"{where} lists several models {d['model']}; run one study per model with "
                          "--set model=NAME (or a config file with 'model')")
     return StudyConfig.from_dict(d)
 
@@ -339,6 +521,28 @@ def _write_json(path: Path, obj) -> None:
     atomic_write_json(path, obj)
 
 
+def check_device(device: str) -> None:
+    """Refuse a device this process cannot use, before anything starts.
+
+    Raises:
+        StudyError: an unknown device name, CUDA asked for where there is none, or a GPU index
+            past the last one.
+    """
+    if not isinstance(device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
+        raise StudyError(f"unknown device {device!r}; valid: auto, cpu, cuda, cuda:N")
+    if not device.startswith("cuda"):
+        return
+    if not torch.cuda.is_available():
+        raise StudyError(f"device {device!r} asked for, but CUDA is not available here; use --device cpu or auto")
+    if ":" in device:
+        if int(device.split(":")[1]) >= torch.cuda.device_count():
+            raise StudyError(f"device {device!r} asked for, but this machine has {torch.cuda.device_count()} GPU(s) "
+                             f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise StudyError(f"--device {device} under torchrun: every process takes the GPU of its LOCAL_RANK; pass "
+                             "--device cuda (or auto) and choose GPUs with CUDA_VISIBLE_DEVICES")
+
+
 class Study:
     """Runs a :class:`StudyConfig` into ``out`` (see the module doc).
 
@@ -348,11 +552,19 @@ class Study:
             empty.
         device: ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda[:i]"``.
         progress: progress bars (``False`` for quiet runs).
+
+    Raises:
+        StudyError: a device that is not available here (checked before anything starts).
     """
 
     def __init__(self, config: StudyConfig, out: str | os.PathLike, device: str = "auto", progress: bool = True):
         from dnq.train import init_distributed, resolve_device
 
+        if not isinstance(config, StudyConfig):
+            raise TypeError(f"config must be a StudyConfig (see load_config), got {type(config).__name__}")
+        if str(out) == "":
+            raise StudyError("the study folder is an empty path; give --out a folder")
+        check_device(device)
         self.cfg, self.out, self.progress = config, Path(out), progress
         kind = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device.split(":")[0]
         # under torchrun: join the process group (training is data-parallel, products sharded)
@@ -360,40 +572,179 @@ class Study:
         self.device = resolve_device(device, local_rank)
         self._datasets: dict = {}  # loaded once per study, not once per model
 
+    # -- checks before anything is written ---------------------------------------------------
+    def check(self) -> None:
+        """Everything that can go wrong before the first write: the output folder
+        (:meth:`check_out`) and every run's training configuration (:func:`dnq.train.validate`),
+        its dataset (loaded here, and kept for the measurements), its batch size against the
+        training split, and its model on the dataset's images (one forward pass of two images).
+
+        Raises:
+            StudyError: naming the run (or the folder) and the fix.
+        """
+        from dnq.data import DataError, load_dataset
+        from dnq.train import ConfigError, validate
+
+        self.check_out()
+        fix = "fix it in the study's runs or train settings (the config file, or --set train.KEY=VALUE)"
+        loaded, models = {}, {}
+        for r in self.cfg.expand():
+            where = f"run {r['name']!r}"
+            try:
+                tc = self.train_config(r["settings"], self.out / "runs" / r["id"])
+                validate(tc)
+            except (ConfigError, TypeError, ValueError) as e:
+                raise StudyError(f"{where}: {_first_line(e)}; {fix}") from None
+            key = (tc.data, repr(tc.val_size), tc.val_seed)
+            if key not in loaded:
+                try:
+                    loaded[key] = load_dataset(tc.data, tc.data_root, tc.download, val_size=tc.val_size,
+                                               val_seed=tc.val_seed)
+                except DataError as e:
+                    raise StudyError(f"{where}: cannot load dataset {tc.data!r}: {_first_line(e)}") from None
+            ds = loaded[key]
+            n = len(ds.x_train)
+            if tc.batch_size > n:
+                raise StudyError(f"{where}: batch_size {tc.batch_size} is larger than the {n} training images of "
+                                 f"{tc.data} ({ds.val_size} more are held out for validation); use a smaller "
+                                 "batch size in the study's runs or train settings (e.g. --set train.batch_size=64)")
+            if tc.batch_size % self.world:
+                raise StudyError(f"{where}: batch_size {tc.batch_size} is not divisible by the {self.world} processes")
+            mkey = (tc.model, tc.data)
+            if mkey not in models:
+                models[mkey] = self._check_model(tc.model, ds, where)
+            if self.cfg.instruments.eig_k > models[mkey]:
+                raise StudyError(f"instruments.eig_k is {self.cfg.instruments.eig_k}, more than the "
+                                 f"{models[mkey]} parameters of {tc.model}")
+        for ds in loaded.values():  # the measurements reuse them (keyed as Measure looks them up)
+            self._datasets.setdefault((ds.name, ds.val_size, ds.val_seed or 0), ds.to(self.device))
+
+    @staticmethod
+    def _check_model(name: str, ds, where: str) -> int:
+        """Build ``name`` for ``ds`` and run two of its images through it; returns its number of
+        trainable parameters."""
+        from dnq.models import build_model
+
+        try:
+            model = build_model(name, ds.num_classes, ds.in_channels, ds.image_size).eval()
+            with torch.no_grad():
+                out = model(ds.normalize(ds.x_train[:2].cpu()))
+        except (RuntimeError, ValueError, KeyError, TypeError) as e:
+            shape = tuple(ds.x_train.shape[1:])
+            raise StudyError(f"{where}: model {name!r} does not run on {ds.name} images of shape {shape}: "
+                             f"{_first_line(e)}; choose another model or dataset") from None
+        if out.dim() != 2 or out.shape[1] != ds.num_classes:
+            raise StudyError(f"{where}: model {name!r} gives outputs of shape {tuple(out.shape)} on {ds.name}, not "
+                             f"(batch, {ds.num_classes} classes)")
+        return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+    def check_out(self) -> None:
+        """The output folder can hold this study: it is a folder (or can be created) that this
+        process can write, and it holds this study (same name) or nothing. Writes nothing.
+
+        Raises:
+            StudyError: naming the folder and the fix.
+        """
+        from dnq.rundir import LOCK_NAME
+
+        out = self.out
+        if out.exists() or out.is_symlink():
+            if not out.is_dir():
+                raise StudyError(f"{out} is not a folder (a file, or a broken link); choose another --out")
+            if not os.access(out, os.W_OK | os.X_OK):
+                raise StudyError(f"{out} is not writable by this user; choose another --out or fix its permissions")
+            meta = out / "study.json"
+            if meta.is_file():
+                old = read_study_json(meta)
+                if old["config"].get("name") != self.cfg.name:
+                    raise StudyError(f"{out} holds study {old['config'].get('name')!r}, not {self.cfg.name!r}; "
+                                     "choose another --out")
+            elif any(p.name != LOCK_NAME for p in out.iterdir()):
+                raise StudyError(f"{out} exists, is not empty and holds no study.json; choose another --out")
+            return
+        parent = out.parent
+        while not parent.exists() and not parent.is_symlink() and parent != parent.parent:
+            parent = parent.parent
+        if not parent.is_dir():
+            raise StudyError(f"cannot create {out}: {parent} is not a folder (a file, or a broken link); "
+                             "choose another --out")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise StudyError(f"cannot create {out}: {parent} is not writable by this user; choose another --out")
+
     # -- directory --------------------------------------------------------------------------
     def prepare(self) -> None:
-        meta = self.out / "study.json"
-        if meta.is_file():
-            old = json.loads(meta.read_text())
-            if old.get("config", {}).get("name") != self.cfg.name:
-                raise StudyError(f"{self.out} holds study {old.get('config', {}).get('name')!r}, not "
-                                 f"{self.cfg.name!r}; choose another --out")
-        elif self.out.exists() and any(self.out.iterdir()):
-            raise StudyError(f"{self.out} exists, is not empty and holds no study.json; choose another --out")
+        """Check the output folder (:meth:`check_out`), then create ``models/``, ``runs/`` and
+        write ``study.json`` (rank 0)."""
+        self.check_out()
         self._barrier()  # every rank has checked before rank 0 writes
         if self.rank == 0:
+            meta = self.out / "study.json"
+            old = read_study_json(meta) if meta.is_file() else {}
             (self.out / "models").mkdir(parents=True, exist_ok=True)
             (self.out / "runs").mkdir(parents=True, exist_ok=True)
-            _write_json(meta, {"version": STUDY_VERSION, "config": self.cfg.to_dict(), "hash": self.cfg.hash(),
-                               "updated": time.strftime("%Y-%m-%dT%H:%M:%S")})
+            new = {"version": STUDY_VERSION, "config": self.cfg.to_dict(), "hash": self.cfg.hash(),
+                   "updated": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            if "splits" in old and old.get("hash") == new["hash"]:
+                new["splits"] = old["splits"]
+            _write_json(meta, new)
         self._barrier()
 
     def _barrier(self) -> None:
         if self.world > 1:
             dist.barrier()
 
+    def _all_ok(self, ok: bool) -> bool:
+        """Whether ``ok`` holds on every rank (a collective: every rank must call it)."""
+        if self.world == 1:
+            return ok
+        flag = torch.tensor([int(ok)], dtype=torch.int32, device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
+
+    @contextlib.contextmanager
+    def _locked(self):
+        """Rank 0 holds the folder's lock (:func:`dnq.rundir.folder_lock`) for the block; a
+        folder locked by another process is refused on every rank."""
+        from dnq.rundir import LockedError, folder_lock
+
+        lock, err = None, None
+        if self.rank == 0:
+            try:
+                self.out.mkdir(parents=True, exist_ok=True)
+                lock = folder_lock(self.out, "landscape study")
+                lock.__enter__()
+            except (LockedError, OSError) as e:
+                lock, err = None, e
+        if not self._all_ok(err is None):
+            if err is not None:
+                raise err
+            raise StudyError(f"{self.out}: rank 0 could not lock the study folder (its error says why)")
+        try:
+            yield
+        finally:
+            if lock is not None:
+                lock.__exit__(None, None, None)
+
     # -- one model ----------------------------------------------------------------------------
     def run(self) -> list[dict]:
-        """Train and measure every model; returns the records."""
+        """Check everything (:meth:`check`), then, holding the folder's lock, train and measure
+        every model; returns the records.
+
+        Raises:
+            StudyError: a bad configuration, folder, training or measurement (naming the run and
+                the fix); :class:`dnq.rundir.LockedError`: another process runs in the folder.
+        """
         try:
-            self.prepare()
-            runs = self.cfg.expand()
-            records = []
-            bar = tqdm(runs, desc=f"study {self.cfg.name}", disable=not self.progress or self.rank != 0)
-            for r in bar:
-                bar.set_postfix_str(r["id"])
-                records.append(self.run_one(r))
-            return records
+            self.check()
+            with self._locked():
+                self.prepare()
+                runs = self.cfg.expand()
+                records = []
+                bar = tqdm(runs, desc=f"study {self.cfg.name}", disable=not self.progress or self.rank != 0)
+                for r in bar:
+                    bar.set_postfix_str(r["id"])
+                    records.append(self.run_one(r))
+                return records
         finally:
             if self.own_pg:
                 dist.destroy_process_group()
@@ -402,8 +753,31 @@ class Study:
         return self.out / "models" / f"{rid}.json"
 
     def _load_record(self, rid: str) -> dict | None:
+        """The model's record, or None: missing, or corrupt (then moved aside to
+        ``<name>.json.corrupt-<timestamp>`` by rank 0, with a warning, and measured again)."""
         p = self._record_path(rid)
-        return json.loads(p.read_text()) if p.is_file() else None
+        if not p.is_file():
+            return None
+        try:
+            rec = json.loads(p.read_text())
+            why = _check_record(rec, p)
+        except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
+            why = f"not valid JSON ({_first_line(e)})"
+        except FileNotFoundError:  # moved aside by rank 0 meanwhile
+            return None
+        if why is None:
+            return rec
+        if self.rank == 0:
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            aside = p.with_name(f"{p.name}.corrupt-{stamp}")
+            k = 1
+            while aside.exists():
+                k += 1
+                aside = p.with_name(f"{p.name}.corrupt-{stamp}-{k}")
+            p.rename(aside)
+            print(f"landscape study: warning: {p} was corrupt ({why}); moved it to {aside.name} and measuring "
+                  f"model {rid} again (its training is kept)", file=sys.stderr)
+        return None
 
     def _save(self, rec: dict) -> None:
         if self.rank == 0:
@@ -420,11 +794,12 @@ class Study:
         return TrainConfig(**{**base, **settings, "out": str(out)})
 
     def run_one(self, r: dict) -> dict:
-        from dnq.train import load_model, train
+        from dnq.train import NonFiniteLossError, load_model, train
 
         cfg_train = self.train_config(r["settings"], Path("."))
         tkey = _hash({k: v for k, v in cfg_train.to_dict().items() if k not in ("out", "device", "data_root")})
         run_dir = self.out / "runs" / f"{r['id']}-{tkey[:8]}"
+        where = f"run {r['name']!r} ({run_dir})"
         rec = self._load_record(r["id"])
         if rec is None or rec.get("train_key") != tkey:
             rec = {"id": r["id"], "name": r["name"], "config": r["config"], "settings": r["settings"],
@@ -433,13 +808,21 @@ class Study:
             t0 = time.perf_counter()
             resume = (run_dir / "checkpoint.pt").is_file()
             cfg_train = self.train_config(r["settings"], run_dir)
-            result = train(cfg_train, resume=resume, overwrite=not resume and run_dir.exists(), quiet=True)
+            try:
+                result = train(cfg_train, resume=resume, overwrite=not resume and run_dir.exists(), quiet=True)
+            except (ValueError, NonFiniteLossError) as e:  # ConfigError, DataError, CheckpointError, LockedError
+                raise StudyError(f"{where}: training failed: {_first_line(e)}") from None
             rec["train"] = {**result, "time_s": time.perf_counter() - t0}
             self._save(rec)
             self._barrier()  # model.pt is written by rank 0
         elif "train" not in rec and (run_dir / "result.json").is_file():
-            rec["train"] = json.loads((run_dir / "result.json").read_text())
-        model, meta = load_model(run_dir, self.device)
+            rec["train"] = _read_json(run_dir / "result.json", "the training's result",
+                                      f"delete the folder {run_dir} to train that model again")
+        try:
+            model, meta = load_model(run_dir, self.device)
+        except (ValueError, OSError) as e:  # CheckpointError, a missing or unreadable model.pt
+            raise StudyError(f"{where}: cannot load the trained model: {_first_line(e)}; delete the folder "
+                             f"{run_dir} to train it again") from None
         m = Measure(self, rec, model, meta)
         self._record_splits(m.ds)
         m.all()
@@ -450,7 +833,7 @@ class Study:
         if self.rank != 0:
             return
         path = self.out / "study.json"
-        meta = json.loads(path.read_text())
+        meta = read_study_json(path)
         splits = {"train": len(ds.x_train), "val": ds.val_size, "test": len(ds.x_test),
                   "calibration": min(self.cfg.ptq["calib_size"], len(ds.x_train)),
                   "hessian": min(self.cfg.instruments.hessian_samples, len(ds.x_train))}
@@ -496,8 +879,14 @@ class Measure:
         if have is not None and have.get("key") == key:
             return
         t0 = time.perf_counter()
-        with full_precision():  # the user's TF32 / autocast settings stay for training, not for measurements
-            value = fn()
+        try:
+            with full_precision():  # the user's TF32 / autocast settings stay for training, not for measurements
+                value = fn()
+        except NonFiniteError as e:
+            rid = self.rec["id"]
+            raise StudyError(f"model {rid}, measurement {name!r}: {_first_line(e)}. The measurements finished so far "
+                             f"are kept in models/{rid}.json; train that model again (delete "
+                             f"{self.rec.get('run_dir', 'its run folder')}) or remove its run from the study") from None
         self.rec["measurements"][name] = {"key": key, "value": value, "time_s": time.perf_counter() - t0,
                                           "at": time.strftime("%Y-%m-%dT%H:%M:%S")}
         self.s._save(self.rec)
@@ -650,11 +1039,26 @@ def load_records(path: str | os.PathLike, include_other: bool = False) -> list[d
     (left by an earlier version of the study) are kept on disk and returned only with
     ``include_other=True``."""
     path = Path(path)
+    if not path.is_dir():
+        raise StudyError(f"{path} is not a folder" + ("" if path.exists() else " (it does not exist)")
+                         + "; give the folder of a study (the --out of `landscape study`)")
     if not (path / "study.json").is_file():
         raise StudyError(f"{path} holds no study.json; run `landscape study --out {path}` first")
-    meta = json.loads((path / "study.json").read_text())
-    order = [r["id"] for r in StudyConfig.from_dict(meta["config"]).expand()]
-    recs = {p.stem: json.loads(p.read_text()) for p in sorted((path / "models").glob("*.json"))}
+    meta = read_study_json(path / "study.json")
+    try:
+        order = [r["id"] for r in StudyConfig.from_dict(meta["config"]).expand()]
+    except StudyError as e:
+        raise StudyError(f"{path / 'study.json'} holds an invalid configuration ({e}); restore the file, or run "
+                         "the study again with a valid configuration") from None
+    recs = {}
+    for p in sorted((path / "models").glob("*.json")):
+        fix = (f"delete it, or run `landscape study` on {path} again with the same configuration, which moves it aside "
+               "and measures that model again")
+        rec = _read_json(p, "a model record", fix)
+        why = _check_record(rec, p)
+        if why is not None:
+            raise StudyError(f"{p} is corrupt: not a model record ({why}); {fix}")
+        recs[p.stem] = rec
     mine = [recs[k] for k in order if k in recs]
     return mine + [v for k, v in recs.items() if k not in order] if include_other else mine
 

@@ -9,7 +9,9 @@ the second is 2-4x faster for small CNNs (vmap turns convolutions into slower gr
 falls back to loops for some pooling ops); the first can pay on GPUs. The user's model itself is
 never written (it is in eval mode during the evaluation, every module's flag restored after).
 Evaluations run in full float32 precision (no TF32, no autocast:
-:func:`landscape.precision.full_precision`). NaN or Inf losses stay NaN in the result. Under
+:func:`landscape.precision.full_precision`). NaN or Inf losses are NaN in the result (a surface
+is expected to reach regions where the loss overflows); ``on_nonfinite="raise"`` raises
+:class:`landscape.errors.NonFiniteError` instead, naming the first grid point and batch. Under
 ``torch.distributed`` the grid points are split across ranks (each rank evaluates its points on
 the data it is given: pass every rank the whole evaluation set) and gathered, so every rank
 returns the whole surface.
@@ -26,6 +28,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -37,6 +40,7 @@ from torch.func import functional_call, vmap
 from tqdm.auto import tqdm
 
 from ._timing import timed
+from .errors import NonFiniteError, check_policy
 from .hessian import _as_batches, eval_mode
 from .precision import full_precision
 from .results import Result
@@ -114,6 +118,7 @@ class _Evaluator:
         self.dev = next(iter(params.values())).device
         self.classify = True
         self._copy = None
+        self.first_bad: tuple[int, int] | None = None  # (row of coords, batch) of the first non-finite loss
 
     def _params_at(self, c: torch.Tensor) -> dict:
         out = {}
@@ -125,8 +130,11 @@ class _Evaluator:
             out[k] = t
         return out
 
-    def _accumulate(self, out, y, loss_sum, correct, i):
-        loss_sum[i] += len(y) * float(self.loss_fn(out, y))
+    def _accumulate(self, out, y, loss_sum, correct, i, batch):
+        loss = float(self.loss_fn(out, y))
+        if self.first_bad is None and not math.isfinite(loss):
+            self.first_bad = (i, batch)
+        loss_sum[i] += len(y) * loss
         if self.classify and out.dim() == 2 and y.dim() == 1 and not y.is_floating_point():
             correct[i] += float((out.argmax(-1) == y).sum())
         else:
@@ -152,15 +160,15 @@ class _Evaluator:
                     for k, t in stacked.items():
                         named[k].copy_(t[0])
                     with torch.inference_mode():
-                        for x, y in self.data:
-                            self._accumulate(self._copy(x.to(self.dev)), y.to(self.dev), loss_sum, correct, start)
+                        for b, (x, y) in enumerate(self.data):
+                            self._accumulate(self._copy(x.to(self.dev)), y.to(self.dev), loss_sum, correct, start, b)
                 else:
                     f = vmap(lambda p, x: functional_call(self.model, {**self.fixed, **self.buffers, **p}, (x,)),
                              in_dims=(0, None))
-                    for x, y in self.data:
+                    for b, (x, y) in enumerate(self.data):
                         outs = f(stacked, x.to(self.dev))
                         for i, o in enumerate(outs):
-                            self._accumulate(o, y.to(self.dev), loss_sum, correct, start + i)
+                            self._accumulate(o, y.to(self.dev), loss_sum, correct, start + i, b)
                 bar.update(len(c))
         bar.close()
         loss = loss_sum / max(n_total, 1)
@@ -200,7 +208,7 @@ def _faster_batching(model, loss_fn, data, merged, dirs, point) -> int:
 
 
 @full_precision()
-def _surface(model, loss_fn, data, dirs, grids, chunk, progress, max_batch):
+def _surface(model, loss_fn, data, dirs, grids, chunk, progress, max_batch, on_nonfinite="nan", name="surface"):
     t0 = time.perf_counter()
     data = _as_batches(data)
     params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
@@ -224,9 +232,12 @@ def _surface(model, loss_fn, data, dirs, grids, chunk, progress, max_batch):
             # point each way when the grid is large enough to pay for it
             if dev.type == "cpu" and len(merged) < len(data) and len(mine) >= 16:
                 max_batch = _faster_batching(model, loss_fn, data, merged, dirs, coords[mine[:1]])
-        ev = _Evaluator(model, loss_fn, _merge_batches(data, max_batch) if max_batch else data, dirs)
+        batches = _merge_batches(data, max_batch) if max_batch else data
+        ev = _Evaluator(model, loss_fn, batches, dirs)
         mode, size = ev.choose(coords[mine] if len(mine) else coords[:1], chunk)
+        ev.first_bad = None  # the timing runs of choose() are not the surface
         loss, acc = ev.run(coords[mine], mode, size, progress)
+        bad_here = ev.first_bad
         center, _ = ev.run(torch.zeros(1, len(dirs), dtype=torch.float64), mode, 1)
         if not ev.classify:
             acc = torch.full_like(acc, float("nan"))
@@ -242,6 +253,15 @@ def _surface(model, loss_fn, data, dirs, grids, chunk, progress, max_batch):
         dist.all_reduce(nanmask)
         full = buf.cpu()
         full[nanmask.cpu() > 0] = float("nan")
+    if on_nonfinite == "raise" and not bool(torch.isfinite(full[0]).all() and np.isfinite(float(center[0]))):
+        if bad_here is not None:  # this rank's first bad point (batches as merged: a merged batch spans several)
+            i, b = bad_here
+            point = ", ".join(f"{v:.4g}" for v in coords[mine[i]].tolist())
+            raise NonFiniteError(name, "loss", b, f" at the grid point ({point})"
+                                 + (" (consecutive batches were merged; max_batch=0 keeps them)"
+                                    if len(batches) != len(data) else ""))
+        raise NonFiniteError(name, "loss", None, " at the model itself (the origin)" if ev.first_bad
+                             else " at a point of another process")
     shape = tuple(len(g) for g in grids)
     meta = [dict(getattr(d, "meta", {"norm": float(torch.sqrt(sum((t.double() ** 2).sum() for t in d.values())))}))
             for d in dirs]
@@ -259,7 +279,8 @@ def _grid(span, steps, name):
 
 
 def surface_1d(model: nn.Module, loss_fn, data, direction: dict, span=(-1.0, 1.0), steps: int = 41, *,
-               chunk_size="auto", max_batch: int | None = None, progress: bool = False) -> SurfaceResult:
+               chunk_size="auto", max_batch: int | None = None, progress: bool = False,
+               on_nonfinite: str = "nan") -> SurfaceResult:
     """Loss and accuracy along ``theta + alpha * direction`` for ``alpha`` in ``span``.
 
     Args:
@@ -274,19 +295,27 @@ def surface_1d(model: nn.Module, loss_fn, data, direction: dict, span=(-1.0, 1.0
         max_batch: consecutive data batches are merged up to this many samples per pass; 0 never
             merges; ``None`` merges up to 4096 on accelerators and, on the CPU, times one point
             both ways (for grids of 16 points or more) and keeps the faster.
+        on_nonfinite: ``"nan"`` (default): a point whose loss is NaN or Inf is NaN in the
+            result; ``"raise"``: :class:`landscape.errors.NonFiniteError` naming the point and
+            batch (after the whole grid is evaluated).
     """
+    check_policy(on_nonfinite)
     alphas = _grid(span, steps, "steps")
     loss, acc, meta, center, P, t = _surface(model, loss_fn, data, [direction], [alphas], chunk_size, progress,
-                                             max_batch)
+                                             max_batch, on_nonfinite, "surface_1d")
     return SurfaceResult(alphas, None, loss, acc, meta, center, P, t)
 
 
 def surface_2d(model: nn.Module, loss_fn, data, dirs, span=(-1.0, 1.0), steps: int = 21, *,
-               chunk_size="auto", max_batch: int | None = None, progress: bool = False) -> SurfaceResult:
+               chunk_size="auto", max_batch: int | None = None, progress: bool = False,
+               on_nonfinite: str = "nan") -> SurfaceResult:
     """Loss and accuracy on ``theta + alpha * d1 + beta * d2`` over ``span x span`` (``steps``
-    points each way). ``dirs`` is a pair of directions; the result is indexed ``[alpha, beta]``."""
+    points each way). ``dirs`` is a pair of directions; the result is indexed ``[alpha, beta]``.
+    Other arguments as for :func:`surface_1d`."""
+    check_policy(on_nonfinite)
     if len(dirs) != 2:
         raise ValueError(f"surface_2d needs two directions, got {len(dirs)}")
     g = _grid(span, steps, "steps")
-    loss, acc, meta, center, P, t = _surface(model, loss_fn, data, list(dirs), [g, g], chunk_size, progress, max_batch)
+    loss, acc, meta, center, P, t = _surface(model, loss_fn, data, list(dirs), [g, g], chunk_size, progress, max_batch,
+                                             on_nonfinite, "surface_2d")
     return SurfaceResult(g, g, loss, acc, meta, center, P, t)

@@ -125,6 +125,8 @@ class TaylorQuadratic:
         peak_live_bytes: after a call, the most bytes the interpreter held at once: the storages of
             every value it kept (primals and tangents, the input and parameters included), each
             storage counted once.
+        output_finite: after a call, a 0-d boolean tensor on the model's device: whether every
+            output of the batch was finite (read by the caller, so that no call waits for the device).
 
     Raises:
         UnsupportedError: the model cannot be traced, or the loss is not one of the above.
@@ -139,6 +141,7 @@ class TaylorQuadratic:
             raise UnsupportedError(f"torch.fx cannot trace the model: {type(e).__name__}: {e}") from None
         self.model, self.names, self.free = model, set(names), free
         self.peak_bytes = self.peak_live_bytes = 0
+        self.output_finite = torch.ones((), dtype=torch.bool)
         self._nodes = list(self.gm.graph.nodes)
         self._dead_after = _last_uses(self._nodes)
         self.modules = dict(self.gm.named_modules())
@@ -194,6 +197,7 @@ class TaylorQuadratic:
         if not (isinstance(out, tuple) and len(out) == 3 and isinstance(out[0], torch.Tensor)):
             raise UnsupportedError("the model must return one tensor")
         z0, z1, z2 = out
+        self.output_finite = torch.isfinite(z0).all()  # on the device: the caller reads it with the forms
         if z1 is None:
             return torch.zeros(k, dtype=z0.dtype, device=z0.device)
         return self._loss(z0, z1, z2, y)

@@ -11,6 +11,9 @@ Stopping on a target standard error never looks at the sign of the running estim
 (PyHessian's rule ``abs(mean - prev) / (abs(prev) + 1e-6) < tol`` stops early, or never, when the
 estimate crosses zero).
 
+A NaN or Inf loss, gradient or product raises :class:`landscape.errors.NonFiniteError` naming
+the estimator and the batch; ``on_nonfinite="nan"`` returns a result of NaN values instead.
+
 Example:
     >>> import torch, torch.nn as nn
     >>> from landscape import HessianOperator, hessian_trace
@@ -29,11 +32,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .hessian import HessianOperator
+from .errors import NonFiniteError
+from .hessian import HessianOperator, measuring, nonfinite_policy
 from .precision import full_precision
 from .results import Result
 
 TRACE_METHODS = ("hutchinson", "hutch++")
+NAN = float("nan")
 
 
 @dataclass(repr=False)
@@ -124,7 +129,8 @@ def _hutchinson(op: HessianOperator, num_matvecs: int, gen, block_size: int, tar
 
 @full_precision()
 def hessian_trace(op: HessianOperator, num_matvecs: int = 64, method: str = "hutch++", seed: int = 0, *,
-                  target_std_error: float | None = None, block_size: int = 16) -> TraceResult:
+                  target_std_error: float | None = None, block_size: int = 16,
+                  on_nonfinite: str | None = None) -> TraceResult:
     """Estimate ``Tr(H)``.
 
     Args:
@@ -135,20 +141,38 @@ def hessian_trace(op: HessianOperator, num_matvecs: int = 64, method: str = "hut
         seed: seed of the Rademacher probes (same seed, same estimate).
         target_std_error: stop as soon as the standard error is at most this.
         block_size: probes per block product (:meth:`HessianOperator.matmat`).
+        on_nonfinite: ``"raise"`` or ``"nan"`` (see the module doc); default: the operator's
+            (``"raise"``).
+
+    Raises:
+        NonFiniteError: a NaN or Inf loss or product (``on_nonfinite="raise"``).
     """
     if method not in TRACE_METHODS:
         raise ValueError(f"unknown trace method {method!r}; valid: {', '.join(TRACE_METHODS)}")
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}")
-    t0 = time.perf_counter()
-    gen = torch.Generator().manual_seed(seed)
     if method == "hutchinson":
         _check_budget(num_matvecs, 2, "Hutchinson")
+    else:
+        _check_budget(num_matvecs, 6, "Hutch++")
+    policy = nonfinite_policy(op, on_nonfinite)
+    t0 = time.perf_counter()
+    try:
+        with measuring(op, "hessian_trace") as checked:
+            return _hessian_trace(checked, num_matvecs, method, seed, target_std_error, block_size, t0)
+    except NonFiniteError:
+        if policy == "raise":
+            raise
+        return TraceResult(NAN, NAN, num_matvecs, method, seed, [], time.perf_counter() - t0)
+
+
+def _hessian_trace(op, num_matvecs, method, seed, target_std_error, block_size, t0) -> TraceResult:
+    gen = torch.Generator().manual_seed(seed)
+    if method == "hutchinson":
         samples, used = _hutchinson(op, num_matvecs, gen, block_size, target_std_error)
         s = torch.tensor(samples, dtype=torch.float64)
         return TraceResult(s.mean().item(), s.std().item() / math.sqrt(len(s)), used, method, seed, samples,
                            time.perf_counter() - t0)
-    _check_budget(num_matvecs, 6, "Hutch++")
     s_dim = min(num_matvecs // 3, op.dim)
     S = _probes(op.dim, s_dim, gen, op.dtype, op.device)
     Y = op.matmat(S)
@@ -174,7 +198,7 @@ def hessian_trace(op: HessianOperator, num_matvecs: int = 64, method: str = "hut
 
 @full_precision()
 def block_traces(op: HessianOperator, num_matvecs: int = 64, seed: int = 0, *, group: str = "module",
-                 block_size: int = 16) -> BlockTraceResult:
+                 block_size: int = 16, on_nonfinite: str | None = None) -> BlockTraceResult:
     """Traces of the diagonal blocks of H in one pass of Hutchinson probes.
 
     ``Tr(H_bb) = E[z_b^T (H z)_b]`` for every block ``b`` at once (the cross terms vanish in
@@ -182,14 +206,32 @@ def block_traces(op: HessianOperator, num_matvecs: int = 64, seed: int = 0, *, g
 
     Args:
         group: ``"module"`` (a layer's weight and bias together) or ``"param"`` (each tensor).
+        on_nonfinite: ``"raise"`` or ``"nan"`` (NaN for every block); default: the operator's.
+
+    Raises:
+        NonFiniteError: a NaN or Inf loss or product (``on_nonfinite="raise"``).
     """
     if group not in ("module", "param"):
         raise ValueError(f"group must be 'module' or 'param', got {group!r}")
     _check_budget(num_matvecs, 2, "block_traces")
+    if block_size < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size}")
+    policy = nonfinite_policy(op, on_nonfinite)
     t0 = time.perf_counter()
+    keys = {n: (n.rsplit(".", 1)[0] if group == "module" and "." in n else n) for n in op.names}
+    try:
+        with measuring(op, "block_traces") as checked:
+            return _block_traces(checked, num_matvecs, seed, keys, block_size, t0)
+    except NonFiniteError:
+        if policy == "raise":
+            raise
+        nan = dict.fromkeys(keys.values(), NAN)
+        return BlockTraceResult(nan, dict(nan), NAN, NAN, num_matvecs, seed, time.perf_counter() - t0)
+
+
+def _block_traces(op, num_matvecs, seed, keys, block_size, t0) -> BlockTraceResult:
     gen = torch.Generator().manual_seed(seed)
     slices = op.block_slices()
-    keys = {n: (n.rsplit(".", 1)[0] if group == "module" and "." in n else n) for n in op.names}
     per: dict[str, list[torch.Tensor]] = {}
     used = 0
     while used < num_matvecs:
@@ -241,7 +283,8 @@ def expand_to_params(op: HessianOperator, values, name: str = "variances") -> to
 
 @full_precision()
 def noise_weighted_trace(op: HessianOperator, variances, num_matvecs: int = 64, seed: int = 0, *,
-                         target_std_error: float | None = None, block_size: int = 16) -> TraceResult:
+                         target_std_error: float | None = None, block_size: int = 16,
+                         on_nonfinite: str | None = None) -> TraceResult:
     """Estimate ``Tr(H Sigma)`` for a diagonal covariance ``Sigma`` given per parameter.
 
     Hutchinson with probes ``Sigma^{1/2} z``: ``E[z^T Sigma^{1/2} H Sigma^{1/2} z] = Tr(H Sigma)``.
@@ -249,14 +292,27 @@ def noise_weighted_trace(op: HessianOperator, variances, num_matvecs: int = 64, 
 
     Args:
         variances: flat tensor or dict by parameter name (see :func:`expand_to_params`); >= 0.
+        on_nonfinite: ``"raise"`` or ``"nan"``; default: the operator's.
+
+    Raises:
+        NonFiniteError: a NaN or Inf loss or product (``on_nonfinite="raise"``).
     """
     _check_budget(num_matvecs, 2, "noise_weighted_trace")
+    if block_size < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size}")
     var = expand_to_params(op, variances)
     if bool((var < 0).any()) or not bool(torch.isfinite(var).all()):
         raise ValueError("variances must be finite and >= 0")
+    policy = nonfinite_policy(op, on_nonfinite)
     t0 = time.perf_counter()
     gen = torch.Generator().manual_seed(seed)
-    samples, used = _hutchinson(op, num_matvecs, gen, block_size, target_std_error, scale=var.sqrt())
+    try:
+        with measuring(op, "noise_weighted_trace") as checked:
+            samples, used = _hutchinson(checked, num_matvecs, gen, block_size, target_std_error, scale=var.sqrt())
+    except NonFiniteError:
+        if policy == "raise":
+            raise
+        return TraceResult(NAN, NAN, num_matvecs, "hutchinson", seed, [], time.perf_counter() - t0)
     s = torch.tensor(samples, dtype=torch.float64)
     return TraceResult(s.mean().item(), s.std().item() / math.sqrt(len(s)), used, "hutchinson", seed, samples,
                        time.perf_counter() - t0)
@@ -264,21 +320,36 @@ def noise_weighted_trace(op: HessianOperator, variances, num_matvecs: int = 64, 
 
 @full_precision()
 def predicted_loss_increase(op: HessianOperator, variances, mean=None, num_matvecs: int = 64, seed: int = 0,
-                            block_size: int = 16) -> LossIncreasePrediction:
+                            block_size: int = 16, *, on_nonfinite: str | None = None) -> LossIncreasePrediction:
     """Second-order prediction of the expected loss increase under ``delta ~ (mu, Sigma)``.
 
     ``E[L(w + delta)] - L(w) ~ g.mu + 1/2 (mu^T H mu + Tr(H Sigma))`` with ``g`` the gradient.
     Costs one gradient pass, one product for ``mu^T H mu`` (if ``mean`` is given) and
     ``num_matvecs`` products for the trace.
+
+    Args:
+        on_nonfinite: ``"raise"`` or ``"nan"`` (every term NaN); default: the operator's.
+
+    Raises:
+        NonFiniteError: a NaN or Inf loss, gradient or product (``on_nonfinite="raise"``).
     """
-    g, loss = op.gradient()
-    tr = noise_weighted_trace(op, variances, num_matvecs, seed, block_size=block_size)
-    used = tr.num_matvecs
-    g_mu = mu_h_mu = 0.0
-    if mean is not None:
-        mu = expand_to_params(op, mean, "mean")
-        g_mu = float(g.double() @ mu.double())
-        mu_h_mu = float(mu.double() @ op.matvec(mu).double())
-        used += 1
+    _check_budget(num_matvecs, 2, "predicted_loss_increase")
+    policy = nonfinite_policy(op, on_nonfinite)
+    try:
+        with measuring(op, "predicted_loss_increase") as checked:
+            g, loss = checked.gradient()
+            tr = noise_weighted_trace(checked, variances, num_matvecs, seed, block_size=block_size,
+                                      on_nonfinite="raise")
+            used = tr.num_matvecs
+            g_mu = mu_h_mu = 0.0
+            if mean is not None:
+                mu = expand_to_params(op, mean, "mean")
+                g_mu = float(g.double() @ mu.double())
+                mu_h_mu = float(mu.double() @ checked.matvec(mu).double())
+                used += 1
+    except NonFiniteError:
+        if policy == "raise":
+            raise
+        return LossIncreasePrediction(NAN, NAN, NAN, NAN, NAN, NAN, num_matvecs + (mean is not None), seed)
     pred = g_mu + 0.5 * (mu_h_mu + tr.value)
     return LossIncreasePrediction(pred, g_mu, 0.5 * mu_h_mu, 0.5 * tr.value, 0.5 * tr.std_error, loss, used, seed)

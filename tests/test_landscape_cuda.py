@@ -104,7 +104,7 @@ def test_products_stay_float32_exact_whatever_the_users_tf32_and_autocast_settin
 
     def unprotected():  # the same product, outside the instruments' scope
         with eval_mode(model):
-            return op._to_block(op._batch_product("rev-rev", x, y, op.unflatten(V32), op._frozen())).double()
+            return op._to_block(op._batch_product("rev-rev", x, y, op.unflatten(V32), op._frozen())[0]).double()
 
     state = _snapshot()
     try:

@@ -32,7 +32,8 @@ def test_a_val_size_that_is_no_number_is_refused_by_the_parser(tmp_path, capsys)
     (["--data", "mnist"], ["unknown dataset", "digits", "cifar10", "cifar100", "npz:PATH"]),
     (["--wbits", "1"], ["wbits", "2..8"]),
     (["--abits", "9"], ["abits", "2..8"]),
-    (["--epochs", "-3"], ["epochs", ">= 0"]),
+    (["--epochs", "-3"], ["epochs", ">= 1"]),
+    (["--epochs", "0"], ["epochs", ">= 1", "untrained"]),
     (["--swa-start", "1.5"], ["swa_start"]),
     (["--val-size", "-3"], ["val_size", "fraction"]),
     (["--val-size", "1.5"], ["val_size", "fraction"]),
@@ -133,9 +134,10 @@ def test_resume_after_kill_reproduces_the_uninterrupted_run(tmp_path):
 def test_resume_refuses_changed_settings(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", *FAST, "--epochs", "1", "--out", str(out)]) == 0
-    assert main(["train", *FAST, "--epochs", "2", "--lr", "0.3", "--out", str(out), "--resume"]) == 2
+    assert main(["train", *FAST, "--epochs", "2", "--momentum", "0.5", "--label-smoothing", "0", "--out", str(out),
+                 "--resume"]) == 2
     err = capsys.readouterr().err
-    assert "epochs" in err and "lr" in err
+    assert "momentum" in err and "label_smoothing" in err and "may change on --resume" in err
     assert main(["train", *FAST, "--epochs", "1", "--out", str(tmp_path / "none"), "--resume"]) == 2
     assert "no checkpoint.pt" in capsys.readouterr().err
 

@@ -1,0 +1,327 @@
+"""Issue 10, the dnq side: every bad input to `dnq train` and `dnq ptq` gets one line on stderr and
+exit code 2 and leaves the file system as it was; run folders are locked; --overwrite removes
+only what the toolkit wrote, after every check, and a failed replacement keeps the old run."""
+
+import io
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT, run_dnq
+from dnq.cli import main
+
+FAST = ["--data", "digits", "--model", "cnn-digits", "--quiet"]
+
+
+def tree(root: Path) -> dict:
+    """Every entry under ``root`` with its size and modification time (what 'unchanged' means)."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        st = p.lstat()
+        out[str(p.relative_to(root))] = (p.is_dir(), st.st_size if p.is_file() else 0, st.st_mtime_ns)
+    return out
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A finished 1-epoch run (copied per test where it is modified)."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    assert main(["train", *FAST, "--epochs", "1", "--out", str(out)]) == 0
+    return out
+
+
+def _npz(path: Path, **overrides):
+    rng = np.random.default_rng(0)
+    arrays = {"x_train": rng.integers(0, 256, (64, 8, 8, 3), dtype=np.uint8), "y_train": rng.integers(0, 3, 64),
+              "x_test": rng.integers(0, 256, (16, 8, 8, 3), dtype=np.uint8), "y_test": rng.integers(0, 3, 16)}
+    arrays.update(overrides)
+    np.savez(path, **{k: v for k, v in arrays.items() if v is not None})
+    return path
+
+
+def _bad_files(d: Path) -> dict:
+    """The corrupt / malformed inputs, made once per test in ``d``."""
+    d.mkdir(exist_ok=True)
+    files = {}
+    (d / "empty.npz").write_bytes(b"")
+    files["empty"] = d / "empty.npz"
+    good = _npz(d / "good.npz")
+    files["truncated"] = d / "truncated.npz"
+    files["truncated"].write_bytes(good.read_bytes()[:200])
+    files["2d_labels"] = _npz(d / "2d.npz", y_train=np.zeros((64, 3), np.int64))
+    files["float_labels"] = _npz(d / "float.npz", y_train=np.full(64, 0.5))
+    files["huge_label"] = _npz(d / "huge.npz", y_train=np.r_[np.zeros(63, np.int64), [100000]])
+    files["empty_arrays"] = _npz(d / "emptyarr.npz", x_train=np.zeros((0, 8, 8, 3), np.uint8), y_train=np.zeros(0, np.int64))
+    files["empty_test"] = _npz(d / "emptytest.npz", x_test=np.zeros((0, 8, 8, 3), np.uint8), y_test=np.zeros(0, np.int64))
+    files["float_images"] = _npz(d / "floatimg.npz", x_train=np.zeros((64, 8, 8, 3), np.float32))
+    files["missing_array"] = _npz(d / "missing.npz", y_test=None)
+    return files
+
+
+TRAIN_CASES = [
+    # (extra args, needles in the one-line message)
+    (["--model", "resnet9"], ["unknown model"]),
+    (["--method", "adamw"], ["unknown method"]),
+    (["--data", "mnist"], ["unknown dataset"]),
+    (["--data", "npz:missing.npz"], ["not found"]),
+    (["--device", "tpu"], ["unknown device"]),
+    (["--device", "cuda:x"], ["unknown device"]),
+    (["--out", ""], ["--out is empty"]),
+    (["--resume"], ["no checkpoint.pt"]),
+    (["--resume", "--overwrite"], ["exclude each other"]),
+    (["--batch-size", "5000"], ["batch size 5000", "training images"]),
+    (["--val-size", "99999"], ["val_size 99999"]),
+    (["--val-size", "1.5"], ["val_size"]),
+    (["--val-size", "-1"], ["val_size"]),
+    (["--val-size", "lots"], ["--val-size"]),
+]
+# every numeric flag: a wrong type, and out-of-range / non-finite values
+for flag, bad in [("--epochs", ["-1", "0"]), ("--batch-size", ["0"]), ("--lr", ["0", "-1", "nan", "inf"]),
+                  ("--momentum", ["1", "nan"]), ("--weight-decay", ["-1", "nan"]), ("--label-smoothing", ["1"]),
+                  ("--lr-warmup-epochs", ["-1"]), ("--lambda-max", ["-1", "nan", "inf"]), ("--lambda-start", ["-1"]),
+                  ("--lambda-warmup", ["-1"]), ("--ema-beta", ["1", "nan"]), ("--temperature", ["0", "inf"]),
+                  ("--act-rho", ["-1", "inf"]), ("--first-last-bits", ["1", "9"]), ("--noise-first-last-bits", ["9"]),
+                  ("--calib-size", ["0"]), ("--sam-rho", ["0", "nan"]), ("--swa-start", ["0", "1", "nan"]),
+                  ("--val-seed", ["-1"]), ("--seed", ["-1"]), ("--eval-batch-size", ["0"]), ("--wbits", ["1", "9"]),
+                  ("--abits", ["1", "9"])]:
+    TRAIN_CASES.append(([flag, "x"], [flag]))
+    for v in bad:
+        TRAIN_CASES.append(([flag, v], [flag.lstrip("-").replace("-", "_")[:6]]))
+TRAIN_CASES.append((["--act-sampler", "x"], ["--act-sampler"]))
+if not torch.cuda.is_available():
+    TRAIN_CASES.append((["--device", "cuda"], ["CUDA is not available"]))
+
+
+def _one_line_refusal(capsys, argv, needles, root):
+    before = tree(root)
+    try:
+        code = main(argv)
+    except SystemExit as e:  # the argument parser
+        code = e.code
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert code == 2, (argv, err)
+    assert len(lines) == 1 and "Traceback" not in err, (argv, err)
+    assert all(n.lower() in err.lower() for n in needles), (argv, needles, err)
+    assert tree(root) == before, f"{argv} changed the file system"
+    return err
+
+
+@pytest.mark.parametrize("args, needles", TRAIN_CASES, ids=[" ".join(a) or "empty" for a, _ in TRAIN_CASES])
+def test_every_bad_train_input_is_one_line_and_writes_nothing(tmp_path, monkeypatch, capsys, args, needles):
+    monkeypatch.chdir(tmp_path)
+    out = [] if "--out" in args else ["--out", str(tmp_path / "run")]
+    _one_line_refusal(capsys, ["train", *FAST, "--epochs", "1", *out, *args], needles, tmp_path)
+
+
+NPZ_CASES = [("empty", "empty"), ("truncated", "cannot be read"), ("2d_labels", "one integer per image"),
+             ("float_labels", "non-integer"), ("huge_label", "distinct labels"), ("empty_arrays", "empty"),
+             ("empty_test", "empty"), ("float_images", "uint8"), ("missing_array", "missing arrays")]
+
+
+@pytest.mark.parametrize("kind, needle", NPZ_CASES, ids=[k for k, _ in NPZ_CASES])
+def test_malformed_npz_files_are_refused_in_one_line(tmp_path, monkeypatch, capsys, kind, needle):
+    files = _bad_files(tmp_path / "data")
+    monkeypatch.chdir(tmp_path)
+    _one_line_refusal(capsys, ["train", "--data", f"npz:{files[kind]}", "--model", "cnn-digits", "--quiet",
+                               "--batch-size", "8", "--out", str(tmp_path / "run")], [needle], tmp_path)
+
+
+def _copy_run(src: Path, dst: Path) -> Path:
+    dst.mkdir(parents=True)
+    for p in src.iterdir():
+        (dst / p.name).write_bytes(p.read_bytes())
+    return dst
+
+
+def _evil_pickle() -> bytes:
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("touch PWNED",))
+
+    buf = io.BytesIO()
+    torch.save({"epoch": 0, "x": Evil()}, buf)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("damage, needle", [("truncate", "cannot be read"), ("zero", "is empty"),
+                                            ("evil", "unsafe"), ("foreign", "not a dnq train checkpoint")])
+def test_a_damaged_checkpoint_names_the_file_and_the_way_out(tmp_path, monkeypatch, capsys, finished, damage, needle):
+    run = _copy_run(finished, tmp_path / "run")
+    ck = run / "checkpoint.pt"
+    data = ck.read_bytes()
+    ck.write_bytes({"truncate": data[: len(data) // 2], "zero": b"", "evil": _evil_pickle(),
+                    "foreign": _tensor_file({"w": torch.zeros(3)})}[damage])
+    monkeypatch.chdir(tmp_path)
+    err = _one_line_refusal(capsys, ["train", *FAST, "--epochs", "2", "--out", str(run), "--resume"], [needle, "checkpoint.pt"],
+                            tmp_path)
+    assert "weights_only=False" not in err and "--overwrite" in err
+    assert not (tmp_path / "PWNED").exists()
+
+
+def _tensor_file(obj) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+PTQ_CASES = [(["--bits", "W1A8"], ["2..8"]), (["--bits", "junk"], ["bad bit setting"]), (["--range", "kl"], ["minmax"]),
+             (["--weight-mode", "x"], ["--weight-mode"]), (["--first-last-bits", "9"], ["2..8"]),
+             (["--calib-size", "0"], ["calib_size"]), (["--calib-size", "x"], ["--calib-size"]),
+             (["--device", "tpu"], ["unknown device"]), (["--seed", "x"], ["--seed"])]
+if not torch.cuda.is_available():
+    PTQ_CASES.append((["--device", "cuda"], ["CUDA is not available"]))
+
+
+@pytest.mark.parametrize("args, needles", PTQ_CASES, ids=[" ".join(a) for a, _ in PTQ_CASES])
+def test_every_bad_ptq_input_is_one_line_and_writes_nothing(tmp_path, capsys, finished, args, needles):
+    run = _copy_run(finished, tmp_path / "run")
+    _one_line_refusal(capsys, ["ptq", str(run), "--quiet", *args], needles, tmp_path)
+
+
+def test_ptq_on_missing_or_damaged_models(tmp_path, capsys, finished):
+    _one_line_refusal(capsys, ["ptq", str(tmp_path / "nothing"), "--quiet"], ["no model.pt"], tmp_path)
+    run = _copy_run(finished, tmp_path / "run")
+    (run / "model.pt").write_bytes(_evil_pickle())
+    err = _one_line_refusal(capsys, ["ptq", str(run), "--quiet"], ["model.pt", "unsafe"], tmp_path)
+    assert "weights_only=False" not in err
+    (run / "model.pt").write_bytes(_tensor_file({"w": torch.zeros(2)}))
+    _one_line_refusal(capsys, ["ptq", str(run), "--quiet"], ["not a model written by dnq train"], tmp_path)
+
+
+def test_overwrite_refuses_foreign_folders_the_cwd_and_home(tmp_path, monkeypatch, capsys, finished):
+    # a folder with a config.json that dnq did not write, and other files: untouched
+    p = tmp_path / "P"
+    (p / "src").mkdir(parents=True)
+    (p / "config.json").write_text("{}")
+    (p / "notes.txt").write_text("k")
+    _one_line_refusal(capsys, ["train", *FAST, "--epochs", "1", "--out", str(p), "--overwrite"], ["not written by dnq train"],
+                      tmp_path)
+    # a real run folder holding a file of the user's: untouched
+    run = _copy_run(finished, tmp_path / "run")
+    (run / "my-notes.txt").write_text("mine")
+    _one_line_refusal(capsys, ["train", *FAST, "--epochs", "1", "--out", str(run), "--overwrite"], ["my-notes.txt"], tmp_path)
+    # the current folder, even when it is a run folder
+    (run / "my-notes.txt").unlink()
+    monkeypatch.chdir(run)
+    _one_line_refusal(capsys, ["train", *FAST, "--epochs", "1", "--out", ".", "--overwrite"], ["current folder"], tmp_path)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(run))
+    _one_line_refusal(capsys, ["train", *FAST, "--epochs", "1", "--out", str(run), "--overwrite"], ["$HOME"], tmp_path)
+
+
+def test_out_under_a_regular_file_is_refused(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    _one_line_refusal(capsys, ["train", *FAST, "--epochs", "1", "--out", str(tmp_path / "file" / "run")], ["is a file"],
+                      tmp_path)
+
+
+def test_overwrite_replaces_a_run_and_a_failed_replacement_keeps_the_old_one(tmp_path, capsys, finished):
+    run = _copy_run(finished, tmp_path / "run")
+    old = {p.name: p.read_bytes() for p in run.iterdir()}
+    # fails in the first epoch (NaN): the old run is put back, byte for byte
+    assert main(["train", *FAST, "--epochs", "1", "--out", str(run), "--overwrite", "--lr", "1e30"]) == 2
+    assert "non-finite" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == old
+    # succeeds: the new run replaces the old one, nothing else is left
+    assert main(["train", *FAST, "--epochs", "2", "--out", str(run), "--overwrite"]) == 0
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint.pt", "config.json", "metrics.jsonl", "model.pt",
+                                                     "result.json"]
+    assert json.loads((run / "config.json").read_text())["epochs"] == 2
+    assert (os.stat(run / "model.pt").st_mode & 0o777) == 0o666 & ~_umask()  # the umask's mode, not 0600
+
+
+def _umask() -> int:
+    m = os.umask(0)
+    os.umask(m)
+    return m
+
+
+def test_a_failed_start_leaves_no_folder(tmp_path, capsys):
+    out = tmp_path / "new"
+    assert main(["train", *FAST, "--epochs", "1", "--out", str(out), "--lr", "1e30"]) == 2
+    capsys.readouterr()
+    assert not out.exists()
+
+
+def test_resume_after_a_nan_stop_with_a_lower_lr_is_allowed_and_recorded(tmp_path, capsys, finished):
+    run = _copy_run(finished, tmp_path / "run")
+    (run / "model.pt").unlink()
+    assert main(["train", *FAST, "--epochs", "3", "--lr", "0.05", "--lambda-max", "0.5", "--out", str(run),
+                 "--resume"]) == 0
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["lr"] == 0.05 and cfg["epochs"] == 3
+    assert cfg["resumed"] == [{"at_epoch": 1, "changed": {"lr": {"from": 0.1, "to": 0.05},
+                                                          "lambda_max": {"from": 1.0, "to": 0.5},
+                                                          "epochs": {"from": 1, "to": 3}}}]
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in lines if not r.get("final")] == [0, 1, 2]
+    # the cosine schedule was rebuilt for 3 epochs at the new lr: at the end of epoch 2 of 3, lr = 0.05 * cos^2(pi/3)
+    assert lines[1]["lr"] == pytest.approx(0.05 * 0.5 * (1 + np.cos(np.pi * 2 / 3)), rel=1e-6)
+    # other settings still may not change
+    assert main(["train", *FAST, "--epochs", "4", "--momentum", "0.5", "--out", str(run), "--resume"]) == 2
+    assert "momentum" in capsys.readouterr().err
+
+
+# -- real processes ----------------------------------------------------------------------------------
+def _start(args, cwd):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen([sys.executable, "-m", "dnq", "train", *map(str, args)], cwd=cwd, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+
+
+def _wait_for(path: Path, proc, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if path.exists():
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"the process ended early: {proc.stderr.read().decode()[-1500:]}")
+        time.sleep(0.02)
+    raise AssertionError(f"{path} never appeared")
+
+
+def test_a_second_writer_is_refused_even_while_the_first_is_stopped(tmp_path):
+    run = tmp_path / "run"
+    a = _start([*FAST, "--epochs", "8", "--batch-size", "16", "--out", run], tmp_path)
+    try:
+        _wait_for(run / "checkpoint.pt", a)
+        os.kill(a.pid, signal.SIGSTOP)
+        before = tree(tmp_path)
+        for extra in (["--overwrite"], ["--resume"]):
+            p = run_dnq("train", *FAST, "--epochs", "8", "--batch-size", "16", "--out", run, *extra, check=False)
+            lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+            assert p.returncode == 2 and len(lines) == 1, p.stderr
+            assert "in use by dnq train" in p.stderr and f"pid {a.pid}" in p.stderr, p.stderr
+        assert tree(tmp_path) == before
+        os.kill(a.pid, signal.SIGCONT)
+        assert a.wait(timeout=300) == 0, a.stderr.read().decode()[-1500:]
+    finally:
+        if a.poll() is None:
+            os.killpg(a.pid, signal.SIGKILL)
+            a.wait()
+    cfg = json.loads((run / "config.json").read_text())
+    result = json.loads((run / "result.json").read_text())
+    assert cfg["epochs"] == result["epochs"] == 8 and not (run / ".dnq.lock").exists()
+
+
+def test_a_lock_left_by_a_killed_process_is_taken_over(tmp_path):
+    run = tmp_path / "run"
+    a = _start([*FAST, "--epochs", "8", "--batch-size", "16", "--out", run], tmp_path)
+    _wait_for(run / "checkpoint.pt", a)
+    os.killpg(a.pid, signal.SIGKILL)
+    a.wait()
+    assert (run / ".dnq.lock").exists()  # left behind, but no process holds it
+    p = run_dnq("train", *FAST, "--epochs", "8", "--batch-size", "16", "--out", run, "--resume", check=False)
+    assert p.returncode == 0, p.stderr
+    assert "taking over the lock" in p.stderr and f"pid {a.pid}" in p.stderr
+    assert not (run / ".dnq.lock").exists()
