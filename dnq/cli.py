@@ -6,11 +6,13 @@ import argparse
 import os
 import sys
 
-from .data import DATASET_NAMES, DataError
+from landscape.cli import OneLineParser, UsageError, debug_requested, guarded
+
+from .data import DATASET_NAMES
 from .methods import METHODS
 from .models import MODELS
 from .quant import RANGE_METHODS, WEIGHT_MODES
-from .train import ConfigError, NonFiniteLossError, TrainConfig
+from .train import TrainConfig
 
 
 def _opt_bits(s: str) -> int | None:
@@ -33,13 +35,6 @@ def _val_size(s: str):
     except ValueError:
         raise argparse.ArgumentTypeError(f"--val-size takes auto, none, a fraction like 0.2 or a count like 5000; "
                                          f"got {s!r}") from None
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """An argument parser whose errors are one line on stderr (exit code 2), naming ``--help``."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -126,49 +121,36 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """The ``dnq`` command line; returns the exit code. Every error a user can cause is one line
+    on stderr and exit code 2 (:func:`landscape.cli.guarded`); ``--debug`` or ``DNQ_DEBUG=1``
+    shows the traceback."""
     try:
-        if args.command == "train":
-            from .train import train
-
-            opts = {k: v for k, v in vars(args).items() if k not in ("command", "resume", "overwrite", "quiet", "debug")}
-            train(TrainConfig(**opts), resume=args.resume, overwrite=args.overwrite, quiet=args.quiet)
-        elif args.command == "ptq":
-            from .ptq import format_table, run_ptq
-
-            report = run_ptq(args.run, args.bits, args.ranges, args.weight_mode, args.first_last_bits, args.calib_size,
-                             args.fold_bn, args.device, args.seed, args.data_root, args.quiet,
-                             bn_reestimate=args.bn_reestimate)
-            if report["fp"]["val_acc"] is not None:
-                print(f"validation accuracy ({report['data']['val_size']} images):")
-                print(format_table(report, "val_acc"))
-                print(f"test accuracy ({report['data']['test_size']} images):")
-            print(format_table(report))
-            print(f"wrote {args.run}/ptq.json")
-    except EXPECTED_ERRORS as e:
-        if args.debug or os.environ.get("DNQ_DEBUG", "") not in ("", "0"):
-            raise
-        print(f"dnq {args.command}: error: {one_line(e)}", file=sys.stderr)
+        args = build_parser().parse_args(argv)
+    except UsageError as e:
+        print(f"{e.prog}: error: {e}", file=sys.stderr)
         return 2
+    return guarded(f"dnq {args.command}", lambda: _run(args), args.debug or debug_requested(argv))
+
+
+def _run(args) -> int:
+    if args.command == "train":
+        from .train import train
+
+        opts = {k: v for k, v in vars(args).items() if k not in ("command", "resume", "overwrite", "quiet", "debug")}
+        train(TrainConfig(**opts), resume=args.resume, overwrite=args.overwrite, quiet=args.quiet)
+    elif args.command == "ptq":
+        from .ptq import format_table, run_ptq
+
+        report = run_ptq(args.run, args.bits, args.ranges, args.weight_mode, args.first_last_bits, args.calib_size,
+                         args.fold_bn, args.device, args.seed, args.data_root, args.quiet,
+                         bn_reestimate=args.bn_reestimate)
+        if report["fp"]["val_acc"] is not None:
+            print(f"validation accuracy ({report['data']['val_size']} images):")
+            print(format_table(report, "val_acc"))
+            print(f"test accuracy ({report['data']['test_size']} images):")
+        print(format_table(report))
+        print(f"wrote {args.run}/ptq.json")
     return 0
-
-
-# Every error a user can cause (settings, data, files, devices, non-finite training): one line on
-# stderr and exit code 2; --debug or DNQ_DEBUG=1 shows the traceback.
-EXPECTED_ERRORS = (ConfigError, DataError, ValueError, OSError, NonFiniteLossError, RuntimeError, KeyError)
-
-
-def one_line(e: BaseException) -> str:
-    """An exception as one line: its message (the first line of it), or its type and path for an
-    ``OSError`` (``PermissionError: [Errno 13] ... 'path'``), never a traceback."""
-    if isinstance(e, OSError) and not isinstance(e, (ConfigError, DataError)):
-        where = f": {e.filename}" if getattr(e, "filename", None) else ""
-        what = e.strerror or str(e) or type(e).__name__
-        return f"{type(e).__name__}{where}: {what} (check the path and its permissions; --debug shows the traceback)"
-    text = " ".join(str(e).split("\n")[0].split()) or type(e).__name__
-    if isinstance(e, RuntimeError) and not isinstance(e, NonFiniteLossError):
-        return f"{text} (--debug shows the traceback)"
-    return text
 
 
 def exit_distributed(code: int) -> None:

@@ -265,18 +265,6 @@ class RunDir:
                 pass
 
 
-def prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
-    """Check ``out`` and create it (no lock, no replacement: see :class:`RunDir`). Kept for callers
-    of earlier versions; ``--overwrite`` of an existing run is refused here, use :class:`RunDir`."""
-    rd = RunDir(out, resume, overwrite)
-    rd.check()
-    if not resume and overwrite and rd.out.is_dir() and any(rd.out.iterdir()):
-        from .train import ConfigError
-
-        raise ConfigError("prepare_run_dir cannot replace a run; use dnq.rundir.RunDir (or dnq train --overwrite)")
-    rd.out.mkdir(parents=True, exist_ok=True)
-
-
 def rng_state(device: torch.device) -> dict:
     """The global random state a resumed run must continue from."""
     state = {"torch": torch.get_rng_state()}

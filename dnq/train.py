@@ -61,7 +61,7 @@ from .methods import METHODS, make_method, upcast
 from .models import MODELS, build_model
 from .noise import SAMPLERS, LambdaSchedule
 from .quant import MAX_BITS, MIN_BITS
-from .rundir import (CheckpointError, MetricsLog, RunDir, load_checkpoint, load_file, prepare_run_dir, restore,  # noqa: F401
+from .rundir import (CheckpointError, MetricsLog, RunDir, load_checkpoint, load_file, restore,
                      save_checkpoint, save_final, write_config)
 
 

@@ -65,7 +65,7 @@ def one_line(e: BaseException) -> str:
     traceback."""
     from .errors import NonFiniteError
 
-    if isinstance(e, OSError) and not isinstance(e, ValueError):
+    if isinstance(e, OSError) and not isinstance(e, ValueError) and e.strerror:  # the system's, not ours
         where = f": {e.filename}" if getattr(e, "filename", None) else ""
         what = e.strerror or " ".join(str(e).split()) or type(e).__name__
         return f"{type(e).__name__}{where}: {what} (check the path and its permissions)"

@@ -51,7 +51,7 @@ from pathlib import Path
 import numpy as np
 
 from .regress import correlation_table, fit, holm, prediction_holdout
-from .study import StudyError, load_records, read_study_json, summary_rows
+from .study import VARIANT_SUFFIX, StudyError, load_records, read_study_json, summary_rows
 
 MEASURES = [("trace", "Hessian trace"), ("top_eigenvalue", "top eigenvalue"), ("trace_h_sigma", "Tr(H Sigma)"),
             ("predicted", "predicted loss increase")]
@@ -105,9 +105,10 @@ def _x_col(measure: str, bits: str) -> str:
 
 
 #: PTQ variants: (name, column suffix, what it is)
-VARIANTS = [("rtn", "", "round to nearest, BatchNorm folded with its saved statistics"),
-            ("rtn+bn", "_bn", "the same, with the BatchNorm statistics re-estimated on the calibration images "
-                              "through the quantized model before folding")]
+_VARIANT_TEXT = {"rtn": "round to nearest, BatchNorm folded with its saved statistics",
+                 "rtn+bn": "the same, with the BatchNorm statistics re-estimated on the calibration images through "
+                           "the quantized model before folding"}
+VARIANTS = [(v, VARIANT_SUFFIX[v], _VARIANT_TEXT[v]) for v in VARIANT_SUFFIX]
 
 
 def variants(rows: list[dict], bits: list[str]) -> list[tuple[str, str, str]]:
