@@ -107,7 +107,14 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--weight-mode", default="symmetric", choices=WEIGHT_MODES)
     q.add_argument("--first-last-bits", type=_opt_bits, default=8,
                    help="bits of the first and last layer ('none' quantizes them like the rest)")
-    q.add_argument("--calib-size", type=int, default=256, help="calibration training samples")
+    q.add_argument("--method", dest="methods", default="rtn",
+                   help="comma-separated PTQ methods: rtn, rtn+bn, adaround, brecq, qdrop")
+    q.add_argument("--calib-size", type=int, default=None,
+                   help="calibration training images for every method (default: 256 for rtn and rtn+bn, 1024 for "
+                        "adaround, brecq and qdrop)")
+    q.add_argument("--iters", type=int, default=None,
+                   help="reconstruction steps per block (default: 20000 on a GPU, 500 on a CPU)")
+    q.add_argument("--recon-batch-size", type=int, default=32, help="images per reconstruction step")
     q.add_argument("--no-fold-bn", dest="fold_bn", action="store_false", help="do not fold BatchNorm into convolutions")
     q.add_argument("--bn-reestimate", action="store_true",
                    help="also evaluate every setting with BatchNorm statistics re-estimated on the calibration images "
@@ -143,7 +150,8 @@ def _run(args) -> int:
 
         report = run_ptq(args.run, args.bits, args.ranges, args.weight_mode, args.first_last_bits, args.calib_size,
                          args.fold_bn, args.device, args.seed, args.data_root, args.quiet,
-                         bn_reestimate=args.bn_reestimate)
+                         bn_reestimate=args.bn_reestimate, methods=args.methods, iters=args.iters,
+                         recon_batch_size=args.recon_batch_size)
         if report["fp"]["val_acc"] is not None:
             print(f"validation accuracy ({report['data']['val_size']} images):")
             print(format_table(report, "val_acc"))

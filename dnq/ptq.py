@@ -1,17 +1,21 @@
-"""``dnq ptq``: quantize a trained run at several bit-widths and range methods, write ``ptq.json``.
+"""``dnq ptq``: quantize a trained run with several PTQ methods, bit-widths and range methods, write ``ptq.json``.
 
-Every (bits, range method) setting is evaluated with the ``"rtn"`` variant and, with
-``bn_reestimate=True`` (``--bn-reestimate``), also with ``"rtn+bn"``: the same quantizers with the
-BatchNorm statistics re-estimated on the calibration images through the quantized model (see
-:func:`dnq.quant.quantize`). Calibration images come from the training split, never from the
+Methods (``methods``, ``--method``; :data:`dnq.recon.PTQ_METHODS`): ``rtn`` (round to nearest),
+``rtn+bn`` (the same quantizers with the BatchNorm statistics re-estimated on the calibration
+images through the quantized model, see :func:`dnq.quant.quantize`; also added by
+``--bn-reestimate``), and the reconstruction methods ``adaround``, ``brecq`` and ``qdrop``
+(:func:`dnq.recon.reconstruct`, whose initial ranges are the row's range method). Every
+(method, bits, range method) is one row of ``ptq.json``. Calibration sets: 256 images for
+``rtn`` / ``rtn+bn`` and 1,024 (the papers') for the reconstruction methods, unless
+``calib_size`` gives one size for all. Calibration images come from the training split, never from the
 validation split the run held out (its ``model.pt`` metadata ``val_size`` / ``val_seed``; runs
 written before these keys existed have none). Accuracy and loss are reported on the validation
 split (when there is one) and on the test split.
 
 Example:
     >>> from dnq.ptq import format_table, run_ptq
-    >>> report = run_ptq("runs/example", bits="W8A8,W2A4", ranges="minmax", bn_reestimate=True)  # doctest: +SKIP
-    >>> [(r["bits"], r["variant"]) for r in report["results"]]                                  # doctest: +SKIP
+    >>> report = run_ptq("runs/example", bits="W8A8,W2A4", ranges="minmax", methods="rtn,rtn+bn")  # doctest: +SKIP
+    >>> [(r["bits"], r["method"]) for r in report["results"]]                                    # doctest: +SKIP
     [('W8A8', 'rtn'), ('W8A8', 'rtn+bn'), ('W2A4', 'rtn'), ('W2A4', 'rtn+bn')]
     >>> print(format_table(report))   # a cnn-digits trained 30 epochs with sgd        # doctest: +SKIP
     setting       minmax   minmax+bn
@@ -33,14 +37,16 @@ from landscape.precision import full_precision
 from .data import BatchLoader, load_dataset
 from .io import atomic_write_json
 from .rundir import folder_lock
-from .quant import PTQ_VARIANTS, RANGE_METHODS, WEIGHT_MODES, check_bits, parse_bits, ptq_variant, quantize
+from .quant import RANGE_METHODS, WEIGHT_MODES, check_bits, parse_bits, ptq_variant, quantize
+from .recon import PAPER_CALIB_SIZE, RECON_METHODS, check_methods, default_iters, reconstruct
 from .train import evaluate, load_model
 
 DEFAULT_BITS = "W8A8,W6A6,W4A4,W3A3,W2A4"
 METRICS = ("test_acc", "val_acc", "test_loss", "val_loss")
 
-# the column suffix of each variant in format_table
-_SUFFIX = dict(zip(PTQ_VARIANTS, ("", "+bn"), strict=True))
+# the column suffix of each method in format_table
+_SUFFIX = {"rtn": "", "rtn+bn": "+bn", **{m: f"+{m}" for m in RECON_METHODS}}
+RTN_CALIB_SIZE = 256
 
 
 def parse_ranges(spec: str) -> list[str]:
@@ -61,10 +67,11 @@ def _describe_variants(fold_bn: bool, calib: str) -> dict:
 
 
 def run_ptq(run_dir, bits: str = DEFAULT_BITS, ranges: str = ",".join(RANGE_METHODS), weight_mode: str = "symmetric",
-            first_last_bits: int | None = 8, calib_size: int = 256, fold_bn: bool = True, device: str = "auto",
-            seed: int = 0, data_root: str | None = None, quiet: bool = False, write: bool = True,
-            bn_reestimate: bool = False) -> dict:
-    """Quantize the final model of ``run_dir`` for every (bits, range method[, variant]) and evaluate it.
+            first_last_bits: int | None = 8, calib_size: int | None = None, fold_bn: bool = True,
+            device: str = "auto", seed: int = 0, data_root: str | None = None, quiet: bool = False,
+            write: bool = True, bn_reestimate: bool = False, methods: str | list | None = None,
+            iters: int | None = None, recon_batch_size: int = 32) -> dict:
+    """Quantize the final model of ``run_dir`` for every (method, bits, range method) and evaluate it.
 
     Args:
         run_dir: a run folder written by ``dnq train`` (with ``model.pt``).
@@ -73,21 +80,29 @@ def run_ptq(run_dir, bits: str = DEFAULT_BITS, ranges: str = ",".join(RANGE_METH
             weights and activations alike.
         weight_mode: ``"symmetric"`` or ``"asymmetric"`` per-output-channel weight quantizer.
         first_last_bits: bits of the first and last layer (``None``: like the rest).
-        calib_size: number of calibration images: non-augmented images of the training split
-            (the validation images excluded), a seeded choice.
+        calib_size: number of calibration images for every method (default: 256 for ``rtn`` and
+            ``rtn+bn``, 1,024 for the reconstruction methods): non-augmented images of the training
+            split (the validation images excluded), a seeded choice (the smaller set is the first
+            images of the larger).
         fold_bn: fold BatchNorm into the preceding convolution.
         device: ``"auto"`` (CUDA when present), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
         seed: seed of the calibration choice and of the activation subsampling.
         data_root: folder of the torchvision datasets.
         quiet: no progress bar.
         write: write ``run_dir/ptq.json`` (atomically).
-        bn_reestimate: also evaluate every setting with the ``"rtn+bn"`` variant.
+        bn_reestimate: also evaluate every setting with ``"rtn+bn"`` (adds it to ``methods``).
+        methods: comma list (or list) of :data:`dnq.recon.PTQ_METHODS` (default ``"rtn"``).
+        iters: steps per block of the reconstruction methods (default
+            :func:`dnq.recon.default_iters`: 20,000 on a GPU, 500 on a CPU).
+        recon_batch_size: images per reconstruction step (32, the papers').
 
     Returns:
         The report (also written to ``ptq.json``): ``fp`` (``val_acc``, ``val_loss``,
         ``test_acc``, ``test_loss``; the ``val_*`` are None without a validation split),
         ``data`` (split sizes), ``settings`` (everything that defines the quantizers and the
-        calibration) and ``results``, one row per (bits, range, variant) with ``variant``,
+        calibration) and ``results``, one row per (bits, range, method) with ``method`` (and
+        ``variant``, the same name, for older readers), ``calib_size``, ``recon`` (the
+        reconstruction's settings and per-block losses, ``None`` for rtn),
         ``val_acc``, ``val_loss``, ``test_acc``, ``test_loss``, ``acc_drop`` and ``loss_increase``
         (test split, against FP), ``bn_reestimated`` (number of re-estimated BatchNorm layers)
         and ``time_s``.
@@ -102,21 +117,31 @@ def run_ptq(run_dir, bits: str = DEFAULT_BITS, ranges: str = ",".join(RANGE_METH
         raise ValueError(f"unknown weight mode {weight_mode!r}; valid: {', '.join(WEIGHT_MODES)}")
     if first_last_bits is not None:
         check_bits(first_last_bits, "first/last layer bits")
-    if isinstance(calib_size, bool) or not isinstance(calib_size, int) or calib_size < 1:
+    if calib_size is not None and (isinstance(calib_size, bool) or not isinstance(calib_size, int) or calib_size < 1):
         raise ValueError(f"calib_size must be a positive integer (number of calibration images), got {calib_size!r}")
-    variants = PTQ_VARIANTS if ptq_variant(bn_reestimate) == "rtn+bn" else PTQ_VARIANTS[:1]
+    if iters is not None and (isinstance(iters, bool) or not isinstance(iters, int) or iters < 1):
+        raise ValueError(f"iters must be a positive integer (reconstruction steps per block), got {iters!r}")
+    if isinstance(recon_batch_size, bool) or not isinstance(recon_batch_size, int) or recon_batch_size < 1:
+        raise ValueError(f"recon_batch_size must be a positive integer, got {recon_batch_size!r}")
+    variants = check_methods("rtn" if methods is None else methods)
+    if ptq_variant(bn_reestimate) == "rtn+bn" and "rtn+bn" not in variants:
+        variants.insert(variants.index("rtn") + 1 if "rtn" in variants else 0, "rtn+bn")
     run_dir = Path(run_dir)
     dev = _device(device)
     if not (run_dir / "model.pt").is_file():
         raise FileNotFoundError(f"no model.pt in {run_dir}; is the training finished? (dnq train ... --resume continues it)")
     loaded = load_model(run_dir, dev)  # a damaged model.pt is refused before anything is written
+    if not fold_bn and any(v in RECON_METHODS for v in variants):
+        raise ValueError("the reconstruction methods fold BatchNorm first (as the papers do); drop --no-fold-bn or "
+                         "use rtn / rtn+bn only")
+    recon = {"iters": default_iters(dev) if iters is None else iters, "batch_size": recon_batch_size}
+    args = (run_dir, loaded, settings, range_list, variants, weight_mode, first_last_bits, calib_size, fold_bn, seed,
+            data_root, quiet, recon)
     if not write:
-        return _run_ptq(run_dir, loaded, settings, range_list, variants, weight_mode, first_last_bits, calib_size,
-                        fold_bn, seed, data_root, quiet)
+        return _run_ptq(*args)
     _check_writable(run_dir)  # before the work, not after it
     with folder_lock(run_dir, "dnq ptq"):
-        report = _run_ptq(run_dir, loaded, settings, range_list, variants, weight_mode, first_last_bits, calib_size,
-                          fold_bn, seed, data_root, quiet)
+        report = _run_ptq(*args)
         atomic_write_json(run_dir / "ptq.json", report)
     return report
 
@@ -142,14 +167,16 @@ def _check_writable(run_dir: Path) -> None:
 
 
 def _run_ptq(run_dir, loaded, settings, range_list, variants, weight_mode, first_last_bits, calib_size, fold_bn, seed,
-             data_root, quiet) -> dict:
+             data_root, quiet, recon) -> dict:
     model, meta = loaded
     dev = next(model.parameters()).device
     val_size, val_seed = int(meta.get("val_size") or 0), int(meta.get("val_seed") or 0)
     ds = load_dataset(meta["data"], data_root, val_size=val_size, val_seed=val_seed).to(dev)
     test = BatchLoader(ds, 1024, False)
     val = BatchLoader(ds, 1024, False, split="val") if ds.val_size else None
-    calib = ds.calibration_inputs(calib_size, seed)
+    sizes = {v: calib_size or (PAPER_CALIB_SIZE if v in RECON_METHODS else RTN_CALIB_SIZE) for v in variants}
+    calib_all = ds.calibration_inputs(max(sizes.values()), seed)  # seeded: a smaller set is a prefix of it
+    calib_of = {v: calib_all[:n] for v, n in sizes.items()}
     calib_from = f"training split ({len(ds.x_train)} images; the {ds.val_size} validation images excluded)"
 
     def scores(m) -> dict:
@@ -163,14 +190,22 @@ def _run_ptq(run_dir, loaded, settings, range_list, variants, weight_mode, first
         fp = scores(model)
         for w, a, r, v in tqdm(jobs, desc="ptq", disable=quiet, leave=False):
             t0 = time.perf_counter()
-            qmodel = quantize(model, w, a, calib, weight_mode=weight_mode, range_method=r,
-                              first_last_bits=first_last_bits, fold_bn=fold_bn, seed=seed,
-                              bn_reestimate=v == "rtn+bn")
+            if v in RECON_METHODS:
+                if weight_mode != "symmetric":
+                    raise ValueError(f"{v} quantizes weights symmetric per channel; use --weight-mode symmetric")
+                qmodel = reconstruct(model, w, a, calib_of[v], v, iters=recon["iters"],
+                                     batch_size=recon["batch_size"], first_last_bits=first_last_bits,
+                                     range_method=r, seed=seed)
+            else:
+                qmodel = quantize(model, w, a, calib_of[v], weight_mode=weight_mode, range_method=r,
+                                  first_last_bits=first_last_bits, fold_bn=fold_bn, seed=seed,
+                                  bn_reestimate=v == "rtn+bn")
             s = scores(qmodel)
-            results.append({"bits": f"W{w}A{a}", "wbits": w, "abits": a, "range": r, "variant": qmodel.ptq_variant,
-                            **s, "acc_drop": fp["test_acc"] - s["test_acc"],
-                            "loss_increase": s["test_loss"] - fp["test_loss"],
-                            "bn_reestimated": len(qmodel.ptq_bn_reestimated), "time_s": time.perf_counter() - t0})
+            results.append({"bits": f"W{w}A{a}", "wbits": w, "abits": a, "range": r, "method": v,
+                            "variant": qmodel.ptq_variant, **s, "acc_drop": fp["test_acc"] - s["test_acc"],
+                            "loss_increase": s["test_loss"] - fp["test_loss"], "calib_size": len(calib_of[v]),
+                            "bn_reestimated": len(qmodel.ptq_bn_reestimated),
+                            "recon": getattr(qmodel, "ptq_recon", None), "time_s": time.perf_counter() - t0})
     flb = ("same as the other layers" if first_last_bits is None
            else f"{first_last_bits} bits (weights and input activations)")
     report = {
@@ -191,13 +226,18 @@ def _run_ptq(run_dir, loaded, settings, range_list, variants, weight_mode, first
             "range_method": "applies to weights (per channel) and activations (per tensor, on the float model)",
             "first_last_bits": first_last_bits,
             "first_last": f"first and last Conv/Linear layer in execution order: {flb}",
-            "calib_size": len(calib),
+            "calib_size": (len(calib_of[variants[0]]) if len({len(c) for c in calib_of.values()}) == 1 else None),
+            "calib_sizes": {v: len(c) for v, c in calib_of.items()},
             "calib_size_requested": calib_size,
             "calib_split": calib_from,
             "calib_seed": seed,
             "fold_bn": fold_bn,
             "bn_reestimate": "rtn+bn" in variants,
-            "variants": {v: _describe_variants(fold_bn, f"{len(calib)} calibration images")[v] for v in variants},
+            "methods": variants,
+            "variants": {v: _describe(v, fold_bn, len(calib_of[v]), recon) for v in variants},
+            "recon": ({**recon, "weight_lr": 1e-3, "act_lr": 4e-5, "reg_weight": 0.01, "beta": [20, 2], "warmup": 0.2,
+                       "drop_prob": 0.5, "init_ranges": "the row's range method"}
+                      if any(v in RECON_METHODS for v in variants) else None),
             "seed": seed,
             "eval_splits": ["val", "test"] if val is not None else ["test"],
         },
@@ -206,14 +246,28 @@ def _run_ptq(run_dir, loaded, settings, range_list, variants, weight_mode, first
     return report
 
 
+def _describe(method: str, fold_bn: bool, n_calib: int, recon: dict) -> str:
+    if method in ("rtn", "rtn+bn"):
+        return _describe_variants(fold_bn, f"{n_calib} calibration images")[method]
+    what = {"adaround": "AdaRound (Nagel et al. 2020): learned rounding, layer by layer, on each layer's output; "
+                        "activation quantizers as in rtn",
+            "brecq": "BRECQ (Li et al. 2021): learned rounding per block on the block's output, then LSQ activation "
+                     "step sizes per block",
+            "qdrop": "QDrop (Wei et al. 2022): rounding and LSQ activation step sizes learned together per block, "
+                     "activations dropped to float with probability 0.5 during reconstruction"}[method]
+    return (f"{what}; BatchNorm folded first; {recon['iters']} steps per block, batch {recon['batch_size']}, "
+            f"{n_calib} calibration images; initial ranges from the row's range method")
+
+
 def _column(r: dict) -> str:
-    return r["range"] + _SUFFIX[r.get("variant", "rtn")]  # rows of older ptq.json files have no variant: rtn
+    # rows of older ptq.json files have no method (and the oldest no variant): rtn
+    return r["range"] + _SUFFIX[r.get("method", r.get("variant", "rtn"))]
 
 
 def format_table(report: dict, metric: str = "test_acc") -> str:
     """A plain-text table of a ptq report: one row per bit setting, one column per range method
-    and variant (``minmax`` for ``"rtn"``, ``minmax+bn`` for ``"rtn+bn"``; never two variants in
-    one column).
+    and method (``minmax`` for ``"rtn"``, ``minmax+bn`` for ``"rtn+bn"``, ``mse+qdrop`` for
+    QDrop with MSE initial ranges; never two methods in one column).
 
     Args:
         report: a dictionary from :func:`run_ptq` (or a loaded ``ptq.json``).

@@ -107,7 +107,13 @@ def _x_col(measure: str, bits: str) -> str:
 #: PTQ variants: (name, column suffix, what it is)
 _VARIANT_TEXT = {"rtn": "round to nearest, BatchNorm folded with its saved statistics",
                  "rtn+bn": "the same, with the BatchNorm statistics re-estimated on the calibration images through "
-                           "the quantized model before folding"}
+                           "the quantized model before folding",
+                 "adaround": "AdaRound (Nagel et al. 2020): learned rounding layer by layer on each layer's output, "
+                             "activation ranges as calibrated",
+                 "brecq": "BRECQ (Li et al. 2021): learned rounding per block on the block's output, then LSQ "
+                          "activation step sizes per block",
+                 "qdrop": "QDrop (Wei et al. 2022): rounding and LSQ activation step sizes learned together per "
+                          "block, activations dropped to float with probability 0.5 during reconstruction"}
 VARIANTS = [(v, VARIANT_SUFFIX[v], _VARIANT_TEXT[v]) for v in VARIANT_SUFFIX]
 
 
@@ -115,6 +121,78 @@ def variants(rows: list[dict], bits: list[str]) -> list[tuple[str, str, str]]:
     """The PTQ variants whose columns the rows have (``(name, suffix, description)``)."""
     have = {k for r in rows for k in r}
     return [v for v in VARIANTS if any(f"acc_drop_{b}{v[1]}" in have or f"ptq_acc_{b}{v[1]}" in have for b in bits)]
+
+
+def training_by_ptq(rows: list[dict], bits: list[str], vars_: list) -> dict[str, list[dict]]:
+    """The grid readers look for first: per bit-width, one row per training configuration, one
+    column per PTQ method, cells the *test* accuracy mean, standard deviation and number of seeds.
+
+    Returns:
+        ``{bits: [row, ...]}``; a row has ``config``, ``method``, ``n`` (seeds), ``FP`` and one key
+        per PTQ method, each ``{"mean", "std", "n", "best"}`` (``std`` None with one seed) or
+        ``None``; ``best`` marks the highest mean of its column (every tied one).
+    """
+    import statistics
+
+    def cell(vals):
+        vals = [v for v in vals if v is not None]
+        if not vals:
+            return None
+        return {"mean": statistics.mean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else None,
+                "n": len(vals), "best": False}
+
+    configs = list(dict.fromkeys(r.get("config") or r.get("model") for r in rows))
+    out = {}
+    for b in bits:
+        table = []
+        for c in configs:
+            mine = [r for r in rows if (r.get("config") or r.get("model")) == c]
+            row = {"config": c, "method": mine[0].get("method"), "n": len(mine),
+                   "FP": cell([r.get("fp_acc") for r in mine])}
+            for name, sfx, _ in vars_:
+                row[name] = cell([r.get(f"ptq_acc_{b}{sfx}") for r in mine])
+            table.append(row)
+        for col in ["FP", *(v[0] for v in vars_)]:
+            means = [r[col]["mean"] for r in table if r[col] is not None]
+            for r in table:
+                if r[col] is not None and means and r[col]["mean"] == max(means):
+                    r[col]["best"] = True
+        out[b] = table
+    return out
+
+
+def _grid_cell(c) -> str:
+    if c is None:
+        return "n/a"
+    sd = "" if c["std"] is None else f" ± {100 * c['std']:.2f}"
+    return f"{100 * c['mean']:.2f}{sd}" + (" *" if c["best"] else "")
+
+
+def _grid_html(table: list[dict], vars_: list) -> str:
+    head = "<th class='l'>training</th><th>seeds</th><th>FP</th>" + "".join(f"<th>{_esc(v[0])}</th>" for v in vars_)
+    body = []
+    for r in table:
+        cells = [f"<td class='l'>{_esc(r['config'])}</td>", f"<td>{r['n']}</td>"]
+        for col in ["FP", *(v[0] for v in vars_)]:
+            c = r[col]
+            text = _esc(_grid_cell(c))
+            cells.append(f"<td class='best'><b>{text}</b></td>" if c and c["best"] else f"<td>{text}</td>")
+        body.append(f"<tr>{''.join(cells)}</tr>")
+    return f"<table class='grid'><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def grid_csv_rows(grid: dict[str, list[dict]], vars_: list) -> list[dict]:
+    """``grid.csv``: one line per (bit-width, training configuration, PTQ method or FP)."""
+    out = []
+    for b, table in grid.items():
+        for r in table:
+            for col in ["FP", *(v[0] for v in vars_)]:
+                c = r[col]
+                out.append({"bits": b, "training": r["config"], "method": r["method"], "ptq": col,
+                            "test_acc_mean": None if c is None else c["mean"],
+                            "test_acc_std": None if c is None else c["std"], "n_seeds": None if c is None else c["n"],
+                            "best_in_column": None if c is None else c["best"]})
+    return out
 
 
 def method_comparison(rows: list[dict], bits: list[str], vars_: list) -> list[dict]:
@@ -259,11 +337,21 @@ def ptq_settings_text(cfg: dict, bits: list[str]) -> str:
     fold = g("fold_bn")
     named = {n: d for n, _, d in VARIANTS}
     var = "; ".join(f"{v}: {named.get(v, 'as named')}" for v in (g("variants") or [])) or "not recorded"
+    recon = [v for v in (g("variants") or []) if v in ("adaround", "brecq", "qdrop")]
+    recon_text = ""
+    if recon:
+        iters = g("recon_iters")
+        iters = "20,000 on a GPU and 500 on a CPU (the device default)" if iters is None else iters
+        recon_text = (f" Reconstruction ({', '.join(recon)}): BatchNorm folded first, initial ranges "
+                      f"{rec(g('recon_range'))}, {iters} steps per block, batch {rec(g('recon_batch_size'))}, "
+                      f"{rec(g('recon_calib_size'))} calibration images from the same split, learning rates scaled "
+                      f"so that learning rate x steps is the papers' (dnq.recon.budget_lrs).")
     return (f"PTQ settings: {wb}. Weights: {rec(g('weight_mode'))}, {rec(g('weight_granularity'))}. "
             f"Activations: {rec(g('act'))}. Range: {rec(g('range'))}. First and last layers at "
             f"{rec(g('first_last_bits'))} bits. Calibration: {rec(g('calib_size'))} images from "
             f"{rec(g('calib_split'))}. BatchNorm folded into the convolutions: "
-            f"{'yes' if fold is True else 'no' if fold is False else 'not recorded'}. Variants: {var}.")
+            f"{'yes' if fold is True else 'no' if fold is False else 'not recorded'}. Variants: {var}."
+            + recon_text)
 
 
 def splits_text(meta: dict, cfg: dict) -> str:
@@ -587,6 +675,7 @@ def build(path, out=None, *, static: bool = True, n_boot: int = 2000) -> Path:
     adjusted = {(r["x"], r["y"]): r["spearman_p_holm"] for fam in families for r in fam["table"]}
     pfits = prediction_fits(rows, bits, n_boot=n_boot)
     holdouts = prediction_holdouts(rows, bits)
+    grid = training_by_ptq(rows, bits, vars_)
     corr = [r for fam in families for r in fam["table"]]
     clustered = cluster_labels(rows) is not None
     n_configs = len({r["config"] for r in rows}) if clustered else None
@@ -610,6 +699,13 @@ def build(path, out=None, *, static: bool = True, n_boot: int = 2000) -> Path:
         w.writeheader()
         w.writerows(_csv_rows(corr))
     _atomic_text(path / "correlations.csv", buf.getvalue())
+    buf = io.StringIO()
+    grows = grid_csv_rows(grid, vars_)
+    w = csv.DictWriter(buf, fieldnames=["bits", "training", "method", "ptq", "test_acc_mean", "test_acc_std",
+                                        "n_seeds", "best_in_column"], restval="")
+    w.writeheader()
+    w.writerows(_csv_rows(grows))
+    _atomic_text(path / "grid.csv", buf.getvalue())
     summary = {"study": cfg.get("name"), "config_hash": meta.get("hash"), "ptq": cfg.get("ptq"),
                "splits": meta.get("splits"), "variants": [v[0] for v in vars_],
                "bootstrap": {"unit": "cluster" if clustered else "row",
@@ -621,6 +717,7 @@ def build(path, out=None, *, static: bool = True, n_boot: int = 2000) -> Path:
                                 "report_wide_holm": "spearman_p_holm_report"},
                "families": [{"family": f["family"], "bits": f["bits"], "variant": f["variant"], "m_tests": f["m_tests"]}
                             for f in families],
+               "training_by_ptq": grid,
                "models": rows, "correlations": corr, "skipped_fits": skipped,
                "methods_chosen_on_validation": method_comparison(rows, bits, vars_),
                "prediction": {k: {"slope": f.slope, "slope_ci": f.slope_ci, "intercept": f.intercept, "n": f.n,
@@ -646,7 +743,16 @@ def build(path, out=None, *, static: bool = True, n_boot: int = 2000) -> Path:
              f"<p class='note' id='ptq-settings'>{_esc(ptq_settings_text(cfg, bits))}</p>",
              f"<p class='note' id='splits'>{_esc(splits_text(meta, cfg))}</p>",
              "<p id='report-status'>rendering...</p>",
-             "<h2 id='summary'>Summary of all models</h2>"]
+             "<h2 id='grid'>Training method × PTQ method</h2>",
+             "<p class='note'>Test accuracy (%): mean ± standard deviation over seeds, per training configuration "
+             "(rows) and PTQ method (columns), one table per bit-width; FP is the full-precision model. * and bold: "
+             "the highest mean of the column (a difference smaller than the standard deviations is no difference; "
+             "the paired tests are in the correlation and method sections). Every training configuration gets the "
+             "same PTQ, calibration images and BatchNorm rule.</p>"]
+    for b in bits:
+        parts.append(f"<h3 id='grid-{_esc(b)}'>{_esc(b)}</h3>")
+        parts.append(_grid_html(grid[b], vars_))
+    parts.append("<h2 id='summary'>Summary of all models</h2>")
     scols = [("model", "model")] + ([("config", "config")] if any("config" in r for r in rows) else [])
     scols += [("method", "method"), ("lambda_max", "lambda"), ("sam_rho", "rho"), ("seed", "seed"),
               ("fp_val_acc", "FP val acc"), ("fp_acc", "FP test acc")]

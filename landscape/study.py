@@ -5,9 +5,10 @@ tie flatness to PTQ accuracy.
 A study is a declarative configuration (:class:`StudyConfig`): the data, the architecture, a
 list of run specifications (method and noise strength ``lambda_max`` or SAM radius ``sam_rho``;
 a list of values sweeps them), seeds, the PTQ bit-widths, and the budgets of the instruments.
-Presets: ``digits`` (the default, under 3 minutes on a 2-core CPU), ``cifar10-subset`` (the
-CIFAR-10 subset in an ``.npz`` file, about 70 minutes on a 2-core CPU) and ``cifar100`` (the DNQ paper's setting,
-for a GPU). Custom studies come from a JSON or TOML file with the same keys.
+Presets: ``digits`` (the default, under 3 minutes on a 2-core CPU), ``cifar10-subset`` (resnet20 on
+the CIFAR-10 subset in an ``.npz`` file: sgd, dnq, gaussian and sam, 2 seeds, PTQ rtn, rtn+bn and
+qdrop at 500 steps per block; about 75 minutes on a 2-core CPU) and ``cifar100`` (the DNQ paper's
+setting for a GPU: 120 epochs, W4A4 / W2A4 / W2A2, every PTQ method at the papers' 20,000 steps). Custom studies come from a JSON or TOML file with the same keys.
 
 Layout of ``out/``::
 
@@ -24,10 +25,13 @@ Measurements per model (``H`` is the Hessian of the training loss on ``hessian_s
 non-augmented training images, evaluated in eval mode):
 
 * ``fp``: validation and test accuracy and loss (the run's own validation split, held out of
-  training); ``ptq:<bits>`` / ``ptq+bn:<bits>``: the same after PTQ at each bit-width, variant
-  ``rtn`` / ``rtn+bn`` (:data:`DEFAULT_PTQ`: :func:`dnq.quant.quantize`, min-max, BatchNorm
-  folded, first/last layer at 8 bits, 256 calibration images from the training split; ``rtn+bn``
-  re-estimates the BatchNorm statistics on them through the quantized model before folding);
+  training); ``ptq:<bits>`` / ``ptq+bn:<bits>`` / ``ptq+<method>:<bits>``: the same after PTQ at
+  each bit-width with each PTQ method of ``ptq`` (:data:`DEFAULT_PTQ`; :func:`ptq_measurement`):
+  ``rtn`` / ``rtn+bn`` (:func:`dnq.quant.quantize`, min-max, BatchNorm folded, first/last layer
+  at 8 bits, 256 calibration images from the training split; ``rtn+bn`` re-estimates the
+  BatchNorm statistics on them through the quantized model before folding) and ``adaround`` /
+  ``brecq`` / ``qdrop`` (:func:`dnq.recon.reconstruct`: MSE initial ranges, 1,024 calibration
+  images from the training split, ``recon_iters`` steps per block);
 * ``trace`` (with its standard error), ``eigen`` (top eigenvalues), ``density`` (SLQ),
   ``blocks`` (per-layer traces);
 * ``noise`` per bit-width: ``Tr(H Sigma)`` with ``Sigma`` the per-channel variance of the
@@ -88,23 +92,33 @@ from .hessian import HessianOperator
 from .precision import full_precision
 from .surface import surface_1d, surface_2d
 from .trace import block_traces, hessian_trace, predicted_loss_increase
-from dnq.quant import PTQ_VARIANTS
+from dnq.recon import PTQ_METHODS, RECON_METHODS
 
 STUDY_VERSION = 2
 
-# The PTQ every model of a study gets (the same for every method): recorded in study.json and
-# stated in the report's header. Variants: "rtn" (round to nearest with min-max ranges, BatchNorm
-# folded with the model's statistics) and "rtn+bn" (the same, with BatchNorm statistics re-estimated
-# on the calibration images through the quantized model before folding).
+# The PTQ every model of a study gets (the same for every training method): recorded in study.json
+# and stated in the report's header. PTQ methods ("variants", or a plain list `ptq = [...]`):
+# "rtn" (round to nearest with min-max ranges, BatchNorm folded with the model's statistics),
+# "rtn+bn" (the same, with BatchNorm statistics re-estimated on the calibration images through the
+# quantized model before folding), and the reconstruction methods "adaround", "brecq", "qdrop"
+# (dnq.recon.reconstruct: BatchNorm folded, initial ranges "recon_range", "recon_iters" steps per
+# block (null: 20,000 on a GPU, 500 on a CPU), batch "recon_batch_size", "recon_calib_size" images).
 DEFAULT_PTQ = {"variants": ["rtn", "rtn+bn"], "weight_mode": "symmetric", "weight_granularity": "per output channel",
                "act": "asymmetric per tensor", "range": "minmax", "first_last_bits": 8, "calib_size": 256,
-               "calib_split": "train (validation images excluded)", "fold_bn": True}
-VARIANT_SUFFIX = {"rtn": "", "rtn+bn": "_bn"}
+               "calib_split": "train (validation images excluded)", "fold_bn": True, "recon_iters": None,
+               "recon_calib_size": 1024, "recon_batch_size": 32, "recon_range": "mse"}
+VARIANT_SUFFIX = {"rtn": "", "rtn+bn": "_bn", **{m: f"_{m}" for m in RECON_METHODS}}
 
 
 def ptq_column(stem: str, bits: str, variant: str = "rtn") -> str:
-    """The summary column of a PTQ quantity: ``ptq_acc_W4A4`` (``rtn``), ``ptq_acc_W4A4_bn`` (``rtn+bn``)."""
+    """The summary column of a PTQ quantity: ``ptq_acc_W4A4`` (``rtn``), ``ptq_acc_W4A4_bn`` (``rtn+bn``),
+    ``ptq_acc_W4A4_qdrop`` (``qdrop``)."""
     return f"{stem}_{bits}{VARIANT_SUFFIX[variant]}"
+
+
+def ptq_measurement(bits: str, variant: str = "rtn") -> str:
+    """The measurement name of a PTQ result: ``ptq:W4A4`` (``rtn``), ``ptq+bn:W4A4``, ``ptq+qdrop:W4A4``."""
+    return f"ptq:{bits}" if variant == "rtn" else f"ptq+{'bn' if variant == 'rtn+bn' else variant}:{bits}"
 
 
 class StudyError(ValueError):
@@ -268,8 +282,15 @@ class StudyConfig:
             inst["slice_span"] = tuple(span)
         ptq = d.pop("ptq", None)
         ptq = {} if ptq is None else ptq
+        if isinstance(ptq, list):  # ptq = ["rtn", "rtn+bn", "qdrop"]: the methods
+            ptq = {"variants": ptq}
         if not isinstance(ptq, dict):
-            raise StudyError(f"ptq must be a mapping (e.g. {{\"calib_size\": 256}}), got {ptq!r}")
+            raise StudyError(f"ptq must be a list of PTQ methods (e.g. [\"rtn\", \"qdrop\"]) or a mapping (e.g. "
+                             f"{{\"calib_size\": 256}}), got {ptq!r}")
+        if "methods" in ptq:  # an alias of "variants"
+            if "variants" in ptq and ptq["variants"] != ptq["methods"]:
+                raise StudyError("ptq gives both 'methods' and 'variants' (the same key); keep one")
+            ptq = {k: v for k, v in ptq.items() if k != "methods"} | {"variants": ptq["methods"]}
         cfg = cls(**d, instruments=Instruments(**inst), ptq={**DEFAULT_PTQ, **ptq})
         cfg.validate()
         return cfg
@@ -340,10 +361,24 @@ class StudyConfig:
         if unknown:
             raise StudyError(f"ptq: unknown keys {unknown}; valid: {sorted(DEFAULT_PTQ)}")
         variants = self.ptq.get("variants")
-        bad = [v for v in variants if v not in PTQ_VARIANTS] if isinstance(variants, list) else [variants]
+        bad = [v for v in variants if v not in PTQ_METHODS] if isinstance(variants, list) else [variants]
         if bad or not variants:
-            raise StudyError(f"ptq.variants must be a non-empty list of {', '.join(PTQ_VARIANTS)}, got "
-                             f"{self.ptq.get('variants')!r}")
+            raise StudyError(f"ptq.variants (the PTQ methods) must be a non-empty list of {', '.join(PTQ_METHODS)}, "
+                             f"got {self.ptq.get('variants')!r}")
+        if len(set(variants)) != len(variants):
+            raise StudyError(f"ptq.variants lists a method twice: {variants}")
+        from dnq.quant import RANGE_METHODS
+
+        ri = self.ptq["recon_iters"]
+        if ri is not None and not (_is_int(ri) and ri >= 1):
+            raise StudyError(f"ptq.recon_iters must be an integer >= 1 (steps per block) or null (20000 on a GPU, "
+                             f"500 on a CPU), got {ri!r}")
+        for k in ("recon_calib_size", "recon_batch_size"):
+            if not _is_int(self.ptq[k]) or self.ptq[k] < 1:
+                raise StudyError(f"ptq.{k} must be an integer >= 1, got {self.ptq[k]!r}")
+        if self.ptq["recon_range"] not in RANGE_METHODS:
+            raise StudyError(f"ptq.recon_range must be one of {', '.join(RANGE_METHODS)}, got "
+                             f"{self.ptq['recon_range']!r}")
         fixed = {k: DEFAULT_PTQ[k] for k in ("weight_mode", "weight_granularity", "act", "range", "calib_split",
                                              "fold_bn")}
         changed = {k: self.ptq[k] for k in fixed if k in self.ptq and self.ptq[k] != fixed[k]}
@@ -451,23 +486,33 @@ PRESETS: dict[str, dict] = {
     },
     "cifar10-subset": {
         "name": "cifar10-subset", "data": "npz:../shared/data/cifar10-subset.npz", "model": "resnet20",
-        "runs": [{"method": "sgd"}, {"method": "dnq", "lambda_max": [0.5, 1.0]}, {"method": "sam", "sam_rho": [0.05]}],
-        "seeds": [0], "bits": ["W4A4", "W3A3", "W2A4"], "train_bits": "W4A4",
-        "train": {"epochs": 30, "batch_size": 128, "lr": 0.1},
-        # sized on a 2-core CPU: an epoch of resnet20 took 15 s (sgd) and 15.6 s (dnq); the measurements of
-        # one model 438 s at these budgets (with 16 block probes; 1,235 s with 1,024 images, 2x48 SLQ steps,
-        # 32 noise probes and a 15x15 surface): about 70 minutes for the four models
-        "instruments": {"hessian_samples": 512, "trace_matvecs": 48, "density_runs": 1, "density_steps": 32,
-                        "block_matvecs": 8, "noise_matvecs": 16, "surface_steps": 11, "slice_steps": 21},
+        # one strength per method, each method's published CIFAR default (DNQ lambda 1, SAM rho 0.05; gaussian
+        # at lambda 1 is the variance of DNQ's measured weight error), not tuned: see the README's caveats
+        "runs": [{"method": "sgd"}, {"method": "dnq", "lambda_max": [1.0]}, {"method": "gaussian", "lambda_max": [1.0]},
+                 {"method": "sam", "sam_rho": [0.05]}],
+        "seeds": [0, 1], "bits": ["W4A4", "W3A3", "W2A4"], "train_bits": "W3A3",
+        "train": {"epochs": 12, "batch_size": 128, "lr": 0.1},
+        # sized on a 2-core AMD EPYC CPU: an epoch of resnet20 on the 9,000 training images took about 25 s
+        # (12 epochs: 5 minutes a model); the instruments below about 3 minutes a model; see BENCHMARKS.md
+        "instruments": {"hessian_samples": 256, "trace_matvecs": 24, "eig_k": 2, "density_runs": 1,
+                        "density_steps": 16, "block_matvecs": 4, "noise_matvecs": 8, "surface_steps": 7,
+                        "slice_steps": 11},
+        # QDrop at 500 steps per block (the papers: 20,000), 1,024 calibration images: about 1.5 minutes per
+        # model and bit-width on the 2-core CPU
+        "ptq": {"variants": ["rtn", "rtn+bn", "qdrop"], "recon_iters": 500, "recon_calib_size": 1024},
     },
     "cifar100": {
         "name": "cifar100", "data": "cifar100", "model": ["resnet20", "resnet56", "resnet18", "mobilenetv2"],
-        "runs": [{"method": "sgd"}, {"method": "dnq", "lambda_max": [1.0]}, {"method": "sam", "sam_rho": [0.05]}],
-        "seeds": [0], "bits": ["W4A4", "W3A3", "W2A4"], "train_bits": "W4A4",
+        "runs": [{"method": "sgd"}, {"method": "dnq", "lambda_max": [1.0]}, {"method": "gaussian", "lambda_max": [1.0]},
+                 {"method": "sam", "sam_rho": [0.05]}],
+        "seeds": [0, 1], "bits": ["W4A4", "W2A4", "W2A2"], "train_bits": "W4A4",
         "train": {"epochs": 120, "batch_size": 128, "lr": 0.1},
         "instruments": {"hessian_samples": 4096, "hessian_batch": 512, "trace_matvecs": 96, "eig_k": 5,
                         "density_runs": 4, "density_steps": 64, "block_matvecs": 32, "noise_matvecs": 64,
                         "surface_steps": 21, "slice_steps": 41},
+        # the papers' reconstruction: 20,000 steps per block, batch 32, 1,024 calibration images (README: wall time)
+        "ptq": {"variants": ["rtn", "rtn+bn", "adaround", "brecq", "qdrop"], "recon_iters": 20000,
+                "recon_calib_size": 1024},
     },
 }
 
@@ -895,10 +940,11 @@ class Measure:
         i = self.inst
         self._do("fp", {"splits": ["val", "test"]}, self.fp)
         pdeps = {k: self.ptq_cfg[k] for k in ("first_last_bits", "calib_size")}
+        rdeps = {"first_last_bits": self.ptq_cfg["first_last_bits"], **self.recon_settings()}
         for variant in self.ptq_cfg["variants"]:
+            deps = rdeps if variant in RECON_METHODS else pdeps
             for bits in self.s.cfg.bits:
-                name = f"ptq:{bits}" if variant == "rtn" else f"ptq+bn:{bits}"
-                self._do(name, {"bits": bits, "variant": variant, **pdeps},
+                self._do(ptq_measurement(bits, variant), {"bits": bits, "variant": variant, **deps},
                          lambda bits=bits, variant=variant: self.ptq(bits, variant))
         hd = {"samples": i.hessian_samples, "batch": i.hessian_batch, "seed": i.seed}
         self._do("trace", {**hd, "m": i.trace_method, "mv": i.trace_matvecs},
@@ -932,12 +978,33 @@ class Measure:
     def fp(self) -> dict:
         return self._accuracy(self.model)
 
+    def recon_settings(self) -> dict:
+        """The reconstruction settings with ``recon_iters`` resolved for this device (part of the keys)."""
+        from dnq.recon import default_iters
+
+        c = self.ptq_cfg
+        iters = default_iters(self.s.device) if c["recon_iters"] is None else c["recon_iters"]
+        return {"recon_iters": iters, "recon_calib_size": c["recon_calib_size"],
+                "recon_batch_size": c["recon_batch_size"], "recon_range": c["recon_range"]}
+
     def ptq(self, bits: str, variant: str = "rtn") -> dict:
-        """The study's PTQ (:data:`DEFAULT_PTQ`) at ``bits``: ``rtn``, or ``rtn+bn`` with BatchNorm
-        statistics re-estimated on the calibration images through the quantized model."""
+        """The study's PTQ (:data:`DEFAULT_PTQ`) at ``bits`` with one method: ``rtn``, ``rtn+bn``
+        (BatchNorm statistics re-estimated on the calibration images through the quantized model)
+        or a reconstruction method (:func:`dnq.recon.reconstruct`, seeded with the instruments' seed)."""
         from dnq.quant import parse_bits, quantize
+        from dnq.recon import reconstruct
 
         (w, a), = parse_bits(bits)
+        if variant in RECON_METHODS:
+            r = self.recon_settings()
+            calib = self.ds.calibration_inputs(r["recon_calib_size"], self.inst.seed)
+            q = reconstruct(self.model, w, a, calib, variant, iters=r["recon_iters"],
+                            batch_size=r["recon_batch_size"], first_last_bits=self.ptq_cfg["first_last_bits"],
+                            range_method=r["recon_range"], seed=self.inst.seed)
+            units = [{k: u[k] for k in ("unit", "stage", "loss_before", "loss_after", "time_s")}
+                     for u in q.ptq_recon["units"]]
+            return {**self._accuracy(q), "variant": variant, "calib_size": len(calib), "recon_iters": r["recon_iters"],
+                    "recon_time_s": q.ptq_recon["time_s"], "recon_units": units}
         calib = self.ds.calibration_inputs(self.ptq_cfg["calib_size"], self.inst.seed)
         q = quantize(self.model, w, a, calib, first_last_bits=self.ptq_cfg["first_last_bits"],
                      bn_reestimate=variant == "rtn+bn")
@@ -1069,8 +1136,8 @@ def summary_rows(records: list[dict], bits: list[str] | None = None) -> list[dic
     Columns: ``model``, ``config`` (the training configuration, shared by its seeds: the cluster
     of the report's bootstrap), ``method``, ``lambda_max``, ``sam_rho``, ``seed``, ``fp_val_acc``,
     ``fp_val_loss`` (validation split), ``fp_acc``, ``fp_loss`` (test split), the flatness
-    measures, and per bit-width ``b`` and PTQ variant (:func:`ptq_column`: no suffix for ``rtn``,
-    ``_bn`` for ``rtn+bn``) ``ptq_acc``, ``ptq_val_acc``, ``acc_drop`` (test), and
+    measures, and per bit-width ``b`` and PTQ method (:func:`ptq_column`: no suffix for ``rtn``,
+    ``_bn`` for ``rtn+bn``, ``_qdrop`` for ``qdrop``, ...) ``ptq_acc``, ``ptq_val_acc``, ``acc_drop`` (test), and
     ``ptq_loss_increase`` (test); ``trace_h_sigma_b``, ``predicted_b``, ``measured_b``.
     Missing measurements are ``None`` (a study still running).
     """
@@ -1095,9 +1162,10 @@ def summary_rows(records: list[dict], bits: list[str] | None = None) -> list[dic
                "trace": val("trace", "value"), "trace_se": val("trace", "std_error"),
                "top_eigenvalue": val("eigen", "eigenvalues", 0)}
         for b in bits or sorted({k.split(":", 1)[1] for k in m if k.startswith("ptq:")}):
-            for variant, key in (("rtn", f"ptq:{b}"), ("rtn+bn", f"ptq+bn:{b}")):
-                if variant == "rtn+bn" and key not in m:
-                    continue  # a study without the variant (or an older one)
+            for variant in PTQ_METHODS:
+                key = ptq_measurement(b, variant)
+                if variant != "rtn" and key not in m:
+                    continue  # a study without the method (or an older one)
                 acc = val(key, "test_acc")
                 row[ptq_column("ptq_acc", b, variant)] = acc
                 row[ptq_column("ptq_val_acc", b, variant)] = val(key, "val_acc")

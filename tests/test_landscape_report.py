@@ -272,3 +272,57 @@ def test_method_comparison_chooses_on_validation_never_on_test():
     assert dnq["W2A4 rtn"].startswith("51.00") and "[dnq-lam1]" in dnq["W2A4 rtn"]
     sgd = next(r for r in table if r["method"] == "sgd")
     assert "W2A4 rtn" not in sgd and sgd["FP"].startswith("70.00 ± nan (n=1)")
+
+
+# ------------------------------------------------------------- training method x PTQ method grid
+def _grid_rows():
+    """3 configurations x 2 seeds with rtn, rtn+bn and qdrop columns (qdrop best except for c2)."""
+    rows = _rows(n_configs=3, seeds=(0, 1))
+    for i, r in enumerate(rows):
+        for b in BITS:
+            r[f"ptq_acc_{b}_qdrop"] = r[f"ptq_acc_{b}_bn"] + 0.01 * (1 + i % 2)
+            r[f"ptq_val_acc_{b}_qdrop"] = r[f"ptq_val_acc_{b}_bn"] + 0.01
+            r[f"acc_drop_{b}_qdrop"] = r["fp_acc"] - r[f"ptq_acc_{b}_qdrop"]
+            r[f"ptq_loss_increase_{b}_qdrop"] = r[f"acc_drop_{b}_qdrop"] * 3
+    return rows
+
+
+def test_training_by_ptq_grid_mean_std_over_seeds_and_the_best_per_column(tmp_path):
+    rows = _grid_rows()
+    path = _write_study(tmp_path / "study", rows)
+    meta = json.loads((path / "study.json").read_text())
+    meta["config"]["ptq"] = {**PTQ, "variants": ["rtn", "rtn+bn", "qdrop"], "recon_iters": 500,
+                             "recon_calib_size": 1024, "recon_batch_size": 32, "recon_range": "mse"}
+    (path / "study.json").write_text(json.dumps(meta))
+    html = report.build(path, n_boot=50, static=False).read_text()
+    summary = json.loads((path / "summary.json").read_text())
+    grid = summary["training_by_ptq"]
+    assert list(grid) == BITS and summary["variants"] == ["rtn", "rtn+bn", "qdrop"]
+    for b in BITS:
+        assert [r["config"] for r in grid[b]] == ["cfg0", "cfg1", "cfg2"]
+        for r in grid[b]:
+            mine = [x for x in rows if x["config"] == r["config"]]
+            for col, key in (("FP", "fp_acc"), ("rtn", f"ptq_acc_{b}"), ("rtn+bn", f"ptq_acc_{b}_bn"),
+                             ("qdrop", f"ptq_acc_{b}_qdrop")):
+                vals = np.array([x[key] for x in mine])
+                assert r[col]["mean"] == pytest.approx(vals.mean(), abs=1e-12)
+                assert r[col]["std"] == pytest.approx(vals.std(ddof=1), abs=1e-12) and r[col]["n"] == 2
+        for col in ("FP", "rtn", "rtn+bn", "qdrop"):
+            means = [r[col]["mean"] for r in grid[b]]
+            assert [r[col]["best"] for r in grid[b]] == [m == max(means) for m in means]
+    # the html: a grid section before the summary, one table per bit-width, best cells bold with a star
+    section = html.split("<h2 id='grid'>", 1)[1].split("<h2 id='summary'>", 1)[0]
+    assert section.count("<table class='grid'>") == 2
+    best = grid["W4A4"][0]["qdrop"] if grid["W4A4"][0]["qdrop"]["best"] else next(
+        r["qdrop"] for r in grid["W4A4"] if r["qdrop"]["best"])
+    assert f"<b>{100 * best['mean']:.2f} ± {100 * best['std']:.2f} *</b>" in section
+    assert "Reconstruction (qdrop)" in html and "500 steps per block" in html
+    # grid.csv: one line per (bits, training, PTQ column)
+    with open(path / "grid.csv") as f:
+        lines = list(csv.DictReader(f))
+    assert len(lines) == 2 * 3 * 4
+    line = next(x for x in lines if x["bits"] == "W3A3" and x["training"] == "cfg1" and x["ptq"] == "qdrop")
+    assert float(line["test_acc_mean"]) == pytest.approx(grid["W3A3"][1]["qdrop"]["mean"])
+    # sharpness against PTQ accuracy per PTQ method: qdrop has its own correlation family
+    assert [(f["bits"], f["variant"]) for f in summary["families"]] == [
+        (b, v) for b in BITS for v in ("rtn", "rtn+bn", "qdrop")]

@@ -287,3 +287,52 @@ def test_records_of_runs_no_longer_configured_are_kept_but_not_reported(study, t
                                                               "measurements": {}}))
     assert [r["id"] for r in load_records(other)] == [r["id"] for r in records]
     assert [r["id"] for r in load_records(other, include_other=True)][-1] == "old-s0"
+
+
+# ---------------------------------------------------------------- reconstruction PTQ in a study
+def test_ptq_methods_are_keyed_resumable_measurements(tmp_path, monkeypatch):
+    import dnq.recon
+
+    cfg = StudyConfig.from_dict({**TINY, "name": "recon", "runs": [{"method": "sgd"}], "bits": ["W4A4", "W2A4"],
+                                 "ptq": ["rtn", "qdrop", "adaround"],
+                                 "instruments": {**TINY["instruments"], "surface_steps": 2, "slice_steps": 3}})
+    assert cfg.ptq["variants"] == ["rtn", "qdrop", "adaround"] and cfg.ptq["recon_calib_size"] == 1024
+    cfg = StudyConfig.from_dict({**cfg.to_dict(), "ptq": {**cfg.ptq, "recon_iters": 4, "recon_calib_size": 64}})
+    calls = []
+    original = dnq.recon.reconstruct
+    monkeypatch.setattr(dnq.recon, "reconstruct", lambda *a, **k: calls.append(a[4]) or original(*a, **k))
+    out = tmp_path / "recon"
+    rec, = Study(cfg, out, device="cpu", progress=False).run()
+    m = rec["measurements"]
+    assert sorted(calls) == sorted(["qdrop", "qdrop", "adaround", "adaround"])
+    for b in cfg.bits:
+        for meth in ("qdrop", "adaround"):
+            v = m[f"ptq+{meth}:{b}"]["value"]
+            assert v["variant"] == meth and v["calib_size"] == 64 and v["recon_iters"] == 4
+            assert 0 <= v["test_acc"] <= 1 and v["val_acc"] is not None
+        assert f"ptq+bn:{b}" not in m
+    row, = summary_rows([rec], cfg.bits)
+    assert row["ptq_acc_W2A4_qdrop"] == m["ptq+qdrop:W2A4"]["value"]["test_acc"]
+    assert row["acc_drop_W4A4_adaround"] == pytest.approx(row["fp_acc"] - m["ptq+adaround:W4A4"]["value"]["test_acc"])
+    # a rerun does not redo a finished reconstruction; a changed reconstruction budget redoes only those
+    calls.clear()
+    Study(cfg, out, device="cpu", progress=False).run()
+    assert calls == [] and load_records(out)[0]["measurements"] == m
+    more = StudyConfig.from_dict({**cfg.to_dict(), "ptq": {**cfg.ptq, "recon_iters": 5}})
+    Study(more, out, device="cpu", progress=False).run()
+    assert sorted(calls) == sorted(["qdrop", "qdrop", "adaround", "adaround"])
+    after = load_records(out)[0]["measurements"]
+    assert after["ptq:W4A4"] == m["ptq:W4A4"] and after["trace"] == m["trace"]
+    assert after["ptq+qdrop:W4A4"]["value"]["recon_iters"] == 5
+
+
+def test_bad_ptq_methods_are_refused_with_the_valid_ones():
+    with pytest.raises(StudyError, match="must be a non-empty list of rtn, rtn\\+bn, adaround, brecq, qdrop"):
+        StudyConfig.from_dict({**TINY, "ptq": ["rtn", "gptq"]})
+    with pytest.raises(StudyError, match="lists a method twice"):
+        StudyConfig.from_dict({**TINY, "ptq": ["rtn", "rtn"]})
+    with pytest.raises(StudyError, match="recon_iters must be an integer >= 1"):
+        StudyConfig.from_dict({**TINY, "ptq": {"recon_iters": 0}})
+    with pytest.raises(StudyError, match="recon_range must be one of"):
+        StudyConfig.from_dict({**TINY, "ptq": {"recon_range": "max"}})
+    assert StudyConfig.from_dict({**TINY, "ptq": {"methods": ["qdrop"]}}).ptq["variants"] == ["qdrop"]

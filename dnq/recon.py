@@ -1,0 +1,641 @@
+"""Reconstruction PTQ: AdaRound, BRECQ and QDrop, the methods researchers compare against.
+
+Round-to-nearest (:func:`dnq.quant.quantize`) rounds every weight independently. Reconstruction
+methods learn, on a few hundred to a thousand unlabeled calibration images, how to round each
+weight (up or down) so that a layer's or a block's *output* stays close to the float model's:
+
+* **AdaRound** (Nagel et al., "Up or Down? Adaptive Rounding for Post-Training Quantization",
+  ICML 2020), layer by layer. The weights are ``s * (clamp(floor(W/s) + h(V) + z, qmin, qmax) - z)``
+  with the rectified sigmoid ``h(V) = clamp(sigmoid(V) (zeta - gamma) + gamma, 0, 1)``,
+  ``zeta = 1.1``, ``gamma = -0.1``, and ``V`` initialised so that ``h(V)`` equals the fractional
+  part of ``W/s`` (the soft weights start at ``W`` where they are not clipped). The loss is
+  ``||W x_fp - W~ x_q||^2 + lambda * sum(1 - |2h(V) - 1|^beta)``: the output error (summed over
+  channels, averaged over the batch and positions) plus a regularizer that drives every ``h``
+  to 0 or 1, ``beta`` annealed from 20 to 2 after a 20% warm-up without it, ``lambda = 0.01``,
+  Adam (lr 1e-3). ``x_q`` is the layer's input in the model whose earlier layers are already
+  quantized, ``x_fp`` the float model's (the paper's "asymmetric" reconstruction; on the first
+  layer both are the image). At the end each weight is rounded up where ``V >= 0``. The
+  activation quantizers are those of round-to-nearest (ranges calibrated on the float model);
+  AdaRound optimises the weights only.
+* **BRECQ** (Li et al., "BRECQ: Pushing the Limit of Post-Training Quantization by Block
+  Reconstruction", ICLR 2021): the same rounding variables, optimised per *block* on the block's
+  output (a residual block of resnet, an inverted-residual block of mobilenetv2, a transformer
+  block of vit-tiny, a single layer where no block exists) with the activations in float; then,
+  with the weights fixed, the activation step sizes are learned block by block (LSQ, Esser et
+  al., ICLR 2020; Adam lr 4e-5 with a cosine decay, a quarter of the weight iterations, as in
+  the authors' code).
+* **QDrop** (Wei et al., "QDrop: Randomly Dropping Quantization for Extremely Low-bit
+  Post-Training Quantization", ICLR 2022): BRECQ's block reconstruction with the rounding and
+  the activation step sizes learned together, and during the reconstruction each activation
+  quantizer's output mixed element-wise with its float input: quantized with probability
+  ``1 - drop_prob`` (0.5), float otherwise. Inference never drops.
+
+Common to all three (:func:`reconstruct`): BatchNorm is folded into the preceding convolution
+first (as for ``rtn``); weights are quantized symmetric per output channel, activations
+asymmetric per tensor at the input of every Conv/Linear layer (the quantizers of
+:mod:`dnq.quant`); the initial weight and activation ranges come from ``range_method``
+(``"mse"`` by default, as in the BRECQ and QDrop code); the first and last layers (execution
+order) get ``first_last_bits`` (8). The paper defaults are 20,000 iterations per block, batch
+32 and 1,024 calibration images (:data:`PAPER_ITERS`); on a CPU the default is
+:data:`CPU_ITERS` iterations. Inputs of the block being reconstructed are cached on the device
+up to ``device_budget`` bytes and streamed from host memory past it (:class:`InputCache`).
+The model passed in is never modified; the same seed gives the same quantized model (on one
+device).
+
+Example:
+    >>> import torch
+    >>> from dnq.models import build_model
+    >>> from dnq.recon import reconstruct
+    >>> model = build_model("cnn-digits", 10, 1, 8).eval()
+    >>> q = reconstruct(model, 4, 4, torch.randn(64, 1, 8, 8), method="qdrop", iters=20)
+    >>> q.ptq_variant, [u["unit"] for u in q.ptq_recon["units"]][:2]
+    ('qdrop', ['0', '3'])
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+import warnings
+
+import torch
+import torch.nn as nn
+import torch.nn.utils.parametrize as parametrize
+from tqdm.auto import tqdm
+
+from landscape.precision import full_precision
+
+from .quant import (PTQ_VARIANTS, RANGE_METHODS, ActObserver, ActQuantizer, _batches, _device_of, _quantize_input_hook,
+                    act_qparams, check_bits, execution_order, fold_batchnorm, layer_bits, quant_layers, weight_qparams)
+
+RECON_METHODS = ("adaround", "brecq", "qdrop")
+PTQ_METHODS = (*PTQ_VARIANTS, *RECON_METHODS)
+"""Every PTQ method of the toolkit: ``rtn``, ``rtn+bn`` (:func:`dnq.quant.quantize`) and the
+reconstruction methods of this module."""
+PAPER_ITERS = 20_000
+CPU_ITERS = 500
+PAPER_CALIB_SIZE = 1024
+ZETA, GAMMA = 1.1, -0.1
+
+
+class ReconstructionError(RuntimeError):
+    """A reconstruction that cannot go on (a NaN or Inf loss; the message names the block and
+    the iteration)."""
+
+
+def check_methods(spec) -> list[str]:
+    """A comma list (or a list) of PTQ methods, validated, in the given order without repeats.
+
+    Raises:
+        ValueError: an unknown method (the message lists the valid ones) or an empty list.
+    """
+    items = [m.strip() for m in spec.split(",")] if isinstance(spec, str) else list(spec)
+    items = [m for m in items if m]
+    bad = [m for m in items if m not in PTQ_METHODS]
+    if bad or not items:
+        raise ValueError(f"unknown PTQ method(s) {bad or spec!r}; valid: {', '.join(PTQ_METHODS)}")
+    return list(dict.fromkeys(items))
+
+
+def default_iters(device: torch.device | str) -> int:
+    """Iterations per block when none are given: the papers' 20,000 on a GPU, :data:`CPU_ITERS` on a CPU."""
+    return PAPER_ITERS if torch.device(device).type == "cuda" else CPU_ITERS
+
+
+def budget_lrs(iters: int) -> tuple[float, float]:
+    """Adam learning rates ``(rounding variables, activation step sizes)`` for ``iters`` steps per block.
+
+    The papers' (BRECQ / QDrop code) are 1e-3 and 4e-5 for 20,000 steps. Adam moves a parameter by
+    about its learning rate per step, so with fewer steps the rounding variables could not leave
+    their start (round to nearest): measured on a linear layer, 400 steps at 1e-3 gave 0.95-1.08x
+    round-to-nearest's output error, at 0.05 0.47-0.76x. The rates are therefore scaled by
+    ``20,000 / iters`` (at most 100x), which keeps learning rate x steps at the papers' value.
+    """
+    factor = min(max(PAPER_ITERS / iters, 1.0), 100.0)
+    return 1e-3 * factor, 4e-5 * factor
+
+
+# -- quantizers with learnable parts ----------------------------------------------------------
+def rectified_sigmoid(v: torch.Tensor) -> torch.Tensor:
+    """AdaRound's ``h(V) = clamp(sigmoid(V) (zeta - gamma) + gamma, 0, 1)``."""
+    return torch.clamp(torch.sigmoid(v) * (ZETA - GAMMA) + GAMMA, 0, 1)
+
+
+def _inverse_rectified_sigmoid(h: torch.Tensor) -> torch.Tensor:
+    """``V`` with ``h(V) = h`` for ``h`` in [0, 1) (``-log((zeta - gamma) / (h - gamma) - 1)``)."""
+    return -torch.log((ZETA - GAMMA) / (h - GAMMA) - 1)
+
+
+class AdaRoundWeight(nn.Module):
+    """A parametrization of a Conv/Linear ``weight``: per-channel quantized with learnable rounding.
+
+    ``mode`` is ``"soft"`` (``floor(W/s) + h(V)``, differentiable in ``V``), ``"hard"``
+    (``floor(W/s) + [V >= 0]``, the final rounding) or ``"nearest"`` (round to nearest).
+    """
+
+    def __init__(self, weight: torch.Tensor, bits: int, mode: str = "symmetric", method: str = "mse"):
+        super().__init__()
+        scale, zp, self.qmin, self.qmax = weight_qparams(weight, bits, mode, method)
+        view = (-1,) + (1,) * (weight.dim() - 1)
+        self.register_buffer("scale", scale.view(view))
+        self.register_buffer("zero_point", zp.view(view))
+        w = weight.detach() / self.scale
+        frac = w - torch.floor(w)
+        self.v = nn.Parameter(_inverse_rectified_sigmoid(frac))
+        self.bits, self.mode = bits, "soft"
+
+    def h(self) -> torch.Tensor:
+        return rectified_sigmoid(self.v)
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        base = torch.floor(weight.detach() / self.scale)
+        if self.mode == "soft":
+            up = self.h()
+        elif self.mode == "hard":
+            up = (self.v >= 0).to(weight.dtype)
+        else:
+            up = (torch.round(weight.detach() / self.scale) - base)
+        q = torch.clamp(base + up + self.zero_point, self.qmin, self.qmax)
+        return (q - self.zero_point) * self.scale
+
+    def round_loss(self, beta: float) -> torch.Tensor:
+        """``sum(1 - |2h - 1|^beta)``: zero when every ``h`` is 0 or 1."""
+        return (1 - (2 * self.h() - 1).abs().pow(beta)).sum()
+
+
+def _round_ste(x: torch.Tensor) -> torch.Tensor:
+    return (torch.round(x) - x).detach() + x
+
+
+def _grad_scale(x: torch.Tensor, g: float) -> torch.Tensor:
+    """``x`` in value, its gradient multiplied by ``g``."""
+    return (x - x * g).detach() + x * g
+
+
+def lsq_fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
+                      grad_scale: float = 1.0) -> torch.Tensor:
+    """LSQ fake quantization (Esser et al., "Learned Step Size Quantization", ICLR 2020).
+
+    The value is :func:`dnq.quant.fake_quantize`'s. The gradients are the straight-through
+    estimator's: with respect to ``x``, 1 inside the range and 0 where clipped; with respect to
+    the step size ``s``, ``round(x/s) - x/s`` inside the range and ``qmin - z`` / ``qmax - z``
+    where clipped below / above, times ``grad_scale`` (LSQ uses ``1 / sqrt(numel * qmax)``).
+    Inside the range means ``qmin < x/s + z < qmax`` (unrounded, as in the paper).
+    """
+    s = _grad_scale(scale, grad_scale)
+    # clamp, then round (as in the LSQ paper): the same value as round-then-clamp for integer bounds,
+    # and the clipped region is decided on the unrounded x/s + z, where float error cannot flip it
+    q = _round_ste(torch.clamp(x / s + zero_point, qmin, qmax))
+    return (q - zero_point) * s
+
+
+class LSQActQuantizer(nn.Module):
+    """An asymmetric per-tensor activation quantizer with a learnable step size (LSQ) and a fixed
+    zero point, and QDrop's element-wise drop: while ``drop_prob > 0`` and the module is in
+    training mode, each element is left in float with probability ``drop_prob``."""
+
+    def __init__(self, scale: float, zero_point: float, qmin: int, qmax: int, bits: int):
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(float(scale)))
+        self.register_buffer("zero_point", torch.tensor(float(zero_point)))
+        self.qmin, self.qmax, self.bits = qmin, qmax, bits
+        self.enabled, self.drop_prob, self.generator = True, 0.0, None  # a generator switches the drops on
+
+    def forward(self, x):
+        if not self.enabled:
+            return x
+        g = 1.0 / math.sqrt(x[0].numel() * self.qmax)
+        q = lsq_fake_quantize(x, self.scale.to(x.dtype), self.zero_point.to(x.dtype), self.qmin, self.qmax, g)
+        if self.generator is not None:
+            keep_float = torch.rand(x.shape, generator=self.generator, device=x.device) < self.drop_prob
+            q = torch.where(keep_float, x, q)
+        return q
+
+    def frozen(self) -> ActQuantizer:
+        """The inference quantizer (:class:`dnq.quant.ActQuantizer`) with the learned step size."""
+        return ActQuantizer(float(self.scale.detach().abs()), float(self.zero_point), self.qmin, self.qmax, self.bits)
+
+
+# -- blocks -------------------------------------------------------------------------------------
+def _block_types() -> tuple[type, ...]:
+    from torchvision.models.mobilenetv2 import InvertedResidual
+    from torchvision.models.resnet import BasicBlock as TVBasic, Bottleneck
+
+    from .models.resnet import BasicBlock
+    from .models.vit import Block
+
+    return (BasicBlock, TVBasic, Bottleneck, InvertedResidual, Block)
+
+
+def find_units(model: nn.Module, order: list[str], blocks: bool = True) -> list[tuple[str, list[str]]]:
+    """The reconstruction units of ``model``: ``(module name, its Conv/Linear layers)`` in execution order.
+
+    With ``blocks``, every instance of a known block (a residual block of the CIFAR ResNets and of
+    torchvision's ResNets, an inverted-residual block of MobileNetV2, a transformer block of
+    vit-tiny) is one unit and every other Conv/Linear layer a unit of its own; without, every
+    layer is a unit (AdaRound).
+    """
+    kinds = _block_types() if blocks else ()
+    block_of: dict[str, str] = {}
+    for name, mod in model.named_modules():
+        if name and isinstance(mod, kinds) and not any(name.startswith(b + ".") for b in set(block_of.values())):
+            for lname, _ in quant_layers(mod):
+                block_of.setdefault(f"{name}.{lname}", name)
+    units: list[tuple[str, list[str]]] = []
+    for layer in order:
+        unit = block_of.get(layer, layer)
+        if units and units[-1][0] == unit:
+            units[-1][1].append(layer)
+        elif any(u == unit for u, _ in units):
+            next(ls for u, ls in units if u == unit).append(layer)
+        else:
+            units.append((unit, [layer]))
+    return units
+
+
+class InputCache:
+    """Cached tensors (the inputs and targets of one unit over the calibration set), kept on
+    ``device`` while their total size is within ``budget`` bytes and in host memory otherwise
+    (pinned when the device is a GPU), gathered per batch and moved to the device."""
+
+    def __init__(self, device: torch.device, budget: int | None):
+        self.device, self.budget, self.used, self.streamed = device, budget, 0, []
+        self.parts: dict[str, list[torch.Tensor]] = {}
+        self.tensors: dict[str, torch.Tensor] = {}
+
+    def add(self, key: str, t: torch.Tensor) -> None:
+        self.parts.setdefault(key, []).append(t.detach())
+
+    def finish(self) -> None:
+        for k, parts in self.parts.items():
+            t = torch.cat(parts)
+            size = t.numel() * t.element_size()
+            if self.budget is not None and self.used + size > self.budget:
+                self.streamed.append(k)
+                t = t.cpu()
+                if self.device.type == "cuda":
+                    t = t.pin_memory()
+            else:
+                self.used += size
+            self.tensors[k] = t
+        self.parts.clear()
+
+    def batch(self, key: str, idx: torch.Tensor) -> torch.Tensor:
+        t = self.tensors[key]
+        return t[idx.to(t.device)].to(self.device, non_blocking=True)
+
+    def __len__(self) -> int:
+        return len(next(iter(self.tensors.values())))
+
+
+class _Stop(Exception):
+    pass
+
+
+def _capture(model: nn.Module, unit: nn.Module, calib: list[torch.Tensor], device, cache: InputCache, prefix: str,
+             output: bool) -> None:
+    """Run ``model`` over the calibration batches and cache ``unit``'s input (``output=False``) or
+    its output, stopping each pass at the unit (or right after it)."""
+    def pre(mod, args):
+        if output:  # only the output is needed (the float targets)
+            return
+        cache.add(prefix + "x", args[0])
+        raise _Stop
+
+    def post(mod, args, out):
+        cache.add(prefix + "y", out)
+        raise _Stop
+
+    handles = [unit.register_forward_pre_hook(pre, prepend=True)]
+    if output:
+        handles.append(unit.register_forward_hook(post))
+    try:
+        with torch.no_grad():
+            for x in calib:
+                try:
+                    model(x.to(device))
+                except _Stop:
+                    pass
+    finally:
+        for h in handles:
+            h.remove()
+
+
+# -- the driver ---------------------------------------------------------------------------------
+def reconstruct(model: nn.Module, wbits: int, abits: int, calib_data, method: str = "qdrop", *,
+                iters: int | None = None, batch_size: int = 32, first_last_bits: int | None = 8,
+                range_method: str = "mse", weight_lr: float | None = None, act_lr: float | None = None,
+                reg_weight: float = 0.01,
+                beta: tuple[float, float] = (20.0, 2.0), warmup: float = 0.2, drop_prob: float = 0.5,
+                act_iters: int | None = None, seed: int = 0, device_budget: int | None = None,
+                calib_batch_size: int = 256, progress: bool = False) -> nn.Module:
+    """Quantize ``model`` with AdaRound, BRECQ or QDrop (see the module doc); the original is never touched.
+
+    Args:
+        model: a trained float model (any mode; the copy is put in eval mode, BatchNorm folded).
+        wbits, abits: weight and activation bits (2..8).
+        calib_data: a tensor of inputs (N, ...), or an iterable of input batches or
+            ``(inputs, targets)`` pairs (the papers use 1,024 training images).
+        method: ``"adaround"``, ``"brecq"`` or ``"qdrop"``.
+        iters: optimisation steps per unit (default :func:`default_iters`: 20,000 on a GPU,
+            :data:`CPU_ITERS` on a CPU).
+        batch_size: images per step (32, the papers').
+        first_last_bits: bits of the first and last layer; ``None`` quantizes them like the rest.
+        range_method: initial weight (per channel) and activation (per tensor) ranges
+            (``"mse"``, ``"minmax"`` or ``"percentile"``).
+        weight_lr, act_lr: Adam learning rates of the rounding variables and of the step sizes
+            (default :func:`budget_lrs`: the papers' 1e-3 and 4e-5 at 20,000 steps, scaled up for
+            fewer steps so that learning rate x steps stays the papers', at most 100x).
+        reg_weight, beta, warmup: AdaRound's regularizer weight, the (start, end) of its
+            annealed exponent, and the fraction of steps before it is switched on.
+        drop_prob: QDrop's probability of leaving an activation in float during reconstruction
+            (0 gives BRECQ's joint reconstruction with always-quantized activations).
+        act_iters: BRECQ's activation-step iterations per block (default ``iters // 4``).
+        seed: seed of the batch sampling and of QDrop's drops.
+        device_budget: bytes of cached unit inputs/outputs kept on the device (default: a third of
+            the free GPU memory; unlimited on a CPU); the rest is streamed from host memory.
+        calib_batch_size: batch size of the forward passes that fill the cache.
+        progress: a progress bar over the units.
+
+    Returns:
+        A new model in eval mode, with the quantized weights written into each Conv/Linear and an
+        ``input_quantizer`` (:class:`dnq.quant.ActQuantizer`) on each, like
+        :func:`dnq.quant.quantize`'s; ``ptq_layers``, ``ptq_variant`` (the method) and
+        ``ptq_recon`` (settings, and per unit its layers, steps, loss before and after, and time).
+
+    Raises:
+        ValueError: a bad setting or empty calibration data.
+        ReconstructionError: a NaN or Inf loss (naming the unit and the step).
+    """
+    check_bits(wbits, "weight bits")
+    check_bits(abits, "activation bits")
+    if first_last_bits is not None:
+        check_bits(first_last_bits, "first/last layer bits")
+    if method not in RECON_METHODS:
+        raise ValueError(f"unknown reconstruction method {method!r}; valid: {', '.join(RECON_METHODS)} "
+                         f"(rtn and rtn+bn are dnq.quant.quantize)")
+    if range_method not in RANGE_METHODS:
+        raise ValueError(f"unknown range method {range_method!r}; valid: {', '.join(RANGE_METHODS)}")
+    for name, v in (("batch_size", batch_size), ("calib_batch_size", calib_batch_size)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a positive integer, got {v!r}")
+    for name, v in (("iters", iters), ("act_iters", act_iters)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise ValueError(f"{name} must be a positive integer (steps per block), got {v!r}")
+    if not 0.0 <= drop_prob < 1.0:
+        raise ValueError(f"drop_prob must be in [0, 1), got {drop_prob!r}")
+    if not 0.0 <= warmup < 1.0:
+        raise ValueError(f"warmup must be in [0, 1), got {warmup!r}")
+    for name, v in (("weight_lr", weight_lr), ("act_lr", act_lr), ("reg_weight", reg_weight)):
+        if v is None and name != "reg_weight":
+            continue
+        if not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0):
+            raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+
+    device = _device_of(model)
+    iters = default_iters(device) if iters is None else iters
+    act_iters = max(iters // 4, 1) if act_iters is None else act_iters
+    lr_w, lr_a = budget_lrs(iters)
+    weight_lr = lr_w if weight_lr is None else weight_lr
+    act_lr = (budget_lrs(act_iters)[1] if method == "brecq" else lr_a) if act_lr is None else act_lr
+    if device_budget is None and device.type == "cuda":
+        device_budget = torch.cuda.mem_get_info(device)[0] // 3
+    calib = [x for x in _batches(calib_data, calib_batch_size)]
+    if not calib:
+        raise ValueError("calib_data is empty; pass calibration images (the papers use 1,024 training images)")
+
+    t_start = time.perf_counter()
+    with full_precision():
+        fp = fold_batchnorm(model)
+        for p in fp.parameters():
+            p.requires_grad_(False)
+        qmodel = copy.deepcopy(fp)
+        order = execution_order(qmodel, calib[0].to(device))
+        bits_of = layer_bits(order, wbits, abits, first_last_bits)
+        units = find_units(qmodel, order, blocks=method != "adaround")
+        if method != "adaround" and all(len(ls) == 1 and u == ls[0] for u, ls in units):
+            warnings.warn(f"{type(model).__name__} has no block this toolkit knows (residual, inverted-residual or "
+                          f"transformer block): {method} reconstructs layer by layer", stacklevel=2)
+        mods = dict(qmodel.named_modules())
+        weights, acts = _attach(qmodel, fp, order, bits_of, calib, device, range_method, seed)
+        gen = torch.Generator().manual_seed(seed)
+        drop_gen = torch.Generator(device=device).manual_seed(seed + 1)
+        common = dict(qmodel=qmodel, fp=fp, mods=mods, weights=weights, acts=acts, calib=calib, device=device,
+                      budget=device_budget, batch_size=batch_size, gen=gen)
+        log: list[dict] = []
+        bar = tqdm(total=len(units) * (2 if method == "brecq" else 1), desc=method, disable=not progress, leave=False)
+        try:
+            if method in ("adaround", "brecq"):
+                _set_acts(acts, enabled=False)
+                for unit, layers in units:
+                    log.append(_reconstruct_unit(unit, layers, iters=iters, learn_v=True, learn_s=False,
+                                                 weight_lr=weight_lr, act_lr=act_lr, reg_weight=reg_weight, beta=beta,
+                                                 warmup=warmup, drop=None, stage="weights", **common))
+                    bar.update()
+                _set_acts(acts, enabled=True)
+                if method == "brecq":
+                    for unit, layers in units:
+                        log.append(_reconstruct_unit(unit, layers, iters=act_iters, learn_v=False, learn_s=True,
+                                                     weight_lr=weight_lr, act_lr=act_lr, reg_weight=reg_weight,
+                                                     beta=beta, warmup=warmup, drop=None, stage="activations",
+                                                     **common))
+                        bar.update()
+            else:  # qdrop: rounding and step sizes together, activations on, dropped at random
+                _set_acts(acts, enabled=True)
+                for unit, layers in units:
+                    log.append(_reconstruct_unit(unit, layers, iters=iters, learn_v=True, learn_s=True,
+                                                 weight_lr=weight_lr, act_lr=act_lr, reg_weight=reg_weight, beta=beta,
+                                                 warmup=warmup, drop=(drop_prob, drop_gen), stage="joint", **common))
+                    bar.update()
+        finally:
+            bar.close()
+        info = _finalize(qmodel, order, bits_of, weights, acts)
+    qmodel.eval()
+    qmodel.ptq_layers = info
+    qmodel.ptq_variant = method
+    qmodel.ptq_bn_reestimated = []
+    qmodel.ptq_recon = {
+        "method": method, "iters": iters, "act_iters": act_iters if method == "brecq" else None,
+        "batch_size": batch_size, "calib_size": sum(len(x) for x in calib), "range_method": range_method,
+        "weight_lr": weight_lr, "act_lr": act_lr if method != "adaround" else None, "reg_weight": reg_weight,
+        "beta": list(beta), "warmup": warmup, "drop_prob": drop_prob if method == "qdrop" else None, "seed": seed,
+        "units": log, "time_s": time.perf_counter() - t_start,
+    }
+    return qmodel
+
+
+def _attach(qmodel, fp, order, bits_of, calib, device, range_method, seed):
+    """Weight parametrizations (soft rounding) and LSQ input quantizers, ranges from the float model."""
+    fmods = dict(fp.named_modules())
+    observers = {n: ActObserver(max_samples=1 << 16, seed=seed) for n in order}  # 65k values: enough for one scale
+    handles = [fmods[n].register_forward_pre_hook(lambda m, a, n=n: observers[n].observe(a[0])) for n in order]
+    try:
+        with torch.no_grad():
+            for x in calib:
+                fp(x.to(device))
+    finally:
+        for h in handles:
+            h.remove()
+    mods = dict(qmodel.named_modules())
+    weights, acts = {}, {}
+    for n in order:
+        layer = mods[n]
+        wb, ab = bits_of[n]
+        layer.weight.requires_grad_(False)
+        wq = AdaRoundWeight(layer.weight, wb, "symmetric", range_method).to(device)
+        parametrize.register_parametrization(layer, "weight", wq, unsafe=True)
+        weights[n] = wq
+        lo, hi = observers[n].range(ab, range_method)
+        s, z, qmin, qmax = act_qparams(lo, hi, ab)
+        aq = LSQActQuantizer(s, z, qmin, qmax, ab).to(device)
+        layer.input_quantizer = aq
+        layer.register_forward_pre_hook(_quantize_input_hook)
+        acts[n] = aq
+    for p in qmodel.parameters():
+        p.requires_grad_(False)
+    return weights, acts
+
+
+def _set_acts(acts, enabled: bool) -> None:
+    for a in acts.values():
+        a.enabled = enabled
+
+
+def _beta_at(step: int, iters: int, beta, warmup: float) -> float | None:
+    """The annealed exponent at ``step`` (None during the warm-up: no regularizer)."""
+    start = warmup * iters
+    if step < start:
+        return None
+    frac = (step - start) / max(iters - start, 1)
+    return beta[1] + (beta[0] - beta[1]) * max(0.0, 1.0 - frac)
+
+
+def _recon_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Squared error summed over channels (dim 1), averaged over the batch and positions."""
+    return (pred - target).pow(2).sum(1).mean()
+
+
+def _reconstruct_unit(unit, layers, *, qmodel, fp, mods, weights, acts, calib, device, budget, batch_size, gen, iters,
+                      learn_v, learn_s, weight_lr, act_lr, reg_weight, beta, warmup, drop, stage) -> dict:
+    t0 = time.perf_counter()
+    qunit, funit = mods[unit], dict(fp.named_modules())[unit]
+    cache = InputCache(device, budget)
+    for n in layers:  # earlier units are hard-rounded already; this one is soft while it learns
+        weights[n].mode = "soft" if learn_v else "hard"
+    _capture(qmodel, qunit, calib, device, cache, "q", output=False)
+    _capture(fp, funit, calib, device, cache, "f", output=True)
+    cache.finish()
+    n_cached = len(cache)
+    params_v = [weights[n].v for n in layers] if learn_v else []
+    params_s = [acts[n].scale for n in layers if acts[n].enabled] if learn_s else []
+    for p in (*params_v, *params_s):
+        p.requires_grad_(True)
+    opt_groups = ([{"params": params_v, "lr": weight_lr}] if params_v else []) + \
+                 ([{"params": params_s, "lr": act_lr}] if params_s else [])
+
+    def evaluate_loss() -> float:
+        tot, cnt = 0.0, 0
+        with torch.no_grad():
+            for i in range(0, n_cached, 256):
+                idx = torch.arange(i, min(i + 256, n_cached))
+                tot += float(_recon_loss(qunit(cache.batch("qx", idx)), cache.batch("fy", idx))) * len(idx)
+                cnt += len(idx)
+        return tot / cnt
+
+    was = qunit.training
+    qunit.eval()  # eval throughout: a float BatchNorm left unfolded keeps its statistics; drops follow the generator
+    if learn_v:  # the baseline of the rounding: round to nearest
+        for n in layers:
+            weights[n].mode = "nearest"
+    before = evaluate_loss()
+    for n in layers:
+        weights[n].mode = "soft" if learn_v else "hard"
+    if drop is not None:
+        for n in layers:
+            acts[n].drop_prob, acts[n].generator = drop[0], drop[1]
+    steps = 0
+    if opt_groups:
+        opt = torch.optim.Adam(opt_groups)
+        sched = None
+        if params_s:  # cosine decay of the step sizes' learning rate (BRECQ / QDrop code); constant for V
+            cosine = lambda i, n=iters: 0.5 * (1 + math.cos(math.pi * min(i, n) / n))  # noqa: E731
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, [lambda i: 1.0] * bool(params_v) + [cosine])
+        for step in range(iters):
+            idx = torch.randint(0, n_cached, (min(batch_size, n_cached),), generator=gen)
+            out = qunit(cache.batch("qx", idx))
+            rec = _recon_loss(out, cache.batch("fy", idx))
+            loss = rec
+            b = _beta_at(step, iters, beta, warmup) if params_v else None
+            if b is not None and reg_weight:
+                loss = loss + reg_weight * sum(weights[n].round_loss(b) for n in layers)
+            if not torch.isfinite(loss):
+                raise ReconstructionError(f"{stage} reconstruction of unit {unit!r} (layers {layers}): the loss is "
+                                          f"{float(loss)} at step {step} of {iters}; lower the learning rates "
+                                          f"(weight_lr {weight_lr}, act_lr {act_lr}) or check the model's weights")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if sched is not None:
+                sched.step()
+            steps += 1
+    soft = torch.cat([weights[n].h().detach().flatten() for n in layers]) if learn_v else None
+    for n in layers:
+        acts[n].generator, acts[n].drop_prob = None, 0.0
+        weights[n].mode = "hard"
+        if acts[n].scale.detach() <= 0:
+            with torch.no_grad():
+                acts[n].scale.abs_().clamp_min_(1e-8)
+    for p in (*params_v, *params_s):
+        p.requires_grad_(False)
+        p.grad = None
+    after = evaluate_loss()
+    qunit.train(was)
+    return {"unit": unit, "stage": stage, "layers": list(layers), "steps": steps, "cached": n_cached,
+            "streamed": cache.streamed, "loss_before": before, "loss_after": after,
+            "h_binary": None if soft is None else float(((soft == 0) | (soft == 1)).float().mean()),
+            "time_s": time.perf_counter() - t0}
+
+
+@torch.no_grad()
+def _finalize(qmodel, order, bits_of, weights, acts) -> list[dict]:
+    """Write the hard-rounded weights into the layers and freeze the activation quantizers."""
+    mods = dict(qmodel.named_modules())
+    info = []
+    for n in order:
+        layer = mods[n]
+        weights[n].mode = "hard"
+        parametrize.remove_parametrizations(layer, "weight", leave_parametrized=True)
+        layer.weight.requires_grad_(True)
+        lsq = acts[n]
+        layer.input_quantizer = lsq.frozen().to(layer.weight.device)
+        wb, ab = bits_of[n]
+        info.append({"layer": n, "wbits": wb, "abits": ab, "act_scale": float(layer.input_quantizer.scale),
+                     "act_zero_point": float(layer.input_quantizer.zero_point)})
+    for p in qmodel.parameters():
+        p.requires_grad_(True)
+    return info
+
+
+def quantize_with(model: nn.Module, method: str, wbits: int, abits: int, calib_data, *, first_last_bits: int | None = 8,
+                  range_method: str = "minmax", recon_range: str = "mse", iters: int | None = None,
+                  batch_size: int = 32, seed: int = 0, progress: bool = False, **recon_kwargs) -> nn.Module:
+    """Any method of :data:`PTQ_METHODS` behind one call: ``rtn`` / ``rtn+bn`` go to
+    :func:`dnq.quant.quantize` (with ``range_method``), the reconstruction methods to
+    :func:`reconstruct` (with ``recon_range`` as their initial ranges)."""
+    from .quant import quantize
+
+    if method not in PTQ_METHODS:
+        raise ValueError(f"unknown PTQ method {method!r}; valid: {', '.join(PTQ_METHODS)}")
+    if method in PTQ_VARIANTS:
+        return quantize(model, wbits, abits, calib_data, range_method=range_method, first_last_bits=first_last_bits,
+                        seed=seed, bn_reestimate=method == "rtn+bn")
+    return reconstruct(model, wbits, abits, calib_data, method, iters=iters, batch_size=batch_size,
+                       first_last_bits=first_last_bits, range_method=recon_range, seed=seed, progress=progress,
+                       **recon_kwargs)
+
+
+__all__ = ["AdaRoundWeight", "CPU_ITERS", "InputCache", "LSQActQuantizer", "PAPER_CALIB_SIZE", "PAPER_ITERS",
+           "PTQ_METHODS", "RECON_METHODS", "ReconstructionError", "check_methods", "default_iters", "find_units",
+           "lsq_fake_quantize", "quantize_with", "reconstruct", "rectified_sigmoid"]
+
