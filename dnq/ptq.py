@@ -195,7 +195,7 @@ def _run_ptq(run_dir, loaded, settings, range_list, variants, weight_mode, first
                     raise ValueError(f"{v} quantizes weights symmetric per channel; use --weight-mode symmetric")
                 qmodel = reconstruct(model, w, a, calib_of[v], v, iters=recon["iters"],
                                      batch_size=recon["batch_size"], first_last_bits=first_last_bits,
-                                     range_method=r, seed=seed)
+                                     range_method=r, seed=seed, progress=not quiet)
             else:
                 qmodel = quantize(model, w, a, calib_of[v], weight_mode=weight_mode, range_method=r,
                                   first_last_bits=first_last_bits, fold_bn=fold_bn, seed=seed,

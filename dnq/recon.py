@@ -356,13 +356,18 @@ def reconstruct(model: nn.Module, wbits: int, abits: int, calib_data, method: st
         device_budget: bytes of cached unit inputs/outputs kept on the device (default: a third of
             the free GPU memory; unlimited on a CPU); the rest is streamed from host memory.
         calib_batch_size: batch size of the forward passes that fill the cache.
-        progress: a progress bar over the units.
+        progress: a progress bar over the steps (tqdm; the block being reconstructed in its postfix).
 
     Returns:
         A new model in eval mode, with the quantized weights written into each Conv/Linear and an
         ``input_quantizer`` (:class:`dnq.quant.ActQuantizer`) on each, like
         :func:`dnq.quant.quantize`'s; ``ptq_layers``, ``ptq_variant`` (the method) and
-        ``ptq_recon`` (settings, and per unit its layers, steps, loss before and after, and time).
+        ``ptq_recon``: the settings (with the learning rates used) and ``units``, one entry per
+        unit and stage with ``unit``, ``stage`` (``weights``, ``activations`` or ``joint``),
+        ``layers``, ``steps``, ``cached`` (images), ``streamed`` (cached tensors kept in host
+        memory), ``loss_before`` (the output error with round-to-nearest weights, or the initial
+        step sizes), ``loss_after``, ``h_binary`` (the fraction of soft rounding variables at
+        exactly 0 or 1 before the final rounding) and ``time_s``.
 
     Raises:
         ValueError: a bad setting or empty calibration data.
@@ -424,7 +429,9 @@ def reconstruct(model: nn.Module, wbits: int, abits: int, calib_data, method: st
         common = dict(qmodel=qmodel, fp=fp, mods=mods, weights=weights, acts=acts, calib=calib, device=device,
                       budget=device_budget, batch_size=batch_size, gen=gen)
         log: list[dict] = []
-        bar = tqdm(total=len(units) * (2 if method == "brecq" else 1), desc=method, disable=not progress, leave=False)
+        total = len(units) * (iters + (act_iters if method == "brecq" else 0))
+        bar = tqdm(total=total, desc=f"{method} W{wbits}A{abits}", unit="step", disable=not progress, leave=False)
+        common["bar"] = bar
         try:
             if method in ("adaround", "brecq"):
                 _set_acts(acts, enabled=False)
@@ -432,7 +439,6 @@ def reconstruct(model: nn.Module, wbits: int, abits: int, calib_data, method: st
                     log.append(_reconstruct_unit(unit, layers, iters=iters, learn_v=True, learn_s=False,
                                                  weight_lr=weight_lr, act_lr=act_lr, reg_weight=reg_weight, beta=beta,
                                                  warmup=warmup, drop=None, stage="weights", **common))
-                    bar.update()
                 _set_acts(acts, enabled=True)
                 if method == "brecq":
                     for unit, layers in units:
@@ -440,14 +446,12 @@ def reconstruct(model: nn.Module, wbits: int, abits: int, calib_data, method: st
                                                      weight_lr=weight_lr, act_lr=act_lr, reg_weight=reg_weight,
                                                      beta=beta, warmup=warmup, drop=None, stage="activations",
                                                      **common))
-                        bar.update()
             else:  # qdrop: rounding and step sizes together, activations on, dropped at random
                 _set_acts(acts, enabled=True)
                 for unit, layers in units:
                     log.append(_reconstruct_unit(unit, layers, iters=iters, learn_v=True, learn_s=True,
                                                  weight_lr=weight_lr, act_lr=act_lr, reg_weight=reg_weight, beta=beta,
                                                  warmup=warmup, drop=(drop_prob, drop_gen), stage="joint", **common))
-                    bar.update()
         finally:
             bar.close()
         info = _finalize(qmodel, order, bits_of, weights, acts)
@@ -517,7 +521,7 @@ def _recon_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def _reconstruct_unit(unit, layers, *, qmodel, fp, mods, weights, acts, calib, device, budget, batch_size, gen, iters,
-                      learn_v, learn_s, weight_lr, act_lr, reg_weight, beta, warmup, drop, stage) -> dict:
+                      learn_v, learn_s, weight_lr, act_lr, reg_weight, beta, warmup, drop, stage, bar=None) -> dict:
     t0 = time.perf_counter()
     qunit, funit = mods[unit], dict(fp.named_modules())[unit]
     cache = InputCache(device, budget)
@@ -579,6 +583,9 @@ def _reconstruct_unit(unit, layers, *, qmodel, fp, mods, weights, acts, calib, d
             if sched is not None:
                 sched.step()
             steps += 1
+            if bar is not None and (steps % 50 == 0 or steps == iters):
+                bar.update(50 if steps % 50 == 0 else steps % 50)
+                bar.set_postfix_str(f"{unit} {stage}", refresh=False)
     soft = torch.cat([weights[n].h().detach().flatten() for n in layers]) if learn_v else None
     for n in layers:
         acts[n].generator, acts[n].drop_prob = None, 0.0

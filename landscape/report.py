@@ -5,8 +5,9 @@ offline), the same figures as PNG and PDF for papers, and ``summary.csv`` / ``su
     >>> from landscape.report import build             # doctest: +SKIP
     >>> build("reports/digits")                        # doctest: +SKIP
 
-Sections: the PTQ settings, the split sizes and which split every number comes from; a summary
-table of all models (FP accuracy on validation and test, PTQ test accuracy of every variant at
+Sections: the PTQ settings, the split sizes and which split every number comes from; the grid of
+training method × PTQ method (per bit-width, test accuracy mean ± std over seeds, the best of each
+column marked; :func:`training_by_ptq`, also ``grid.csv``); a summary table of all models (FP accuracy on validation and test, PTQ test accuracy of every variant at
 every bit-width, flatness); scatter plots of accuracy drop against trace, top eigenvalue and
 Tr(H Sigma), per bit-width and PTQ variant, with the fit and its confidence band; the
 correlation tables; measured against predicted loss increase with the identity line, and its
@@ -647,7 +648,7 @@ def _table(rows: list[dict], cols: list[tuple[str, str]], left: set = frozenset(
 
 
 def build(path, out=None, *, static: bool = True, n_boot: int = 2000) -> Path:
-    """Write ``report.html`` (and ``figures/``, ``summary.csv``, ``summary.json``,
+    """Write ``report.html`` (and ``figures/``, ``summary.csv``, ``summary.json``, ``grid.csv``,
     ``correlations.csv``) for the study in ``path``; returns the HTML file's path.
 
     Args:
@@ -746,9 +747,9 @@ def build(path, out=None, *, static: bool = True, n_boot: int = 2000) -> Path:
              "<h2 id='grid'>Training method × PTQ method</h2>",
              "<p class='note'>Test accuracy (%): mean ± standard deviation over seeds, per training configuration "
              "(rows) and PTQ method (columns), one table per bit-width; FP is the full-precision model. * and bold: "
-             "the highest mean of the column (a difference smaller than the standard deviations is no difference; "
-             "the paired tests are in the correlation and method sections). Every training configuration gets the "
-             "same PTQ, calibration images and BatchNorm rule.</p>"]
+             "the highest mean of the column (read a difference smaller than the standard deviations as none). Every "
+             "training configuration gets the same PTQ, calibration images and BatchNorm rule; compare training "
+             "methods within a column and PTQ methods within a row.</p>"]
     for b in bits:
         parts.append(f"<h3 id='grid-{_esc(b)}'>{_esc(b)}</h3>")
         parts.append(_grid_html(grid[b], vars_))

@@ -8,7 +8,8 @@ a list of values sweeps them), seeds, the PTQ bit-widths, and the budgets of the
 Presets: ``digits`` (the default, under 3 minutes on a 2-core CPU), ``cifar10-subset`` (resnet20 on
 the CIFAR-10 subset in an ``.npz`` file: sgd, dnq, gaussian and sam, 2 seeds, PTQ rtn, rtn+bn and
 qdrop at 500 steps per block; about 75 minutes on a 2-core CPU) and ``cifar100`` (the DNQ paper's
-setting for a GPU: 120 epochs, W4A4 / W2A4 / W2A2, every PTQ method at the papers' 20,000 steps). Custom studies come from a JSON or TOML file with the same keys.
+setting for a GPU: 120 epochs, W4A4 / W2A4 / W2A2, every PTQ method at the papers' 20,000 steps).
+Custom studies come from a JSON or TOML file with the same keys.
 
 Layout of ``out/``::
 
@@ -363,7 +364,7 @@ class StudyConfig:
         variants = self.ptq.get("variants")
         bad = [v for v in variants if v not in PTQ_METHODS] if isinstance(variants, list) else [variants]
         if bad or not variants:
-            raise StudyError(f"ptq.variants (the PTQ methods) must be a non-empty list of {', '.join(PTQ_METHODS)}, "
+            raise StudyError(f"ptq.variants must be a non-empty list of PTQ methods ({', '.join(PTQ_METHODS)}), "
                              f"got {self.ptq.get('variants')!r}")
         if len(set(variants)) != len(variants):
             raise StudyError(f"ptq.variants lists a method twice: {variants}")
@@ -1000,7 +1001,7 @@ class Measure:
             calib = self.ds.calibration_inputs(r["recon_calib_size"], self.inst.seed)
             q = reconstruct(self.model, w, a, calib, variant, iters=r["recon_iters"],
                             batch_size=r["recon_batch_size"], first_last_bits=self.ptq_cfg["first_last_bits"],
-                            range_method=r["recon_range"], seed=self.inst.seed)
+                            range_method=r["recon_range"], seed=self.inst.seed, progress=self.s.progress)
             units = [{k: u[k] for k in ("unit", "stage", "loss_before", "loss_after", "time_s")}
                      for u in q.ptq_recon["units"]]
             return {**self._accuracy(q), "variant": variant, "calib_size": len(calib), "recon_iters": r["recon_iters"],

@@ -55,6 +55,8 @@ def stages(out: Path, runs: Path) -> list[tuple[str, int, list[str], object]]:
               "--rounds", "5"),
         bench("instruments", 150, "bench_instruments_cuda.py"),
         bench("taylor_memory", 120, "bench_taylor_memory.py"),
+        # reconstruction PTQ on the GPU: 1,000 steps per block (x20 for the papers' 20,000)
+        bench("recon", 240, "bench_recon.py", "--models", "resnet20", "--iters", "1000", "--device", "cuda"),
         ("pytest_cuda", 300, [PY, "-m", "pytest", "-m", "cuda", "tests/test_cuda.py", "tests/test_landscape_cuda.py",
                               "-q", "-rA", "-p", "no:cacheprovider", f"--junitxml={junit}"], lambda: _junit(junit)),
         train("train_dnq_compiled", 240, "dnq", 2, "--compile"),

@@ -166,3 +166,26 @@ def test_noise_statistics_on_cuda_match_cpu():
         torch.testing.assert_close(b.w_var[n].cpu(), a.w_var[n], rtol=1e-4, atol=1e-9)
     for n in a.a_var:
         assert abs(b.a_var[n] - a.a_var[n]) <= 1e-4 * a.a_var[n] + 1e-9
+
+
+def test_reconstruction_on_cuda_streams_its_cache_and_matches_the_cpu_ranges():
+    """QDrop on CUDA: the cache kept on the device and streamed from pinned host memory give the
+    same quantized model; the initial step sizes equal the CPU's (same float model, same images)."""
+    import warnings
+
+    from dnq.recon import reconstruct
+
+    torch.manual_seed(0)
+    model = build_model("resnet20", 10, 3, 32).eval()
+    x = torch.randn(128, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        full = reconstruct(model.to(CUDA), 4, 4, x.to(CUDA), "qdrop", iters=10, batch_size=16)
+        streamed = reconstruct(model.to(CUDA), 4, 4, x.to(CUDA), "qdrop", iters=10, batch_size=16, device_budget=0)
+    assert all(u["streamed"] == [] for u in full.ptq_recon["units"])
+    assert all(set(u["streamed"]) == {"qx", "fy"} for u in streamed.ptq_recon["units"])
+    assert all(torch.equal(v, streamed.state_dict()[k]) for k, v in full.state_dict().items())
+    cpu = reconstruct(model.cpu(), 4, 4, x, "qdrop", iters=1, batch_size=16, act_lr=0.0, weight_lr=0.0)
+    gpu = reconstruct(model.to(CUDA), 4, 4, x.to(CUDA), "qdrop", iters=1, batch_size=16, act_lr=0.0, weight_lr=0.0)
+    for a, b in zip(cpu.ptq_layers, gpu.ptq_layers):
+        assert a["act_scale"] == pytest.approx(b["act_scale"], rel=1e-4)

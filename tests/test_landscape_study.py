@@ -327,7 +327,8 @@ def test_ptq_methods_are_keyed_resumable_measurements(tmp_path, monkeypatch):
 
 
 def test_bad_ptq_methods_are_refused_with_the_valid_ones():
-    with pytest.raises(StudyError, match="must be a non-empty list of rtn, rtn\\+bn, adaround, brecq, qdrop"):
+    valid = "must be a non-empty list of PTQ methods \\(rtn, rtn\\+bn, adaround, brecq, qdrop\\)"
+    with pytest.raises(StudyError, match=valid):
         StudyConfig.from_dict({**TINY, "ptq": ["rtn", "gptq"]})
     with pytest.raises(StudyError, match="lists a method twice"):
         StudyConfig.from_dict({**TINY, "ptq": ["rtn", "rtn"]})

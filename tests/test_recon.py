@@ -111,8 +111,8 @@ def test_units_of_the_known_blocks():
     assert [u for u, _ in units] == ["conv1", *[f"layers.{i}" for i in range(9)], "fc"]
     assert units[4][1] == ["layers.3.conv1", "layers.3.conv2", "layers.3.shortcut.0"]  # the stride-2 block
     mb = build_model("mobilenetv2", 10, 3, 32)
-    kinds = {type(mb.get_submodule(u)).__name__ for u, ls in find_units(mb, execution_order(mb, torch.randn(2, 3, 32, 32)))
-             if len(ls) > 1}
+    mb_units = find_units(mb, execution_order(mb, torch.randn(2, 3, 32, 32)))
+    kinds = {type(mb.get_submodule(u)).__name__ for u, ls in mb_units if len(ls) > 1}
     assert kinds == {"InvertedResidual"}
     vit = build_model("vit-tiny", 10, 3, 32)
     vunits = find_units(vit, execution_order(vit, torch.randn(2, 3, 32, 32)))
