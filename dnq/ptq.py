@@ -38,7 +38,7 @@ from .data import BatchLoader, load_dataset
 from .io import atomic_write_json
 from .rundir import folder_lock
 from .quant import RANGE_METHODS, WEIGHT_MODES, check_bits, parse_bits, ptq_variant, quantize
-from .recon import PAPER_CALIB_SIZE, RECON_METHODS, check_methods, default_iters, reconstruct
+from .recon import PAPER_CALIB_SIZE, RECON_METHODS, budget_lrs, check_methods, default_iters, reconstruct
 from .train import evaluate, load_model
 
 DEFAULT_BITS = "W8A8,W6A6,W4A4,W3A3,W2A4"
@@ -134,6 +134,9 @@ def run_ptq(run_dir, bits: str = DEFAULT_BITS, ranges: str = ",".join(RANGE_METH
     if not fold_bn and any(v in RECON_METHODS for v in variants):
         raise ValueError("the reconstruction methods fold BatchNorm first (as the papers do); drop --no-fold-bn or "
                          "use rtn / rtn+bn only")
+    if weight_mode != "symmetric" and any(v in RECON_METHODS for v in variants):
+        raise ValueError("the reconstruction methods quantize weights symmetric per channel; use --weight-mode "
+                         "symmetric, or rtn / rtn+bn only")
     recon = {"iters": default_iters(dev) if iters is None else iters, "batch_size": recon_batch_size}
     args = (run_dir, loaded, settings, range_list, variants, weight_mode, first_last_bits, calib_size, fold_bn, seed,
             data_root, quiet, recon)
@@ -191,8 +194,6 @@ def _run_ptq(run_dir, loaded, settings, range_list, variants, weight_mode, first
         for w, a, r, v in tqdm(jobs, desc="ptq", disable=quiet, leave=False):
             t0 = time.perf_counter()
             if v in RECON_METHODS:
-                if weight_mode != "symmetric":
-                    raise ValueError(f"{v} quantizes weights symmetric per channel; use --weight-mode symmetric")
                 qmodel = reconstruct(model, w, a, calib_of[v], v, iters=recon["iters"],
                                      batch_size=recon["batch_size"], first_last_bits=first_last_bits,
                                      range_method=r, seed=seed, progress=not quiet)
@@ -235,8 +236,11 @@ def _run_ptq(run_dir, loaded, settings, range_list, variants, weight_mode, first
             "bn_reestimate": "rtn+bn" in variants,
             "methods": variants,
             "variants": {v: _describe(v, fold_bn, len(calib_of[v]), recon) for v in variants},
-            "recon": ({**recon, "weight_lr": 1e-3, "act_lr": 4e-5, "reg_weight": 0.01, "beta": [20, 2], "warmup": 0.2,
-                       "drop_prob": 0.5, "init_ranges": "the row's range method"}
+            "recon": ({**recon, "weight_lr": budget_lrs(recon["iters"])[0], "act_lr": budget_lrs(recon["iters"])[1],
+                       "lr_rule": "the papers' 1e-3 and 4e-5 at 20,000 steps, times 20000/steps (at most 100x); "
+                                  "brecq's activation stage at a quarter of the steps",
+                       "reg_weight": 0.01, "beta": [20, 2], "warmup": 0.2, "drop_prob": 0.5,
+                       "init_ranges": "the row's range method"}
                       if any(v in RECON_METHODS for v in variants) else None),
             "seed": seed,
             "eval_splits": ["val", "test"] if val is not None else ["test"],

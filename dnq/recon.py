@@ -624,25 +624,7 @@ def _finalize(qmodel, order, bits_of, weights, acts) -> list[dict]:
     return info
 
 
-def quantize_with(model: nn.Module, method: str, wbits: int, abits: int, calib_data, *, first_last_bits: int | None = 8,
-                  range_method: str = "minmax", recon_range: str = "mse", iters: int | None = None,
-                  batch_size: int = 32, seed: int = 0, progress: bool = False, **recon_kwargs) -> nn.Module:
-    """Any method of :data:`PTQ_METHODS` behind one call: ``rtn`` / ``rtn+bn`` go to
-    :func:`dnq.quant.quantize` (with ``range_method``), the reconstruction methods to
-    :func:`reconstruct` (with ``recon_range`` as their initial ranges)."""
-    from .quant import quantize
-
-    if method not in PTQ_METHODS:
-        raise ValueError(f"unknown PTQ method {method!r}; valid: {', '.join(PTQ_METHODS)}")
-    if method in PTQ_VARIANTS:
-        return quantize(model, wbits, abits, calib_data, range_method=range_method, first_last_bits=first_last_bits,
-                        seed=seed, bn_reestimate=method == "rtn+bn")
-    return reconstruct(model, wbits, abits, calib_data, method, iters=iters, batch_size=batch_size,
-                       first_last_bits=first_last_bits, range_method=recon_range, seed=seed, progress=progress,
-                       **recon_kwargs)
-
-
 __all__ = ["AdaRoundWeight", "CPU_ITERS", "InputCache", "LSQActQuantizer", "PAPER_CALIB_SIZE", "PAPER_ITERS",
-           "PTQ_METHODS", "RECON_METHODS", "ReconstructionError", "check_methods", "default_iters", "find_units",
-           "lsq_fake_quantize", "quantize_with", "reconstruct", "rectified_sigmoid"]
+           "PTQ_METHODS", "RECON_METHODS", "ReconstructionError", "budget_lrs", "check_methods", "default_iters",
+           "find_units", "lsq_fake_quantize", "reconstruct", "rectified_sigmoid"]
 

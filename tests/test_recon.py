@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import copy
-import functools
 import json
 import math
 
@@ -314,4 +313,18 @@ def test_default_calibration_sizes_follow_the_papers(digits_run):
                      device="cpu")
     sizes = {r["method"]: r["calib_size"] for r in report["results"]}
     assert sizes == {"rtn": 256, "qdrop": 1024}
-    assert functools.reduce(lambda a, b: a and b, [r["test_acc"] > 0.1 for r in report["results"]])
+    assert all(r["test_acc"] > 0.1 for r in report["results"])  # above chance (10 classes)
+
+
+def test_dnq_ptq_refuses_settings_the_reconstruction_methods_do_not_have(digits_run):
+    from dnq.ptq import run_ptq
+
+    before = sorted(p.name for p in digits_run.iterdir())
+    with pytest.raises(ValueError, match="fold BatchNorm first"):
+        run_ptq(digits_run, bits="W4A4", ranges="mse", methods="qdrop", fold_bn=False, quiet=True, device="cpu")
+    with pytest.raises(ValueError, match="symmetric per channel"):
+        run_ptq(digits_run, bits="W4A4", ranges="mse", methods="rtn,adaround", weight_mode="asymmetric", quiet=True,
+                device="cpu")
+    with pytest.raises(ValueError, match="iters must be a positive integer"):
+        run_ptq(digits_run, bits="W4A4", methods="qdrop", iters=0, quiet=True, device="cpu")
+    assert sorted(p.name for p in digits_run.iterdir()) == before  # refused before anything was written
