@@ -38,7 +38,7 @@ from .data import BatchLoader, load_dataset
 from .io import atomic_write_json
 from .rundir import folder_lock
 from .quant import RANGE_METHODS, WEIGHT_MODES, check_bits, parse_bits, ptq_variant, quantize
-from .recon import PAPER_CALIB_SIZE, RECON_METHODS, budget_lrs, check_methods, default_iters, reconstruct
+from .recon import DESCRIPTIONS, PAPER_CALIB_SIZE, RECON_METHODS, check_methods, default_iters, reconstruct
 from .train import evaluate, load_model
 
 DEFAULT_BITS = "W8A8,W6A6,W4A4,W3A3,W2A4"
@@ -236,10 +236,9 @@ def _run_ptq(run_dir, loaded, settings, range_list, variants, weight_mode, first
             "bn_reestimate": "rtn+bn" in variants,
             "methods": variants,
             "variants": {v: _describe(v, fold_bn, len(calib_of[v]), recon) for v in variants},
-            "recon": ({**recon, "weight_lr": budget_lrs(recon["iters"])[0], "act_lr": budget_lrs(recon["iters"])[1],
-                       "lr_rule": "the papers' 1e-3 and 4e-5 at 20,000 steps, times 20000/steps (at most 100x); "
-                                  "brecq's activation stage at a quarter of the steps",
-                       "reg_weight": 0.01, "beta": [20, 2], "warmup": 0.2, "drop_prob": 0.5,
+            # the values used (learning rates, regularizer, drop probability) are in each row's "recon"
+            "recon": ({**recon, "lr_rule": "the papers' 1e-3 and 4e-5 at 20,000 steps, times 20000/steps (at most "
+                                           "100x); brecq's activation stage at a quarter of the steps",
                        "init_ranges": "the row's range method"}
                       if any(v in RECON_METHODS for v in variants) else None),
             "seed": seed,
@@ -253,12 +252,7 @@ def _run_ptq(run_dir, loaded, settings, range_list, variants, weight_mode, first
 def _describe(method: str, fold_bn: bool, n_calib: int, recon: dict) -> str:
     if method in ("rtn", "rtn+bn"):
         return _describe_variants(fold_bn, f"{n_calib} calibration images")[method]
-    what = {"adaround": "AdaRound (Nagel et al. 2020): learned rounding, layer by layer, on each layer's output; "
-                        "activation quantizers as in rtn",
-            "brecq": "BRECQ (Li et al. 2021): learned rounding per block on the block's output, then LSQ activation "
-                     "step sizes per block",
-            "qdrop": "QDrop (Wei et al. 2022): rounding and LSQ activation step sizes learned together per block, "
-                     "activations dropped to float with probability 0.5 during reconstruction"}[method]
+    what = DESCRIPTIONS[method]
     return (f"{what}; BatchNorm folded first; {recon['iters']} steps per block, batch {recon['batch_size']}, "
             f"{n_calib} calibration images; initial ranges from the row's range method")
 

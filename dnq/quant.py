@@ -347,6 +347,36 @@ def _batches(calib_data, batch_size: int) -> Iterable[torch.Tensor]:
             yield b
 
 
+@torch.no_grad()
+def observe_inputs(model: nn.Module, layers: list[tuple[str, nn.Module]], batches: Iterable[torch.Tensor],
+                   device: torch.device, *, max_samples: int = 1 << 20, seed: int = 0):
+    """Run ``model`` over ``batches`` (without gradients, in full float32 precision) and observe the
+    input of each of ``layers`` (``(name, module)`` pairs) with an :class:`ActObserver`.
+
+    Returns:
+        ``(observers by name, the names in the order the pass called them, images seen)``.
+    """
+    observers = {name: ActObserver(max_samples=max_samples, seed=seed) for name, _ in layers}
+    order: list[str] = []
+
+    def hook(mod, args, name):
+        if name not in order:
+            order.append(name)
+        observers[name].observe(args[0])
+
+    handles = [layer.register_forward_pre_hook(lambda m, a, n=name: hook(m, a, n)) for name, layer in layers]
+    seen = 0
+    try:
+        with full_precision():  # ranges from float32 activations, whatever the caller's TF32/autocast
+            for x in batches:
+                model(x.to(device))
+                seen += len(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return observers, order, seen
+
+
 _EMPTY_CALIB = "calib_data is empty; pass at least one calibration batch (e.g. Dataset.calibration_inputs(256))"
 
 
@@ -547,25 +577,7 @@ def quantize(model: nn.Module, wbits: int, abits: int, calib_data, *, weight_mod
     except StopIteration:
         device = torch.device("cpu")
 
-    observers, order, handles = {}, [], []
-    for name, layer in layers:
-        observers[name] = ActObserver(seed=seed)
-
-        def hook(mod, args, name=name):
-            if name not in order:
-                order.append(name)
-            observers[name].observe(args[0])
-
-        handles.append(layer.register_forward_pre_hook(hook))
-    try:
-        seen = 0
-        with full_precision():  # ranges from float32 activations, whatever the caller's TF32/autocast
-            for x in _batches(calib_data, batch_size):
-                qmodel(x.to(device))
-                seen += len(x)
-    finally:
-        for h in handles:
-            h.remove()
+    observers, order, seen = observe_inputs(qmodel, layers, _batches(calib_data, batch_size), device, seed=seed)
     if not seen:
         raise ValueError(_EMPTY_CALIB)
     unused = [n for n, _ in layers if n not in order]

@@ -66,13 +66,23 @@ from tqdm.auto import tqdm
 
 from landscape.precision import full_precision
 
-from .quant import (PTQ_VARIANTS, RANGE_METHODS, ActObserver, ActQuantizer, _batches, _device_of, _quantize_input_hook,
-                    act_qparams, check_bits, execution_order, fold_batchnorm, layer_bits, quant_layers, weight_qparams)
+from .quant import (PTQ_VARIANTS, RANGE_METHODS, ActQuantizer, _batches, _device_of, _quantize_input_hook, act_qparams,
+                    check_bits, execution_order, fold_batchnorm, layer_bits, observe_inputs, quant_layers,
+                    weight_qparams)
 
 RECON_METHODS = ("adaround", "brecq", "qdrop")
 PTQ_METHODS = (*PTQ_VARIANTS, *RECON_METHODS)
 """Every PTQ method of the toolkit: ``rtn``, ``rtn+bn`` (:func:`dnq.quant.quantize`) and the
 reconstruction methods of this module."""
+DESCRIPTIONS = {
+    "adaround": "AdaRound (Nagel et al. 2020): learned rounding layer by layer on each layer's output, activation "
+                "ranges as calibrated",
+    "brecq": "BRECQ (Li et al. 2021): learned rounding per block on the block's output, then LSQ activation step "
+             "sizes per block",
+    "qdrop": "QDrop (Wei et al. 2022): rounding and LSQ activation step sizes learned together per block, "
+             "activations dropped to float with probability 0.5 during reconstruction",
+}
+"""One line per reconstruction method, as ``ptq.json`` and the report state it."""
 PAPER_ITERS = 20_000
 CPU_ITERS = 500
 PAPER_CALIB_SIZE = 1024
@@ -141,22 +151,24 @@ class AdaRoundWeight(nn.Module):
         self.register_buffer("scale", scale.view(view))
         self.register_buffer("zero_point", zp.view(view))
         w = weight.detach() / self.scale
-        frac = w - torch.floor(w)
-        self.v = nn.Parameter(_inverse_rectified_sigmoid(frac))
+        # the weight is fixed while its rounding is learned: floor(W/s) and the nearest rounding once
+        self.register_buffer("base", torch.floor(w))
+        self.register_buffer("nearest_up", torch.round(w) - self.base)
+        self.v = nn.Parameter(_inverse_rectified_sigmoid(w - self.base))
         self.bits, self.mode = bits, "soft"
 
     def h(self) -> torch.Tensor:
         return rectified_sigmoid(self.v)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        base = torch.floor(weight.detach() / self.scale)
+        """The quantized weight; ``weight`` (the original, unchanged since construction) is not read."""
         if self.mode == "soft":
             up = self.h()
         elif self.mode == "hard":
-            up = (self.v >= 0).to(weight.dtype)
+            up = (self.v >= 0).to(self.base.dtype)
         else:
-            up = (torch.round(weight.detach() / self.scale) - base)
-        q = torch.clamp(base + up + self.zero_point, self.qmin, self.qmax)
+            up = self.nearest_up
+        q = torch.clamp(self.base + up + self.zero_point, self.qmin, self.qmax)
         return (q - self.zero_point) * self.scale
 
     def round_loss(self, beta: float) -> torch.Tensor:
@@ -422,12 +434,12 @@ def reconstruct(model: nn.Module, wbits: int, abits: int, calib_data, method: st
         if method != "adaround" and all(len(ls) == 1 and u == ls[0] for u, ls in units):
             warnings.warn(f"{type(model).__name__} has no block this toolkit knows (residual, inverted-residual or "
                           f"transformer block): {method} reconstructs layer by layer", stacklevel=2)
-        mods = dict(qmodel.named_modules())
         weights, acts = _attach(qmodel, fp, order, bits_of, calib, device, range_method, seed)
         gen = torch.Generator().manual_seed(seed)
         drop_gen = torch.Generator(device=device).manual_seed(seed + 1)
-        common = dict(qmodel=qmodel, fp=fp, mods=mods, weights=weights, acts=acts, calib=calib, device=device,
-                      budget=device_budget, batch_size=batch_size, gen=gen)
+        common = dict(qmodel=qmodel, fp=fp, weights=weights, acts=acts, calib=calib, device=device,
+                      budget=device_budget, batch_size=batch_size, gen=gen, weight_lr=weight_lr, act_lr=act_lr,
+                      reg_weight=reg_weight, beta=beta, warmup=warmup)
         log: list[dict] = []
         total = len(units) * (iters + (act_iters if method == "brecq" else 0))
         bar = tqdm(total=total, desc=f"{method} W{wbits}A{abits}", unit="step", disable=not progress, leave=False)
@@ -436,22 +448,18 @@ def reconstruct(model: nn.Module, wbits: int, abits: int, calib_data, method: st
             if method in ("adaround", "brecq"):
                 _set_acts(acts, enabled=False)
                 for unit, layers in units:
-                    log.append(_reconstruct_unit(unit, layers, iters=iters, learn_v=True, learn_s=False,
-                                                 weight_lr=weight_lr, act_lr=act_lr, reg_weight=reg_weight, beta=beta,
-                                                 warmup=warmup, drop=None, stage="weights", **common))
+                    log.append(_reconstruct_unit(unit, layers, iters=iters, learn_v=True, learn_s=False, drop=None,
+                                                 stage="weights", **common))
                 _set_acts(acts, enabled=True)
                 if method == "brecq":
                     for unit, layers in units:
                         log.append(_reconstruct_unit(unit, layers, iters=act_iters, learn_v=False, learn_s=True,
-                                                     weight_lr=weight_lr, act_lr=act_lr, reg_weight=reg_weight,
-                                                     beta=beta, warmup=warmup, drop=None, stage="activations",
-                                                     **common))
+                                                     drop=None, stage="activations", **common))
             else:  # qdrop: rounding and step sizes together, activations on, dropped at random
                 _set_acts(acts, enabled=True)
                 for unit, layers in units:
                     log.append(_reconstruct_unit(unit, layers, iters=iters, learn_v=True, learn_s=True,
-                                                 weight_lr=weight_lr, act_lr=act_lr, reg_weight=reg_weight, beta=beta,
-                                                 warmup=warmup, drop=(drop_prob, drop_gen), stage="joint", **common))
+                                                 drop=(drop_prob, drop_gen), stage="joint", **common))
         finally:
             bar.close()
         info = _finalize(qmodel, order, bits_of, weights, acts)
@@ -471,16 +479,9 @@ def reconstruct(model: nn.Module, wbits: int, abits: int, calib_data, method: st
 
 def _attach(qmodel, fp, order, bits_of, calib, device, range_method, seed):
     """Weight parametrizations (soft rounding) and LSQ input quantizers, ranges from the float model."""
-    fmods = dict(fp.named_modules())
-    observers = {n: ActObserver(max_samples=1 << 16, seed=seed) for n in order}  # 65k values: enough for one scale
-    handles = [fmods[n].register_forward_pre_hook(lambda m, a, n=n: observers[n].observe(a[0])) for n in order]
-    try:
-        with torch.no_grad():
-            for x in calib:
-                fp(x.to(device))
-    finally:
-        for h in handles:
-            h.remove()
+    # 65k sampled values per layer: enough for one per-tensor scale, and fast for the MSE search
+    observers, _, _ = observe_inputs(fp, [(n, fp.get_submodule(n)) for n in order], calib, device,
+                                     max_samples=1 << 16, seed=seed)
     mods = dict(qmodel.named_modules())
     weights, acts = {}, {}
     for n in order:
@@ -520,10 +521,10 @@ def _recon_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (pred - target).pow(2).sum(1).mean()
 
 
-def _reconstruct_unit(unit, layers, *, qmodel, fp, mods, weights, acts, calib, device, budget, batch_size, gen, iters,
+def _reconstruct_unit(unit, layers, *, qmodel, fp, weights, acts, calib, device, budget, batch_size, gen, iters,
                       learn_v, learn_s, weight_lr, act_lr, reg_weight, beta, warmup, drop, stage, bar=None) -> dict:
     t0 = time.perf_counter()
-    qunit, funit = mods[unit], dict(fp.named_modules())[unit]
+    qunit, funit = qmodel.get_submodule(unit), fp.get_submodule(unit)
     cache = InputCache(device, budget)
     for n in layers:  # earlier units are hard-rounded already; this one is soft while it learns
         weights[n].mode = "soft" if learn_v else "hard"
@@ -624,7 +625,7 @@ def _finalize(qmodel, order, bits_of, weights, acts) -> list[dict]:
     return info
 
 
-__all__ = ["AdaRoundWeight", "CPU_ITERS", "InputCache", "LSQActQuantizer", "PAPER_CALIB_SIZE", "PAPER_ITERS",
+__all__ = ["AdaRoundWeight", "CPU_ITERS", "DESCRIPTIONS", "InputCache", "LSQActQuantizer", "PAPER_CALIB_SIZE", "PAPER_ITERS",
            "PTQ_METHODS", "RECON_METHODS", "ReconstructionError", "budget_lrs", "check_methods", "default_iters",
            "find_units", "lsq_fake_quantize", "reconstruct", "rectified_sigmoid"]
 

@@ -51,6 +51,8 @@ from pathlib import Path
 
 import numpy as np
 
+from dnq.recon import DESCRIPTIONS
+
 from .regress import correlation_table, fit, holm, prediction_holdout
 from .study import VARIANT_SUFFIX, StudyError, load_records, read_study_json, summary_rows
 
@@ -109,12 +111,7 @@ def _x_col(measure: str, bits: str) -> str:
 _VARIANT_TEXT = {"rtn": "round to nearest, BatchNorm folded with its saved statistics",
                  "rtn+bn": "the same, with the BatchNorm statistics re-estimated on the calibration images through "
                            "the quantized model before folding",
-                 "adaround": "AdaRound (Nagel et al. 2020): learned rounding layer by layer on each layer's output, "
-                             "activation ranges as calibrated",
-                 "brecq": "BRECQ (Li et al. 2021): learned rounding per block on the block's output, then LSQ "
-                          "activation step sizes per block",
-                 "qdrop": "QDrop (Wei et al. 2022): rounding and LSQ activation step sizes learned together per "
-                          "block, activations dropped to float with probability 0.5 during reconstruction"}
+                 **DESCRIPTIONS}
 VARIANTS = [(v, VARIANT_SUFFIX[v], _VARIANT_TEXT[v]) for v in VARIANT_SUFFIX]
 
 

@@ -493,13 +493,13 @@ PRESETS: dict[str, dict] = {
                  {"method": "sam", "sam_rho": [0.05]}],
         "seeds": [0, 1], "bits": ["W4A4", "W3A3", "W2A4"], "train_bits": "W3A3",
         "train": {"epochs": 12, "batch_size": 128, "lr": 0.1},
-        # sized on a 2-core AMD EPYC CPU: an epoch of resnet20 on the 9,000 training images took about 25 s
-        # (12 epochs: 5 minutes a model); the instruments below about 3 minutes a model; see BENCHMARKS.md
+        # sized on a 2-core AMD EPYC CPU (BENCHMARKS.md): an epoch of resnet20 on the 9,000 training images took
+        # 11-13 s (sam 23 s), the instruments below about 100 s a model
         "instruments": {"hessian_samples": 256, "trace_matvecs": 24, "eig_k": 2, "density_runs": 1,
                         "density_steps": 16, "block_matvecs": 4, "noise_matvecs": 8, "surface_steps": 7,
                         "slice_steps": 11},
-        # QDrop at 500 steps per block (the papers: 20,000), 1,024 calibration images: about 1.5 minutes per
-        # model and bit-width on the 2-core CPU
+        # QDrop at 500 steps per block (the papers: 20,000), 1,024 calibration images: 77-84 s per model and
+        # bit-width on the same CPU; the whole preset about 75 minutes
         "ptq": {"variants": ["rtn", "rtn+bn", "qdrop"], "recon_iters": 500, "recon_calib_size": 1024},
     },
     "cifar100": {
