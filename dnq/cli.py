@@ -101,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("ptq", help="post-training quantization of a finished run; writes RUN/ptq.json",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     q.add_argument("run", help="run folder written by dnq train")
-    q.add_argument("--bits", default="W8A8,W6A6,W4A4,W3A3,W2A4", help="comma-separated WxAy settings (2..8 bits)")
+    q.add_argument("--bits", default=None, help="comma-separated WxAy settings (2..8 bits); default W8A8,W6A6,W4A4,"
+                   "W3A3,W2A4, or with --mixed the uniform W{b}A{abits} at the sensitivity's candidate bits")
     q.add_argument("--range", dest="ranges", default=",".join(RANGE_METHODS),
                    help=f"comma-separated clipping-range methods: {', '.join(RANGE_METHODS)}")
     q.add_argument("--weight-mode", default="symmetric", choices=WEIGHT_MODES)
@@ -119,6 +120,20 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--bn-reestimate", action="store_true",
                    help="also evaluate every setting with BatchNorm statistics re-estimated on the calibration images "
                         "through the quantized model, then folded (variant rtn+bn, columns RANGE+bn)")
+    q.add_argument("--mixed", action="append", default=None, metavar="KIND=VALUE[,VALUE]",
+                   help="mixed precision within a budget: avg-bits=3 (average weight bits of the allocated layers), "
+                        "bytes=N (all quantized weights), bops=N (weight x activation bits x MACs); several values "
+                        "comma-separated (avg-bits=2.5,3), repeatable")
+    q.add_argument("--objective", default="predicted",
+                   help="comma-separated sensitivities the allocation minimises: predicted (second order, "
+                        "Tr(H Sigma)), hawq (HAWQ-V2 trace proxy), measured (loss with one layer quantized)")
+    q.add_argument("--sensitivity", default=None,
+                   help="sensitivity file from `landscape sensitivity` (default RUN/sensitivity.json, measured now "
+                        "when missing)")
+    q.add_argument("--abits", type=int, default=4, help="activation bits of the allocated layers with --mixed")
+    q.add_argument("--tie-shortcuts", action="store_true",
+                   help="with --mixed, layers reading the same input (a block's shortcut and first convolution) "
+                        "get the same bits")
     q.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--data-root", default=None)
@@ -151,7 +166,8 @@ def _run(args) -> int:
         report = run_ptq(args.run, args.bits, args.ranges, args.weight_mode, args.first_last_bits, args.calib_size,
                          args.fold_bn, args.device, args.seed, args.data_root, args.quiet,
                          bn_reestimate=args.bn_reestimate, methods=args.methods, iters=args.iters,
-                         recon_batch_size=args.recon_batch_size)
+                         recon_batch_size=args.recon_batch_size, mixed=args.mixed, objectives=args.objective,
+                         sensitivity=args.sensitivity, abits=args.abits, tie_shared_inputs=args.tie_shortcuts)
         if report["fp"]["val_acc"] is not None:
             print(f"validation accuracy ({report['data']['val_size']} images):")
             print(format_table(report, "val_acc"))

@@ -12,6 +12,10 @@ validation split the run held out (its ``model.pt`` metadata ``val_size`` / ``va
 written before these keys existed have none). Accuracy and loss are reported on the validation
 split (when there is one) and on the test split.
 
+Mixed precision (``mixed``, ``--mixed avg-bits=3``): per budget and objective, one weight bit-width per
+layer chosen by :func:`dnq.mixed.plan` from the run's per-layer sensitivity
+(:mod:`landscape.sensitivity_run`, ``RUN/sensitivity.json``), recorded in the row's ``mixed``.
+
 Example:
     >>> from dnq.ptq import format_table, run_ptq
     >>> report = run_ptq("runs/example", bits="W8A8,W2A4", ranges="minmax", methods="rtn,rtn+bn")  # doctest: +SKIP
@@ -66,16 +70,19 @@ def _describe_variants(fold_bn: bool, calib: str) -> dict:
                       f"BatchNorm with the re-estimated statistics"}
 
 
-def run_ptq(run_dir, bits: str = DEFAULT_BITS, ranges: str = ",".join(RANGE_METHODS), weight_mode: str = "symmetric",
+def run_ptq(run_dir, bits: str | None = None, ranges: str = ",".join(RANGE_METHODS), weight_mode: str = "symmetric",
             first_last_bits: int | None = 8, calib_size: int | None = None, fold_bn: bool = True,
             device: str = "auto", seed: int = 0, data_root: str | None = None, quiet: bool = False,
             write: bool = True, bn_reestimate: bool = False, methods: str | list | None = None,
-            iters: int | None = None, recon_batch_size: int = 32) -> dict:
+            iters: int | None = None, recon_batch_size: int = 32, mixed=None, objectives: str | list = "predicted",
+            sensitivity=None, abits: int = 4, tie_shared_inputs: bool = False) -> dict:
     """Quantize the final model of ``run_dir`` for every (method, bits, range method) and evaluate it.
 
     Args:
         run_dir: a run folder written by ``dnq train`` (with ``model.pt``).
-        bits: comma-separated ``WxAy`` settings (see :func:`dnq.quant.parse_bits`).
+        bits: comma-separated ``WxAy`` settings (see :func:`dnq.quant.parse_bits`); default
+            :data:`DEFAULT_BITS`, or with ``mixed`` the uniform settings ``W{b}A{abits}`` for every
+            candidate bit-width ``b`` of the sensitivity (the uniform line of a Pareto plot).
         ranges: comma-separated range methods (``minmax``, ``percentile``, ``mse``), used for
             weights and activations alike.
         weight_mode: ``"symmetric"`` or ``"asymmetric"`` per-output-channel weight quantizer.
@@ -95,6 +102,19 @@ def run_ptq(run_dir, bits: str = DEFAULT_BITS, ranges: str = ",".join(RANGE_METH
         iters: steps per block of the reconstruction methods (default
             :func:`dnq.recon.default_iters`: 20,000 on a GPU, 500 on a CPU).
         recon_batch_size: images per reconstruction step (32, the papers').
+        mixed: mixed-precision budgets, ``"avg-bits=3"``, ``"avg-bits=2.5,3"``, ``"bytes=20000"``
+            or ``"bops=1e9"`` (:func:`dnq.mixed.parse_budgets`; a list of such strings for several
+            kinds): every (budget, objective, range, method) adds a row whose per-layer weight bits
+            :func:`dnq.mixed.plan` chose; activations at ``abits``, first and last layer at
+            ``first_last_bits``.
+        objectives: comma list (or list) of :data:`dnq.mixed.OBJECTIVES` (``predicted``, ``hawq``,
+            ``measured``) for ``mixed``.
+        sensitivity: a sensitivity file (``landscape sensitivity``); default
+            ``run_dir/sensitivity.json``, measured now (and written there) when it lacks the
+            row's range method. A file of another model is refused.
+        abits: activation bits of the allocated layers (``mixed``).
+        tie_shared_inputs: give layers that read the same input (a residual block's shortcut
+            convolution and its first convolution) the same bits.
 
     Returns:
         The report (also written to ``ptq.json``): ``fp`` (``val_acc``, ``val_loss``,
@@ -111,7 +131,17 @@ def run_ptq(run_dir, bits: str = DEFAULT_BITS, ranges: str = ",".join(RANGE_METH
         ValueError: a bad setting (the message names the valid values).
         FileNotFoundError: no ``model.pt`` in ``run_dir``.
     """
-    settings = parse_bits(bits)
+    from .mixed import OBJECTIVES, parse_budgets
+
+    budgets = []
+    for spec in ([mixed] if isinstance(mixed, str) else list(mixed or [])):
+        budgets += parse_budgets(spec)
+    objective_list = [o.strip() for o in objectives.split(",")] if isinstance(objectives, str) else list(objectives)
+    bad = [o for o in objective_list if o not in OBJECTIVES]
+    if budgets and (bad or not objective_list):
+        raise ValueError(f"unknown objective(s) {bad or objectives!r}; valid: {', '.join(OBJECTIVES)}")
+    check_bits(abits, "activation bits (--abits)")
+    settings = parse_bits(bits) if bits is not None else ([] if budgets else parse_bits(DEFAULT_BITS))
     range_list = parse_ranges(ranges)
     if weight_mode not in WEIGHT_MODES:
         raise ValueError(f"unknown weight mode {weight_mode!r}; valid: {', '.join(WEIGHT_MODES)}")
@@ -137,9 +167,20 @@ def run_ptq(run_dir, bits: str = DEFAULT_BITS, ranges: str = ",".join(RANGE_METH
     if weight_mode != "symmetric" and any(v in RECON_METHODS for v in variants):
         raise ValueError("the reconstruction methods quantize weights symmetric per channel; use --weight-mode "
                          "symmetric, or rtn / rtn+bn only")
+    if budgets and weight_mode != "symmetric":
+        raise ValueError("mixed precision uses the sensitivity of the symmetric per-channel weight quantizer; use "
+                         "--weight-mode symmetric")
     recon = {"iters": default_iters(dev) if iters is None else iters, "batch_size": recon_batch_size}
+    mix = None
+    if budgets:
+        mix = {"budgets": budgets, "objectives": objective_list, "abits": abits, "tie": tie_shared_inputs,
+               "sensitivity": None if sensitivity is None else Path(sensitivity), "uniform": bits is None}
+        if sensitivity is not None:  # a wrong file is refused before any work
+            from landscape.sensitivity_run import model_hash, read_sensitivity
+
+            read_sensitivity(sensitivity, model_hash(loaded[0]))
     args = (run_dir, loaded, settings, range_list, variants, weight_mode, first_last_bits, calib_size, fold_bn, seed,
-            data_root, quiet, recon)
+            data_root, quiet, recon, mix)
     if not write:
         return _run_ptq(*args)
     _check_writable(run_dir)  # before the work, not after it
@@ -169,8 +210,27 @@ def _check_writable(run_dir: Path) -> None:
         raise PermissionError(e.errno, f"cannot write ptq.json into {run_dir} ({e.strerror})", str(run_dir)) from None
 
 
+def _sensitivity_entry(run_dir: Path, model, mix: dict, range_method: str, quiet: bool, data_root) -> tuple[dict, str]:
+    """The sensitivity entry for ``range_method``: from ``mix["sensitivity"]`` (which must have it),
+    else from ``run_dir/sensitivity.json``, measured now and added there when missing."""
+    from landscape.sensitivity_run import (SENSITIVITY_FILE, find_entry, model_hash, read_sensitivity,
+                                           run_sensitivity)
+
+    given = mix["sensitivity"]
+    path = given if given is not None else run_dir / SENSITIVITY_FILE
+    mh = model_hash(model)
+    entry = find_entry(read_sensitivity(path, mh), range_method) if path.exists() else None
+    if entry is None:
+        if given is not None:
+            raise ValueError(f"{given} has no entry for range method {range_method!r}; run `landscape sensitivity "
+                             f"{run_dir} --range {range_method} --out {given}` or drop --sensitivity")
+        entry = run_sensitivity(run_dir, range_method=range_method, device=str(next(model.parameters()).device),
+                                out=path, quiet=quiet, data_root=data_root, lock=False)
+    return entry, str(path)
+
+
 def _run_ptq(run_dir, loaded, settings, range_list, variants, weight_mode, first_last_bits, calib_size, fold_bn, seed,
-             data_root, quiet, recon) -> dict:
+             data_root, quiet, recon, mix=None) -> dict:
     model, meta = loaded
     dev = next(model.parameters()).device
     val_size, val_seed = int(meta.get("val_size") or 0), int(meta.get("val_seed") or 0)
@@ -188,24 +248,44 @@ def _run_ptq(run_dir, loaded, settings, range_list, variants, weight_mode, first
         return {"val_acc": va, "val_loss": vl, "test_acc": ta, "test_loss": tl}
 
     results = []
-    jobs = [(w, a, r, v) for (w, a) in settings for r in range_list for v in variants]
+    jobs = [(f"W{w}A{a}", w, a, r, v, None) for (w, a) in settings for r in range_list for v in variants]
+    sens_files: dict = {}
+    if mix is not None:
+        from .mixed import plan, shared_input_groups
+
+        tied = shared_input_groups(model, calib_all[:2]) if mix["tie"] else None
+        for r in range_list:
+            entry, where = _sensitivity_entry(run_dir, model, mix, r, quiet, data_root)
+            sens_files[r] = {"file": where, "settings": entry["settings"]}
+            if mix["uniform"]:  # the uniform line at the candidate bit-widths, same activations
+                jobs += [(f"W{b}A{mix['abits']}", b, mix["abits"], r, v, None) for b in entry["bits"]
+                         if (b, mix["abits"]) not in settings for v in variants]
+            for kind, budget in mix["budgets"]:
+                for obj in mix["objectives"]:
+                    alloc = plan(entry, obj, budget, kind=kind, first_last_bits=first_last_bits, abits=mix["abits"],
+                                 tied=tied)
+                    label = f"{kind}={budget:g}:{obj}"
+                    info = {"objective": obj, "kind": kind, "budget": budget, "sensitivity": where,
+                            "tied": tied or [], **alloc.to_dict()}
+                    jobs += [(label, max(entry["bits"]), mix["abits"], r, v, info) for v in variants]
     with full_precision():  # float32 as written: no TF32 on the GPU, no autocast from the caller
         fp = scores(model)
-        for w, a, r, v in tqdm(jobs, desc="ptq", disable=quiet, leave=False):
+        for label, w, a, r, v, info in tqdm(jobs, desc="ptq", disable=quiet, leave=False):
             t0 = time.perf_counter()
+            per_layer = None if info is None else info["bits"]
             if v in RECON_METHODS:
                 qmodel = reconstruct(model, w, a, calib_of[v], v, iters=recon["iters"],
                                      batch_size=recon["batch_size"], first_last_bits=first_last_bits,
-                                     range_method=r, seed=seed, progress=not quiet)
+                                     range_method=r, seed=seed, progress=not quiet, bits_by_layer=per_layer)
             else:
                 qmodel = quantize(model, w, a, calib_of[v], weight_mode=weight_mode, range_method=r,
                                   first_last_bits=first_last_bits, fold_bn=fold_bn, seed=seed,
-                                  bn_reestimate=v == "rtn+bn")
+                                  bn_reestimate=v == "rtn+bn", bits_by_layer=per_layer)
             s = scores(qmodel)
-            results.append({"bits": f"W{w}A{a}", "wbits": w, "abits": a, "range": r, "method": v,
-                            "variant": qmodel.ptq_variant, **s, "acc_drop": fp["test_acc"] - s["test_acc"],
+            results.append({"bits": label, "wbits": w if info is None else info["avg_bits"], "abits": a, "range": r,
+                            "method": v, "variant": qmodel.ptq_variant, **s, "acc_drop": fp["test_acc"] - s["test_acc"],
                             "loss_increase": s["test_loss"] - fp["test_loss"], "calib_size": len(calib_of[v]),
-                            "bn_reestimated": len(qmodel.ptq_bn_reestimated),
+                            "bn_reestimated": len(qmodel.ptq_bn_reestimated), "mixed": info,
                             "recon": getattr(qmodel, "ptq_recon", None), "time_s": time.perf_counter() - t0})
     flb = ("same as the other layers" if first_last_bits is None
            else f"{first_last_bits} bits (weights and input activations)")
@@ -215,7 +295,7 @@ def _run_ptq(run_dir, loaded, settings, range_list, variants, weight_mode, first
         "data": {"dataset": meta["data"], "train_size": len(ds.x_train), "val_size": ds.val_size, "val_seed": val_seed,
                  "test_size": len(ds.x_test), "calibration": "train"},
         "settings": {
-            "bits": [f"W{w}A{a}" for w, a in settings],
+            "bits": list(dict.fromkeys(j[0] for j in jobs if j[5] is None)),
             "weights": f"{weight_mode} uniform, per output channel, W bits of each setting "
                        + ("(narrow signed grid, zero point 0)" if weight_mode == "symmetric"
                           else "(zero point per channel)"),
@@ -241,6 +321,13 @@ def _run_ptq(run_dir, loaded, settings, range_list, variants, weight_mode, first
                                            "100x); brecq's activation stage at a quarter of the steps",
                        "init_ranges": "the row's range method"}
                       if any(v in RECON_METHODS for v in variants) else None),
+            "mixed": (None if mix is None else {
+                "budgets": [f"{k}={b:g}" for k, b in mix["budgets"]], "objectives": mix["objectives"],
+                "abits": mix["abits"], "tie_shared_inputs": mix["tie"], "sensitivity": sens_files,
+                "rule": "one weight bit-width per layer from the sensitivity's candidates minimising the summed "
+                        "objective within the budget (scipy.optimize.milp); avg-bits counts the allocated layers "
+                        "(first/last excluded), bytes and bops every quantized layer; first and last layer at "
+                        "first_last_bits"}),
             "seed": seed,
             "eval_splits": ["val", "test"] if val is not None else ["test"],
         },
@@ -278,14 +365,15 @@ def format_table(report: dict, metric: str = "test_acc") -> str:
     bits = list(dict.fromkeys(r["bits"] for r in report["results"]))
     val = {(r["bits"], _column(r)): r.get(metric) for r in report["results"]}
     width = max([12] + [len(c) + 2 for c in cols])
+    w0 = max([8] + [len(b) + 2 for b in bits])
 
     def cell(v) -> str:
         if v is None:
             return f"{'n/a':>{width}}"
         return f"{100 * v:>{width - 1}.2f}%" if metric.endswith("_acc") else f"{v:>{width}.4f}"
 
-    lines = [f"{'setting':<8}" + "".join(f"{c:>{width}}" for c in cols),
-             f"{'FP':<8}" + "".join(cell(report["fp"].get(metric)) for _ in cols)]
+    lines = [f"{'setting':<{w0}}" + "".join(f"{c:>{width}}" for c in cols),
+             f"{'FP':<{w0}}" + "".join(cell(report["fp"].get(metric)) for _ in cols)]
     for b in bits:
-        lines.append(f"{b:<8}" + "".join(cell(val.get((b, c))) for c in cols))
+        lines.append(f"{b:<{w0}}" + "".join(cell(val.get((b, c))) for c in cols))
     return "\n".join(lines)

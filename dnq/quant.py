@@ -263,15 +263,31 @@ def execution_order(model: nn.Module, example_input: torch.Tensor) -> list[str]:
     return order
 
 
-def layer_bits(order: list[str], wbits: int, abits: int, first_last_bits: int | None = 8) -> dict[str, tuple[int, int]]:
+def layer_bits(order: list[str], wbits: int, abits: int, first_last_bits: int | None = 8,
+               bits_by_layer: dict | None = None) -> dict[str, tuple[int, int]]:
     """``{layer: (weight bits, activation bits)}`` for layers in execution ``order``: the first and
-    last get ``first_last_bits`` for both (unless it is ``None``), the rest ``(wbits, abits)``."""
+    last get ``first_last_bits`` for both (unless it is ``None``), the rest ``(wbits, abits)``.
+
+    ``bits_by_layer`` (mixed precision, :mod:`dnq.mixed`) overrides named layers: a value is the
+    layer's weight bits (its activation bits stay as above) or a ``(weight bits, activation bits)``
+    pair.
+
+    Raises:
+        ValueError: a bad bit-width, or ``bits_by_layer`` naming a layer not in ``order``.
+    """
     check_bits(wbits, "weight bits")
     check_bits(abits, "activation bits")
     if first_last_bits is not None:
         check_bits(first_last_bits, "first/last layer bits")
     edge = {order[0], order[-1]} if first_last_bits is not None and order else set()
-    return {n: (first_last_bits, first_last_bits) if n in edge else (wbits, abits) for n in order}
+    out = {n: (first_last_bits, first_last_bits) if n in edge else (wbits, abits) for n in order}
+    for name, b in (bits_by_layer or {}).items():
+        if name not in out:
+            raise ValueError(f"bits_by_layer names {name!r}, which is not a quantized layer called by the model; "
+                             f"layers: {order[:6]}{'...' if len(order) > 6 else ''}")
+        w, a = (b if isinstance(b, (tuple, list)) else (b, out[name][1]))
+        out[name] = (check_bits(w, f"weight bits of {name}"), check_bits(a, f"activation bits of {name}"))
+    return out
 
 
 def weight_error(w: torch.Tensor, bits: int, mode: str = "symmetric", method: str = "minmax") -> torch.Tensor:
@@ -479,7 +495,7 @@ def reestimate_bn(model: nn.Module, calib_data, batch_size: int = 256) -> nn.Mod
 def quantize(model: nn.Module, wbits: int, abits: int, calib_data, *, weight_mode: str = "symmetric",
              range_method: str = "minmax", act_range_method: str | None = None, first_last_bits: int | None = 8,
              fold_bn: bool = True, percentile: float = 99.99, batch_size: int = 256, seed: int = 0,
-             bn_reestimate: bool = False) -> nn.Module:
+             bn_reestimate: bool = False, bits_by_layer: dict | None = None) -> nn.Module:
     """Post-training fake quantization of a model; the original is never touched.
 
     ``bn_reestimate=False`` (variant ``"rtn"``): BatchNorm is folded into the preceding
@@ -524,6 +540,9 @@ def quantize(model: nn.Module, wbits: int, abits: int, calib_data, *, weight_mod
         batch_size: calibration batch size when ``calib_data`` is a tensor.
         seed: seed of the activation subsampling (percentile / MSE methods).
         bn_reestimate: re-estimate the BatchNorm statistics through the quantized model.
+        bits_by_layer: mixed precision: ``{layer: weight bits}`` or ``{layer: (weight bits,
+            activation bits)}`` overriding ``wbits`` / ``abits`` / ``first_last_bits`` for the
+            named layers (:func:`layer_bits`; :func:`dnq.mixed.allocate` chooses them).
 
     Returns:
         A new model in eval mode with quantized weights and an ``input_quantizer`` (with a
@@ -583,7 +602,7 @@ def quantize(model: nn.Module, wbits: int, abits: int, calib_data, *, weight_mod
     unused = [n for n, _ in layers if n not in order]
     if unused:
         warnings.warn(f"layers never called on the calibration data stay in floating point: {unused}", stacklevel=2)
-    bits_of = layer_bits(order, wbits, abits, first_last_bits)
+    bits_of = layer_bits(order, wbits, abits, first_last_bits, bits_by_layer)
 
     mods = dict(layers)
     info = []

@@ -341,7 +341,7 @@ def reconstruct(model: nn.Module, wbits: int, abits: int, calib_data, method: st
                 reg_weight: float = 0.01,
                 beta: tuple[float, float] = (20.0, 2.0), warmup: float = 0.2, drop_prob: float = 0.5,
                 act_iters: int | None = None, seed: int = 0, device_budget: int | None = None,
-                calib_batch_size: int = 256, progress: bool = False) -> nn.Module:
+                calib_batch_size: int = 256, progress: bool = False, bits_by_layer: dict | None = None) -> nn.Module:
     """Quantize ``model`` with AdaRound, BRECQ or QDrop (see the module doc); the original is never touched.
 
     Args:
@@ -369,6 +369,8 @@ def reconstruct(model: nn.Module, wbits: int, abits: int, calib_data, method: st
             the free GPU memory; unlimited on a CPU); the rest is streamed from host memory.
         calib_batch_size: batch size of the forward passes that fill the cache.
         progress: a progress bar over the steps (tqdm; the block being reconstructed in its postfix).
+        bits_by_layer: mixed precision: ``{layer: weight bits}`` or ``{layer: (weight bits,
+            activation bits)}`` for named layers (:func:`dnq.quant.layer_bits`).
 
     Returns:
         A new model in eval mode, with the quantized weights written into each Conv/Linear and an
@@ -429,7 +431,7 @@ def reconstruct(model: nn.Module, wbits: int, abits: int, calib_data, method: st
             p.requires_grad_(False)
         qmodel = copy.deepcopy(fp)
         order = execution_order(qmodel, calib[0].to(device))
-        bits_of = layer_bits(order, wbits, abits, first_last_bits)
+        bits_of = layer_bits(order, wbits, abits, first_last_bits, bits_by_layer)
         units = find_units(qmodel, order, blocks=method != "adaround")
         if method != "adaround" and all(len(ls) == 1 and u == ls[0] for u, ls in units):
             warnings.warn(f"{type(model).__name__} has no block this toolkit knows (residual, inverted-residual or "

@@ -1,5 +1,5 @@
 """Loss-landscape instruments for any PyTorch model: Hessian-vector products, trace, top
-eigenvalues, spectral density, and 1-D / 2-D loss surfaces. Knows nothing of DNQ."""
+eigenvalues, spectral density, 1-D / 2-D loss surfaces, and per-layer sensitivities. Knows nothing of DNQ."""
 
 from .density import DensityResult, spectral_density
 from .directions import (Direction, eigenvector_directions, interpolation_direction, quantization_direction,
@@ -8,6 +8,7 @@ from .eigen import EigenResult, power_iteration, top_eigenvalues
 from .errors import NonFiniteError
 from .hessian import HessianOperator
 from .precision import full_precision
+from .sensitivity import LayerSensitivityResult, error_moments, layer_sensitivity
 from .surface import SurfaceResult, surface_1d, surface_2d
 from .trace import (BlockTraceResult, LossIncreasePrediction, TraceResult, block_traces, hessian_trace,
                     noise_weighted_trace, predicted_loss_increase)
@@ -18,4 +19,5 @@ __all__ = ["HessianOperator", "hessian_trace", "block_traces", "noise_weighted_t
            "top_eigenvalues", "power_iteration", "spectral_density",
            "random_directions", "interpolation_direction", "quantization_direction", "eigenvector_directions",
            "Direction", "surface_1d", "surface_2d", "SurfaceResult", "TraceResult", "BlockTraceResult",
-           "LossIncreasePrediction", "EigenResult", "DensityResult", "full_precision", "NonFiniteError"]
+           "LossIncreasePrediction", "EigenResult", "DensityResult", "full_precision", "NonFiniteError",
+           "layer_sensitivity", "error_moments", "LayerSensitivityResult"]

@@ -1,9 +1,10 @@
 """The ``landscape`` command: ``landscape study`` runs (or resumes) a study, ``landscape report``
-writes its report.
+writes its report, ``landscape sensitivity`` measures a run's per-layer quantization sensitivity.
 
     landscape study --preset digits --out reports/digits
     landscape study --config my_study.toml --out reports/mine --set train.epochs=2
     landscape report reports/digits
+    landscape sensitivity runs/digits-sgd --bits 2,3,4,8 --samples 512
 
 Every error a user can cause (a bad flag or setting, a corrupt file, a folder in use, a device
 that is not there, a model whose loss is not finite) is one line on stderr,
@@ -157,13 +158,42 @@ def build_parser() -> OneLineParser:
     r.add_argument("--no-static", action="store_true", help="skip the PNG/PDF figures (faster)")
     r.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                    help="show the traceback of an error (also DNQ_DEBUG=1)")
-    p.commands = {"study": s, "report": r}
+    e = sub.add_parser("sensitivity", help="per-layer quantization sensitivity of a dnq run (predicted, hawq, "
+                       "measured) into RUN/sensitivity.json")
+    e.add_argument("run", help="a run folder written by `dnq train` (with model.pt)")
+    e.add_argument("--bits", default="2,3,4,8", help="candidate weight bit-widths")
+    e.add_argument("--samples", type=int, default=512, help="training images (validation excluded) for H and the losses")
+    e.add_argument("--matvecs", type=int, default=64, help="Hutchinson probes shared by every layer and bit-width")
+    e.add_argument("--range", default="minmax", help="weight/activation range method of the quantizer "
+                   "(minmax, percentile, mse): the one the PTQ will use")
+    e.add_argument("--seed", type=int, default=0, help="seed of the images and probes")
+    e.add_argument("--device", default="auto", help="auto, cpu or cuda[:i]")
+    e.add_argument("--out", default=None, help="the sensitivity file (default RUN/sensitivity.json)")
+    e.add_argument("--recompute", action="store_true", help="measure again even if the file has these settings")
+    e.add_argument("--quiet", action="store_true", help="no progress bars")
+    e.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                   help="show the traceback of an error (also DNQ_DEBUG=1)")
+    p.commands = {"study": s, "report": r, "sensitivity": e}
     return p
 
 
 def _run(a) -> int:
     from .report import build
 
+    if a.command == "sensitivity":
+        from .sensitivity_run import SENSITIVITY_FILE, format_table, run_sensitivity
+
+        entry = run_sensitivity(a.run, a.bits, a.samples, matvecs=a.matvecs, range_method=a.range, seed=a.seed,
+                                device=a.device, out=a.out, quiet=a.quiet, recompute=a.recompute)
+        for objective in ("predicted", "hawq", "measured", "measured_wa"):
+            print(format_table(entry, objective) + "\n")
+        c = entry["cost"]
+        print(f"cost: {c['matvecs']} Hessian-vector products, {c['quadratic_forms']} quadratic forms, 1 gradient: "
+              f"{c['curvature_gradient_equivalents']:.1f} gradient-equivalents ({c['curvature_s']:.1f} s); measured: "
+              f"{c['forward_passes']} forward passes, {c['measured_gradient_equivalents']:.1f} gradient-equivalents "
+              f"({c['measured_s']:.1f} s)")
+        print(a.out or os.path.join(a.run, SENSITIVITY_FILE))
+        return 0
     if a.command == "study":
         from .study import Study, load_config
 

@@ -504,7 +504,8 @@ def _slice_figure(slices: dict, name: str):
 
 
 # -- static figures (matplotlib) -----------------------------------------------------------------
-def _static(figdir: Path, rows, fits_by_key, bits, pfits, records, vars_=None, adjusted=None) -> list[str]:
+def _static(figdir: Path, rows, fits_by_key, bits, pfits, records, vars_=None, adjusted=None, mrows=None,
+            cfg=None) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -577,6 +578,10 @@ def _static(figdir: Path, rows, fits_by_key, bits, pfits, records, vars_=None, a
             a2.set_ylabel("loss")
             a2.legend(fontsize=8)
             save(fig, f"model_{stem}")
+    if mrows:
+        from .report_mixed import static_figures
+
+        static_figures(save, mrows, cfg, records)
     return written
 
 
@@ -704,6 +709,18 @@ def build(path, out=None, *, static: bool = True, n_boot: int = 2000) -> Path:
     w.writeheader()
     w.writerows(_csv_rows(grows))
     _atomic_text(path / "grid.csv", buf.getvalue())
+    from . import report_mixed
+
+    mrows = report_mixed.mixed_rows(records, cfg)
+    mtable = report_mixed.budget_table(mrows, cfg) if mrows else []
+    if mrows:
+        buf = io.StringIO()
+        mcols = ["model", "config", "method", "seed", "ptq", "point", "budget", "avg_bits", "avg_bits_all", "test_acc",
+                 "val_acc"]
+        w = csv.DictWriter(buf, fieldnames=mcols, restval="", extrasaction="ignore")
+        w.writeheader()
+        w.writerows(_csv_rows(mrows))
+        _atomic_text(path / "mixed.csv", buf.getvalue())
     summary = {"study": cfg.get("name"), "config_hash": meta.get("hash"), "ptq": cfg.get("ptq"),
                "splits": meta.get("splits"), "variants": [v[0] for v in vars_],
                "bootstrap": {"unit": "cluster" if clustered else "row",
@@ -716,6 +733,7 @@ def build(path, out=None, *, static: bool = True, n_boot: int = 2000) -> Path:
                "families": [{"family": f["family"], "bits": f["bits"], "variant": f["variant"], "m_tests": f["m_tests"]}
                             for f in families],
                "training_by_ptq": grid,
+               "mixed": {"settings": cfg.get("mixed"), "accuracy_at_budget": mtable, "points": mrows} if mrows else None,
                "models": rows, "correlations": corr, "skipped_fits": skipped,
                "methods_chosen_on_validation": method_comparison(rows, bits, vars_),
                "prediction": {k: {"slope": f.slope, "slope_ci": f.slope_ci, "intercept": f.intercept, "n": f.n,
@@ -750,6 +768,7 @@ def build(path, out=None, *, static: bool = True, n_boot: int = 2000) -> Path:
     for b in bits:
         parts.append(f"<h3 id='grid-{_esc(b)}'>{_esc(b)}</h3>")
         parts.append(_grid_html(grid[b], vars_))
+    parts += report_mixed.section(mrows, cfg, place)
     parts.append("<h2 id='summary'>Summary of all models</h2>")
     scols = [("model", "model")] + ([("config", "config")] if any("config" in r for r in rows) else [])
     scols += [("method", "method"), ("lambda_max", "lambda"), ("sam_rho", "rho"), ("seed", "seed"),
@@ -883,14 +902,19 @@ def build(path, out=None, *, static: bool = True, n_boot: int = 2000) -> Path:
         slices = {k.split(":", 1)[1]: v["value"] for k, v in m.items() if k.startswith("slice:")}
         if slices:
             sec.append(place(_slice_figure(slices, name)))
+        bfig = report_mixed.bits_figure(rec, cfg) if mrows else None
+        if bfig is not None:
+            sec.append(place(bfig))
         sec.append("</details>")
         parts.append("".join(sec))
 
-    written = _static(path / "figures", rows, fits_by_key, bits, pfits, records, vars_, adjusted) if static else []
+    written = (_static(path / "figures", rows, fits_by_key, bits, pfits, records, vars_, adjusted, mrows, cfg)
+               if static else [])
     if written:
         parts.append("<h2 id='files'>Files</h2><p class='note'>Static figures (PNG, PDF) in figures/: "
                      + ", ".join(_esc(w) for w in written[:12]) + (" ..." if len(written) > 12 else "")
-                     + "; tables: summary.csv, summary.json, correlations.csv.</p>")
+                     + "; tables: summary.csv, summary.json, correlations.csv"
+                     + (", mixed.csv" if mrows else "") + ".</p>")
     from plotly.offline import get_plotlyjs
 
     doc = ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"

@@ -42,6 +42,11 @@ non-augmented training images, evaluated in eval mode):
   and the measured increase ``L(Q(W)) - L(W)`` on the same images (weights only);
 * ``surface``: a 2-D filter-normalized surface; ``slice``: the loss along ``Q(W) - W`` (alpha =
   1 is the weight-quantized model) at each bit-width.
+* with ``mixed`` (:data:`DEFAULT_MIXED`): ``sensitivity:<range>``, every layer's ``predicted``,
+  ``hawq`` and ``measured`` sensitivity at the candidate bits (:mod:`landscape.sensitivity_run`);
+  ``mixed+<method>:W<b>A<a>``, the uniform line where the study's own PTQ results lack it; and
+  ``mixed+<method>:avg-bits=<budget>:<objective>``, the accuracy with the bits
+  :func:`dnq.mixed.plan` chose (the allocation recorded with it).
 
 Every measurement runs in full float32 precision (:func:`landscape.precision.full_precision`:
 no TF32, no autocast), whatever the process's settings, which training keeps.
@@ -110,6 +115,14 @@ DEFAULT_PTQ = {"variants": ["rtn", "rtn+bn"], "weight_mode": "symmetric", "weigh
                "recon_calib_size": 1024, "recon_batch_size": 32, "recon_range": "mse"}
 VARIANT_SUFFIX = {"rtn": "", "rtn+bn": "_bn", **{m: f"_{m}" for m in RECON_METHODS}}
 
+# Mixed precision (`mixed` in a study; null: none). Per model: the per-layer sensitivity (predicted, hawq, measured;
+# landscape.sensitivity_run) on the curvature images at the candidate "bits", then for every PTQ method of "methods",
+# budget (average weight bits of the allocated layers; first and last layer at ptq.first_last_bits) and objective
+# an allocation (dnq.mixed.plan) and its accuracy; and the uniform line at "uniform_bits" (activations at "abits").
+DEFAULT_MIXED = {"budgets": [2.5, 3.0], "objectives": ["predicted", "hawq", "measured"], "methods": ["rtn+bn"],
+                 "abits": 4, "bits": [2, 3, 4, 8], "uniform_bits": [2, 3, 4], "matvecs": 64, "kind": "avg-bits",
+                 "tie_shared_inputs": False}
+
 
 def ptq_column(stem: str, bits: str, variant: str = "rtn") -> str:
     """The summary column of a PTQ quantity: ``ptq_acc_W4A4`` (``rtn``), ``ptq_acc_W4A4_bn`` (``rtn+bn``),
@@ -120,6 +133,26 @@ def ptq_column(stem: str, bits: str, variant: str = "rtn") -> str:
 def ptq_measurement(bits: str, variant: str = "rtn") -> str:
     """The measurement name of a PTQ result: ``ptq:W4A4`` (``rtn``), ``ptq+bn:W4A4``, ``ptq+qdrop:W4A4``."""
     return f"ptq:{bits}" if variant == "rtn" else f"ptq+{'bn' if variant == 'rtn+bn' else variant}:{bits}"
+
+
+def mixed_measurement(method: str, budget: float, objective: str, kind: str = "avg-bits") -> str:
+    """The measurement name of a mixed-precision result: ``mixed+rtn+bn:avg-bits=2.5:predicted``."""
+    return f"mixed+{method}:{kind}={float(budget):g}:{objective}"
+
+
+def uniform_measurement(study_bits: list, ptq_methods: list, method: str, bits: str) -> str:
+    """The measurement that holds uniform ``bits`` with ``method`` for the mixed-precision section:
+    the study's own PTQ result when it has that setting (``bits`` in ``study_bits`` and ``method`` in
+    ``ptq_methods``), else ``mixed+<method>:<bits>``."""
+    if bits in study_bits and method in ptq_methods:
+        return ptq_measurement(bits, method)
+    return f"mixed+{method}:{bits}"
+
+
+def sensitivity_range(ptq: dict, method: str) -> str:
+    """The weight range method a PTQ method starts from (``ptq``: the study's PTQ settings), and so
+    the one its sensitivity is taken with."""
+    return ptq["recon_range"] if method in RECON_METHODS else ptq["range"]
 
 
 class StudyError(ValueError):
@@ -245,6 +278,7 @@ class StudyConfig:
     instruments: Instruments = dataclasses.field(default_factory=Instruments)
     data_root: str | None = None
     ptq: dict = dataclasses.field(default_factory=lambda: dict(DEFAULT_PTQ))
+    mixed: dict | None = None
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -292,7 +326,15 @@ class StudyConfig:
             if "variants" in ptq and ptq["variants"] != ptq["methods"]:
                 raise StudyError("ptq gives both 'methods' and 'variants' (the same key); keep one")
             ptq = {k: v for k, v in ptq.items() if k != "methods"} | {"variants": ptq["methods"]}
-        cfg = cls(**d, instruments=Instruments(**inst), ptq={**DEFAULT_PTQ, **ptq})
+        mixed = d.pop("mixed", None)
+        if mixed is not None:
+            if not isinstance(mixed, dict):
+                raise StudyError(f"mixed must be a mapping such as {{\"budgets\": [2.5, 3.0]}} or null, got {mixed!r}")
+            unknown = sorted(set(mixed) - set(DEFAULT_MIXED))
+            if unknown:
+                raise StudyError(f"mixed: unknown keys {unknown}; valid: {sorted(DEFAULT_MIXED)}")
+            mixed = {**DEFAULT_MIXED, **mixed}
+        cfg = cls(**d, instruments=Instruments(**inst), ptq={**DEFAULT_PTQ, **ptq}, mixed=mixed)
         cfg.validate()
         return cfg
 
@@ -391,6 +433,8 @@ class StudyConfig:
             raise StudyError(f"ptq.first_last_bits must be an integer in {MIN_BITS}..{MAX_BITS} or null, got {flb!r}")
         if not _is_int(self.ptq["calib_size"]) or self.ptq["calib_size"] < 1:
             raise StudyError(f"ptq.calib_size must be an integer >= 1, got {self.ptq['calib_size']!r}")
+        if self.mixed is not None:
+            self._validate_mixed()
         i = self.instruments
         if i.trace_method not in ("hutchinson", "hutch++"):
             raise StudyError(f"instruments.trace_method must be 'hutchinson' or 'hutch++', got {i.trace_method!r}")
@@ -413,6 +457,44 @@ class StudyConfig:
         for r in self.expand():  # every model's settings, sweeps expanded (duplicates refused there)
             for key, value in r["settings"].items():
                 _check_setting(key, value, f"run {r['name']!r}")
+
+    def _validate_mixed(self) -> None:
+        from dnq.mixed import BUDGET_KINDS, OBJECTIVES
+        from dnq.quant import MAX_BITS, MIN_BITS
+
+        m = self.mixed
+
+        def bit_list(key):
+            v = m[key]
+            if not isinstance(v, list) or not v or not all(_is_int(b) and MIN_BITS <= b <= MAX_BITS for b in v) \
+                    or len(set(v)) != len(v):
+                raise StudyError(f"mixed.{key} must be a non-empty list of distinct integers in {MIN_BITS}..{MAX_BITS}, "
+                                 f"got {v!r}")
+        bit_list("bits")
+        bit_list("uniform_bits")
+        if m["kind"] not in BUDGET_KINDS:
+            raise StudyError(f"mixed.kind must be one of {', '.join(BUDGET_KINDS)}, got {m['kind']!r}")
+        b = m["budgets"]
+        if not isinstance(b, list) or not b or not all(_is_number(v) and v > 0 for v in b):
+            raise StudyError(f"mixed.budgets must be a non-empty list of positive numbers (e.g. [2.5, 3.0]), got {b!r}")
+        if m["kind"] == "avg-bits":
+            bad = [v for v in b if not min(m["bits"]) <= v]
+            if bad:
+                raise StudyError(f"mixed.budgets {bad} are below the smallest candidate bit-width "
+                                 f"{min(m['bits'])}: no allocation fits; raise them or add smaller mixed.bits")
+        o = m["objectives"]
+        if not isinstance(o, list) or not o or any(x not in OBJECTIVES for x in o):
+            raise StudyError(f"mixed.objectives must be a non-empty list of {', '.join(OBJECTIVES)}, got {o!r}")
+        meth = m["methods"]
+        if not isinstance(meth, list) or not meth or any(x not in PTQ_METHODS for x in meth):
+            raise StudyError(f"mixed.methods must be a non-empty list of PTQ methods ({', '.join(PTQ_METHODS)}), "
+                             f"got {meth!r}")
+        if not (_is_int(m["abits"]) and MIN_BITS <= m["abits"] <= MAX_BITS):
+            raise StudyError(f"mixed.abits must be an integer in {MIN_BITS}..{MAX_BITS}, got {m['abits']!r}")
+        if not _is_int(m["matvecs"]) or m["matvecs"] < 2:
+            raise StudyError(f"mixed.matvecs must be an integer >= 2, got {m['matvecs']!r}")
+        if not isinstance(m["tie_shared_inputs"], bool):
+            raise StudyError(f"mixed.tie_shared_inputs must be true or false, got {m['tie_shared_inputs']!r}")
 
     def hash(self) -> str:
         return _hash(self.to_dict())
@@ -484,6 +566,7 @@ PRESETS: dict[str, dict] = {
         "instruments": {"hessian_samples": 512, "trace_matvecs": 48, "eig_k": 3, "density_runs": 2,
                         "density_steps": 32, "block_matvecs": 16, "noise_matvecs": 32, "surface_steps": 11,
                         "slice_steps": 21},
+        "mixed": {"budgets": [2.5, 3.0], "methods": ["rtn+bn"]},
     },
     "cifar10-subset": {
         "name": "cifar10-subset", "data": "npz:../shared/data/cifar10-subset.npz", "model": "resnet20",
@@ -501,6 +584,8 @@ PRESETS: dict[str, dict] = {
         # QDrop at 500 steps per block (the papers: 20,000), 1,024 calibration images: 77-84 s per model and
         # bit-width on the same CPU; the whole preset about 75 minutes
         "ptq": {"variants": ["rtn", "rtn+bn", "qdrop"], "recon_iters": 500, "recon_calib_size": 1024},
+        # mixed precision at 2.5 and 3 average weight bits (A4) under rtn+bn, every objective (BENCHMARKS.md: time)
+        "mixed": {"budgets": [2.5, 3.0], "methods": ["rtn+bn"]},
     },
     "cifar100": {
         "name": "cifar100", "data": "cifar100", "model": ["resnet20", "resnet56", "resnet18", "mobilenetv2"],
@@ -961,6 +1046,48 @@ class Measure:
         for bits in self.s.cfg.bits:
             self._do(f"slice:{bits}", {**hd, "bits": bits, "steps": i.slice_steps, "span": list(i.slice_span)},
                      lambda bits=bits: self.slice(bits))
+        if self.s.cfg.mixed is not None:
+            self.mixed_all(hd, pdeps, rdeps)
+
+    def mixed_all(self, hd: dict, pdeps: dict, rdeps: dict) -> None:
+        """The sensitivity of each range method the mixed PTQ methods need, the uniform line, and
+        every (method, budget, objective) allocation with its accuracy."""
+        from dnq.mixed import plan, shared_input_groups
+
+        m, cfg = self.s.cfg.mixed, self.s.cfg
+        tied = shared_input_groups(self.model, self.hdata[0][0][:2]) if m["tie_shared_inputs"] else None
+        for method in m["methods"]:
+            rng = sensitivity_range(cfg.ptq, method)
+            sname = f"sensitivity:{rng}"
+            self._do(sname, {**hd, "bits": m["bits"], "mv": m["matvecs"], "range": rng},
+                     lambda rng=rng: self.sensitivity(rng))
+            sens = self.rec["measurements"][sname]
+            deps = {**(rdeps if method in RECON_METHODS else pdeps), "variant": method}
+            for b in m["uniform_bits"]:
+                bits = f"W{b}A{m['abits']}"
+                name = uniform_measurement(cfg.bits, cfg.ptq["variants"], method, bits)
+                if name.startswith("mixed+"):
+                    self._do(name, {"bits": bits, **deps}, lambda bits=bits, method=method: self.ptq(bits, method))
+            for budget in m["budgets"]:
+                for obj in m["objectives"]:
+                    alloc = plan(sens["value"], obj, budget, kind=m["kind"], first_last_bits=self.ptq_cfg["first_last_bits"],
+                                 abits=m["abits"], tied=tied)
+                    self._do(mixed_measurement(method, budget, obj, m["kind"]),
+                             {**deps, "sensitivity": sens["key"], "abits": m["abits"], "bits": alloc.bits,
+                              "tied": tied or []},
+                             lambda method=method, alloc=alloc, obj=obj: self.mixed(method, alloc, obj))
+
+    def sensitivity(self, range_method: str) -> dict:
+        from .sensitivity_run import measure_sensitivity
+
+        m = self.s.cfg.mixed
+        return measure_sensitivity(self.model, self.hdata, m["bits"], range_method=range_method,
+                                   num_matvecs=m["matvecs"], seed=self.inst.seed, progress=self.s.progress)
+
+    def mixed(self, method: str, alloc, objective: str) -> dict:
+        m = self.s.cfg.mixed
+        out = self.ptq(f"W{max(m['bits'])}A{m['abits']}", method, bits_by_layer=alloc.bits)
+        return {**out, "objective": objective, "allocation": alloc.to_dict()}
 
     # -- the measurements -------------------------------------------------------------------
     def _accuracy(self, model: nn.Module) -> dict:
@@ -988,7 +1115,7 @@ class Measure:
         return {"recon_iters": iters, "recon_calib_size": c["recon_calib_size"],
                 "recon_batch_size": c["recon_batch_size"], "recon_range": c["recon_range"]}
 
-    def ptq(self, bits: str, variant: str = "rtn") -> dict:
+    def ptq(self, bits: str, variant: str = "rtn", bits_by_layer: dict | None = None) -> dict:
         """The study's PTQ (:data:`DEFAULT_PTQ`) at ``bits`` with one method: ``rtn``, ``rtn+bn``
         (BatchNorm statistics re-estimated on the calibration images through the quantized model)
         or a reconstruction method (:func:`dnq.recon.reconstruct`, seeded with the instruments' seed)."""
@@ -1001,14 +1128,15 @@ class Measure:
             calib = self.ds.calibration_inputs(r["recon_calib_size"], self.inst.seed)
             q = reconstruct(self.model, w, a, calib, variant, iters=r["recon_iters"],
                             batch_size=r["recon_batch_size"], first_last_bits=self.ptq_cfg["first_last_bits"],
-                            range_method=r["recon_range"], seed=self.inst.seed, progress=self.s.progress)
+                            range_method=r["recon_range"], seed=self.inst.seed, progress=self.s.progress,
+                            bits_by_layer=bits_by_layer)
             units = [{k: u[k] for k in ("unit", "stage", "loss_before", "loss_after", "time_s")}
                      for u in q.ptq_recon["units"]]
             return {**self._accuracy(q), "variant": variant, "calib_size": len(calib), "recon_iters": r["recon_iters"],
                     "recon_time_s": q.ptq_recon["time_s"], "recon_units": units}
         calib = self.ds.calibration_inputs(self.ptq_cfg["calib_size"], self.inst.seed)
         q = quantize(self.model, w, a, calib, first_last_bits=self.ptq_cfg["first_last_bits"],
-                     bn_reestimate=variant == "rtn+bn")
+                     bn_reestimate=variant == "rtn+bn", bits_by_layer=bits_by_layer)
         return {**self._accuracy(q), "variant": variant}
 
     def eigen(self) -> dict:

@@ -183,7 +183,12 @@ def _tensor_file(obj) -> bytes:
 PTQ_CASES = [(["--bits", "W1A8"], ["2..8"]), (["--bits", "junk"], ["bad bit setting"]), (["--range", "kl"], ["minmax"]),
              (["--weight-mode", "x"], ["--weight-mode"]), (["--first-last-bits", "9"], ["2..8"]),
              (["--calib-size", "0"], ["calib_size"]), (["--calib-size", "x"], ["--calib-size"]),
-             (["--device", "tpu"], ["unknown device"]), (["--seed", "x"], ["--seed"])]
+             (["--device", "tpu"], ["unknown device"]), (["--seed", "x"], ["--seed"]),
+             (["--mixed", "avg_bits=3"], ["bad budget"]), (["--mixed", "avg-bits=-2"], ["positive"]),
+             (["--mixed", "avg-bits=3", "--objective", "curv"], ["unknown objective", "hawq"]),
+             (["--mixed", "avg-bits=3", "--abits", "9"], ["2..8"]),
+             (["--mixed", "avg-bits=3", "--sensitivity", "/nonexistent/s.json"], ["does not exist"]),
+             (["--mixed", "avg-bits=3", "--weight-mode", "asymmetric"], ["symmetric"])]
 if not torch.cuda.is_available():
     PTQ_CASES.append((["--device", "cuda"], ["CUDA is not available"]))
 

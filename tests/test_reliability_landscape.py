@@ -354,6 +354,20 @@ CASES = [
     ("report-record-wrong-id", lambda t: _fake_study(t, record='{"id": "x", "settings": {}, "measurements": {}}')
      and ["report", str(t / "st")], "not its file name", None),
     ("report-no-records", lambda t: _fake_study(t) and ["report", str(t / "st")], "no model records yet", None),
+    # landscape sensitivity
+    ("sensitivity-no-run", lambda t: ["sensitivity"], "required: run", None),
+    ("sensitivity-no-model", lambda t: ["sensitivity", str(t), "--quiet"], "no model.pt", None),
+    ("sensitivity-bits", lambda t: ["sensitivity", str(t), "--bits", "2,9"], "bad bit list", None),
+    ("sensitivity-samples", lambda t: ["sensitivity", str(t), "--samples", "0"], "samples must be an integer >= 1",
+     None),
+    ("sensitivity-matvecs", lambda t: ["sensitivity", str(t), "--matvecs", "1"], "matvecs must be an integer >= 2",
+     None),
+    ("sensitivity-range", lambda t: ["sensitivity", str(t), "--range", "kl"], "unknown range method", None),
+    ("sensitivity-seed", lambda t: ["sensitivity", str(t), "--seed", "x"], "invalid int value", None),
+    ("sensitivity-device", lambda t: ["sensitivity", str(t), "--device", "tpu"], "unknown device", None),
+    ("sensitivity-recompute-value", lambda t: ["sensitivity", str(t), "--recompute=1"], "ignored explicit argument",
+     None),
+    ("sensitivity-out-no-model", lambda t: ["sensitivity", str(t), "--out", str(t / "s.json")], "no model.pt", None),
 ]
 
 

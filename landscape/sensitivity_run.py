@@ -1,0 +1,354 @@
+"""Per-layer quantization sensitivity of a trained model: ``landscape sensitivity RUN``.
+
+This is the study layer's side of :mod:`landscape.sensitivity` (it imports :mod:`dnq` for the
+quantizer). For every Conv/Linear layer ``l`` and candidate weight bit-width ``b`` it records:
+
+* ``predicted``: the second-order prediction ``g.mu + (mu^T H_ll mu + Tr(H_ll Sigma))/2`` of the
+  loss increase with only layer ``l``'s weights quantized, with ``(mu, Sigma)`` the per-channel mean
+  and variance of the layer's own error ``Q_b(W) - W`` (:func:`landscape.layer_sensitivity`;
+  block-diagonal, cross-layer terms dropped);
+* ``hawq``: HAWQ-V2's ``Tr(H_ll) / n_l * ||Q_b(W_l) - W_l||^2``;
+* ``measured``: the loss increase measured with only layer ``l``'s weights quantized at ``b``
+  bits, and ``measured_wa``: the same with its input activations quantized at ``b`` bits too
+  (asymmetric per tensor, range from the same images with the same range method).
+
+``H``, ``g`` and the losses are those of the training loss (cross-entropy) on ``samples``
+non-augmented training images (the run's validation split is never used), in eval mode and
+float32. The weight quantizer is :func:`dnq.quant.weight_error`'s (symmetric per output channel,
+the given range method) on the unfolded weights: for this quantizer ``Q(f W) = f Q(W)`` per
+channel, so the error of the BatchNorm-folded weights PTQ quantizes is the same error seen in
+the parameters ``H`` is taken in.
+
+``RUN/sensitivity.json`` holds the model's hash and one entry per setting (bits, samples,
+probes, range method, seed); a file written for another model is refused, never overwritten.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from .hessian import HessianOperator
+from .precision import full_precision
+from .sensitivity import error_moments, layer_sensitivity
+
+SENSITIVITY_FILE = "sensitivity.json"
+FORMAT = "landscape layer sensitivity"
+VERSION = 1
+DEFAULT_BITS = (2, 3, 4, 8)
+DEFAULT_SAMPLES = 512
+DEFAULT_MATVECS = 64
+BATCH = 128
+
+
+class SensitivityFileError(ValueError):
+    """A sensitivity file that is corrupt, from another model, or lacks the settings asked for."""
+
+
+def model_hash(model: nn.Module) -> str:
+    """A SHA-256 (first 16 hex digits) of the model's state: every parameter's and buffer's name,
+    dtype, shape and bytes. Two models with the same hash compute the same function."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu().contiguous().reshape(-1)
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
+
+
+def parse_bit_list(spec) -> list[int]:
+    """``"2,3,4,8"`` (or a list) -> ``[2, 3, 4, 8]``, each in 2..8, sorted, without repeats."""
+    from dnq.quant import check_bits
+
+    items = spec.split(",") if isinstance(spec, str) else list(spec)
+    try:
+        out = sorted({check_bits(int(str(b).strip()) if not isinstance(b, int) else b, "bits") for b in items})
+    except ValueError as e:
+        raise ValueError(f"bad bit list {spec!r}: {e}; write e.g. 2,3,4,8") from None
+    if not out:
+        raise ValueError(f"bad bit list {spec!r}; write e.g. 2,3,4,8")
+    return out
+
+
+def training_batches(ds, samples: int, seed: int, batch: int = BATCH) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``samples`` normalized, non-augmented training images (validation excluded) with their
+    labels, a seeded choice, in batches: the data of the study's curvature measurements."""
+    n = min(samples, len(ds.x_train))
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(len(ds.x_train), generator=g)[:n].to(ds.x_train.device)
+    x, y = ds.normalize(ds.x_train[idx]), ds.y_train[idx]
+    return [(x[i:i + batch], y[i:i + batch]) for i in range(0, n, batch)]
+
+
+@full_precision()
+def _mean_loss(model: nn.Module, data, loss_fn) -> float:
+    tot, n = 0.0, 0
+    with torch.no_grad():
+        for x, y in data:
+            tot += float(loss_fn(model(x), y)) * len(y)
+            n += len(y)
+    return tot / n
+
+
+def measure_sensitivity(model: nn.Module, data, bits=DEFAULT_BITS, *, range_method: str = "minmax",
+                        num_matvecs: int = DEFAULT_MATVECS, seed: int = 0, measured: bool = True,
+                        loss_fn=nn.functional.cross_entropy, progress: bool = False) -> dict:
+    """Every layer's ``predicted``, ``hawq``, ``measured`` and ``measured_wa`` sensitivity at each of
+    ``bits`` (see the module doc), with standard errors and the cost in gradient-equivalents.
+
+    Args:
+        model: a trained float model (not modified; measured in eval mode).
+        data: a list of ``(inputs, targets)`` batches (training images).
+        bits: candidate weight bit-widths.
+        range_method: the weight (and activation) range method of the quantizer, as in PTQ.
+        num_matvecs: Hutchinson probes shared by every layer and bit-width.
+        seed: seed of the probes.
+        measured: also measure the loss increases (``len(bits) * layers * 2`` evaluations).
+        loss_fn: the mean loss.
+        progress: progress bars.
+
+    Returns:
+        A JSON-ready dict: ``layers`` (name, parameter, weights, MACs per image, position in
+        execution order), ``bits``, the four tables ``{layer: {bits: value}}`` with their standard
+        errors (``measured`` has none: it is exact on these images), the terms of ``predicted``,
+        per-layer traces, the loss, and ``cost`` (products, forms, forward passes, seconds, and
+        gradient-equivalents: seconds over the seconds of one gradient on the same data, the
+        best of three timings in the same call).
+    """
+    from dnq.mixed import count_macs
+    from dnq.quant import RANGE_METHODS, execution_order, quant_layers, weight_error
+
+    bits = parse_bit_list(bits)
+    if range_method not in RANGE_METHODS:
+        raise ValueError(f"unknown range method {range_method!r}; valid: {', '.join(RANGE_METHODS)}")
+    data = list(data)
+    if not data:
+        raise ValueError("no data: give at least one (inputs, targets) batch")
+    model = copy.deepcopy(model).eval()  # never touch the caller's model
+    layers = dict(quant_layers(model))
+    if not layers:
+        raise ValueError("the model has no Conv/Linear layer")
+    order = execution_order(model, data[0][0])
+    macs = count_macs(model, data[0][0][:2])
+    params = [f"{n}.weight" for n in order]
+    errors = {}
+    with torch.no_grad():
+        for n, p in zip(order, params):
+            w = layers[n].weight
+            errors[p] = {b: error_moments(weight_error(w, b, "symmetric", range_method)) for b in bits}
+    op = HessianOperator(model, loss_fn, data, params=params)
+    t_grad = math.inf
+    for _ in range(3):  # best of three: one gradient on a few hundred images is a noisy single timing
+        t0 = time.perf_counter()
+        op.gradient()
+        t_grad = min(t_grad, time.perf_counter() - t0)
+    res = layer_sensitivity(op, errors, num_matvecs=num_matvecs, seed=seed, progress=progress)
+    by_layer = dict(zip(params, order))
+
+    def rename(table: dict) -> dict:
+        return {by_layer[p]: {int(b): float(v) for b, v in per.items()} for p, per in table.items()}
+
+    out = {
+        "layers": [{"name": n, "param": p, "numel": layers[n].weight.numel(), "macs": macs.get(n, 0), "order": i}
+                   for i, (n, p) in enumerate(zip(order, params))],
+        "bits": bits,
+        "predicted": rename(res.predicted), "predicted_std_error": rename(res.predicted_std_error),
+        "hawq": rename(res.hawq), "hawq_std_error": rename(res.hawq_std_error),
+        "terms": {"gradient": rename(res.gradient_term), "mean_curvature": rename(res.mean_curvature_term),
+                  "trace": rename(res.trace_term)},
+        "layer_trace": {by_layer[p]: v for p, v in res.layer_trace.items()},
+        "layer_trace_std_error": {by_layer[p]: v for p, v in res.layer_trace_std_error.items()},
+        "loss": res.loss,
+    }
+    cost = {"gradient_s": t_grad, "curvature_s": res.time_s, "matvecs": res.num_matvecs,
+            "quadratic_forms": res.num_quadratic_forms, "gradients": res.num_gradients,
+            "curvature_gradient_equivalents": res.time_s / t_grad if t_grad > 0 else math.nan}
+    if measured:
+        t1 = time.perf_counter()
+        out["measured"], out["measured_wa"], passes = _measured(model, layers, order, data, bits, range_method,
+                                                                loss_fn, progress)
+        t_meas = time.perf_counter() - t1
+        cost.update({"measured_s": t_meas, "forward_passes": passes,
+                     "measured_gradient_equivalents": t_meas / t_grad if t_grad > 0 else math.nan})
+    out["cost"] = cost
+    return out
+
+
+@torch.no_grad()
+def _measured(model, layers, order, data, bits, range_method, loss_fn, progress):
+    """Loss increases with one layer quantized (weights; weights and input activations)."""
+    from dnq.quant import act_qparams, fake_quantize, observe_inputs, quantize_weight
+
+    base = _mean_loss(model, data, loss_fn)
+    observers, _, _ = observe_inputs(model, [(n, layers[n]) for n in order], (x for x, _ in data),
+                                     data[0][0].device)
+    w_only: dict = {n: {} for n in order}
+    w_act: dict = {n: {} for n in order}
+    bar = tqdm(total=len(order) * len(bits) * 2, desc="measured", leave=False, disable=not progress)
+    for n in order:
+        layer = layers[n]
+        saved = layer.weight.detach().clone()
+        for b in bits:
+            layer.weight.copy_(quantize_weight(saved.float(), b, "symmetric", range_method).to(saved.dtype))
+            w_only[n][b] = _mean_loss(model, data, loss_fn) - base
+            bar.update(1)
+            lo, hi = observers[n].range(b, range_method)
+            s, z, qmin, qmax = act_qparams(lo, hi, b)
+            scale, zp = torch.tensor(s), torch.tensor(z)
+            h = layer.register_forward_pre_hook(
+                lambda m, a: (fake_quantize(a[0], scale.to(a[0]), zp.to(a[0]), qmin, qmax), *a[1:]))
+            try:
+                w_act[n][b] = _mean_loss(model, data, loss_fn) - base
+            finally:
+                h.remove()
+            bar.update(1)
+        layer.weight.copy_(saved)
+    bar.close()
+    return w_only, w_act, 1 + 2 * len(order) * len(bits)
+
+
+def settings_key(settings: dict) -> str:
+    """The entry key of a setting: ``bits=2,3,4,8;samples=512;matvecs=64;range=minmax;seed=0``."""
+    return (f"bits={','.join(str(b) for b in settings['bits'])};samples={settings['samples']};"
+            f"matvecs={settings['matvecs']};range={settings['range_method']};seed={settings['seed']}")
+
+
+def read_sensitivity(path, model_hash_: str | None = None) -> dict:
+    """Read a sensitivity file; refuse a corrupt one, or one written for another model.
+
+    Raises:
+        SensitivityFileError: naming the file and the fix.
+    """
+    import json
+
+    path = Path(path)
+    try:
+        doc = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise SensitivityFileError(f"{path} does not exist; run `landscape sensitivity RUN` first") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SensitivityFileError(f"{path} is not a readable sensitivity file ({type(e).__name__}); delete it and "
+                                   "run `landscape sensitivity RUN` again") from None
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT or not isinstance(doc.get("entries"), dict):
+        raise SensitivityFileError(f"{path} is not a sensitivity file written by `landscape sensitivity`; give "
+                                   "another --sensitivity file, or move it away")
+    if model_hash_ is not None and doc.get("model_hash") != model_hash_:
+        raise SensitivityFileError(
+            f"{path} was written for another model (hash {doc.get('model_hash')}, this model's is {model_hash_}); "
+            "it is refused: run `landscape sensitivity` on this run (with --out elsewhere if the file must stay)")
+    for entry in doc["entries"].values():
+        _int_keys(entry)
+    return doc
+
+
+TABLES = ("predicted", "predicted_std_error", "hawq", "hawq_std_error", "measured", "measured_wa")
+
+
+def _int_keys(entry: dict) -> dict:
+    """JSON stores the bit-width keys as strings; back to ints (in place)."""
+    for t in [*(entry.get(k) for k in TABLES), *entry.get("terms", {}).values()]:
+        if isinstance(t, dict):
+            for n, per in t.items():
+                t[n] = {int(b): v for b, v in per.items()}
+    return entry
+
+
+def find_entry(doc: dict, range_method: str, bits: list[int] | None = None) -> dict | None:
+    """The entry of ``doc`` with ``range_method`` (and every bit-width of ``bits``), the one with
+    the most samples and probes if several; ``None`` if there is none."""
+    ok = [e for e in doc["entries"].values()
+          if e["settings"]["range_method"] == range_method
+          and (bits is None or set(bits) <= set(e["settings"]["bits"]))]
+    return max(ok, key=lambda e: (e["settings"]["samples"], e["settings"]["matvecs"])) if ok else None
+
+
+def run_sensitivity(run_dir, bits=DEFAULT_BITS, samples: int = DEFAULT_SAMPLES, *, matvecs: int = DEFAULT_MATVECS,
+                    range_method: str = "minmax", seed: int = 0, device: str = "auto", out=None,
+                    data_root: str | None = None, quiet: bool = False, recompute: bool = False,
+                    lock: bool = True) -> dict:
+    """Measure the sensitivity of the final model of a ``dnq train`` run and add it to
+    ``RUN/sensitivity.json`` (or ``out``): returns the entry.
+
+    An entry with the same settings already in the file is returned without work, unless
+    ``recompute``. A file written for another model is refused. ``lock=False`` is for a caller
+    that already holds the folder's lock (``dnq ptq --mixed``).
+
+    Raises:
+        SensitivityFileError: the file is corrupt or from another model.
+        ValueError: a bad setting; FileNotFoundError: no ``model.pt``.
+    """
+    from dnq.data import load_dataset
+    from dnq.io import atomic_write_json
+    from dnq.ptq import _device
+    from dnq.quant import RANGE_METHODS
+    from dnq.rundir import folder_lock
+    from dnq.train import load_model
+
+    bits = parse_bit_list(bits)
+    for name, v, lo in (("samples", samples, 1), ("matvecs", matvecs, 2)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+            raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
+    if range_method not in RANGE_METHODS:
+        raise ValueError(f"unknown range method {range_method!r}; valid: {', '.join(RANGE_METHODS)}")
+    run_dir = Path(run_dir)
+    dev = _device(device)
+    model, meta = load_model(run_dir, dev)
+    mh = model_hash(model)
+    path = Path(out) if out is not None else run_dir / SENSITIVITY_FILE
+    doc = read_sensitivity(path, mh) if path.exists() else {"format": FORMAT, "version": VERSION, "model_hash": mh,
+                                                              "run": str(run_dir), "arch": meta.get("arch"),
+                                                              "entries": {}}
+    settings = {"bits": bits, "samples": samples, "matvecs": matvecs, "range_method": range_method, "seed": seed}
+    key = settings_key(settings)
+    if key in doc["entries"] and not recompute:
+        return doc["entries"][key]
+    ds = load_dataset(meta["data"], data_root, val_size=int(meta.get("val_size") or 0),
+                      val_seed=int(meta.get("val_seed") or 0)).to(dev)
+    data = training_batches(ds, samples, seed)
+    import contextlib
+
+    with folder_lock(path.parent, "landscape sensitivity") if lock else contextlib.nullcontext():
+        result = measure_sensitivity(model, data, bits, range_method=range_method, num_matvecs=matvecs, seed=seed,
+                                     progress=not quiet)
+        n = sum(len(y) for _, y in data)
+        entry = {"settings": {**settings, "samples_used": n, "split": "train (validation images excluded)",
+                              "loss": "cross_entropy", "weights": "symmetric per output channel",
+                              "activations": "asymmetric per tensor (measured_wa only)"},
+                 "model_hash": mh, "at": time.strftime("%Y-%m-%dT%H:%M:%S"), **result}
+        if path.exists():  # re-read under the lock: another process may have added an entry
+            doc = read_sensitivity(path, mh)
+        doc["entries"][key] = entry
+        atomic_write_json(path, doc)
+    return entry
+
+
+def format_table(entry: dict, objective: str = "predicted") -> str:
+    """A plain-text table of one objective: one row per layer, one column per bit-width (with
+    the standard error where there is one)."""
+    table = entry[objective]
+    se = entry.get(f"{objective}_std_error")
+    bits = entry["bits"]
+    width = 22 if se else 12
+    names = [d["name"] for d in entry["layers"]]
+    w0 = max(8, *(len(n) for n in names)) + 2
+    lines = [f"{objective} (loss increase with only that layer quantized)",
+             f"{'layer':<{w0}}{'weights':>9}" + "".join(f"{f'W{b}':>{width}}" for b in bits)]
+    for d in entry["layers"]:
+        n = d["name"]
+        cells = []
+        for b in bits:
+            v = table[n][b]
+            if se:
+                e = se[n][b]
+                cells.append(f"{v:>12.4g} ± {e:<7.2g}")
+            else:
+                cells.append(f"{v:>{width}.4g}")
+        lines.append(f"{n:<{w0}}{d['numel']:>9}" + "".join(cells))
+    return "\n".join(lines)
