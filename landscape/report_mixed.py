@@ -273,10 +273,13 @@ def static_figures(save, mrows: list[dict], cfg: dict, records: list[dict]) -> N
             if obj in sens:
                 vals = [sens[obj][n].get(b0, sens[obj][n].get(str(b0))) for n in layers]
                 a2.plot(range(len(layers)), vals, marker=_MARKERS[obj], label=obj)
-        top = max((abs(v) for obj in ("predicted", "hawq", "measured") if obj in sens
-                   for per in sens[obj].values() for v in per.values()), default=1.0)
-        a2.set_yscale("symlog", linthresh=max(top * 1e-4, 1e-12))  # measured can be negative
-        a2.axhline(0, color="gray", lw=0.5)
+        shown = [v for obj in ("predicted", "hawq", "measured") if obj in sens
+                 for v in (sens[obj][n].get(b0, sens[obj][n].get(str(b0))) for n in layers)]
+        if shown and min(shown) > 0:
+            a2.set_yscale("log")
+        else:  # a measured (or predicted) increase can be negative
+            a2.set_yscale("symlog", linthresh=max(max(map(abs, shown), default=1.0) * 1e-3, 1e-12))
+            a2.axhline(0, color="gray", lw=0.5)
         a2.set_ylabel(f"sensitivity at W{b0}")
         a2.set_xticks(range(len(layers)))
         a2.set_xticklabels(layers, rotation=90, fontsize=7)
