@@ -53,7 +53,7 @@ from .errors import NonFiniteError
 from .hessian import HessianOperator, measuring, nonfinite_policy
 from .precision import full_precision
 from .results import Result
-from .trace import _quadratic_forms
+from .trace import _probes, _quadratic_forms
 
 SENSITIVITY_METHODS = ("hutchinson", "exact")
 OBJECTIVES = ("predicted", "hawq")
@@ -173,11 +173,6 @@ def _check_errors(op: HessianOperator, errors) -> tuple[list[str], list[int], di
             out[n][b] = (mean, var)
             bits.add(b)
     return list(errors), sorted(bits), out
-
-
-def _probes(dim: int, k: int, gen: torch.Generator, dtype, device) -> torch.Tensor:
-    z = torch.randint(0, 2, (dim, k), generator=gen, dtype=torch.int8).to(device=device, dtype=dtype)
-    return z.mul_(2).sub_(1)
 
 
 @full_precision()

@@ -88,7 +88,9 @@ def training_batches(ds, samples: int, seed: int, batch: int = BATCH) -> list[tu
 
 
 @full_precision()
-def _mean_loss(model: nn.Module, data, loss_fn) -> float:
+def mean_loss(model: nn.Module, data, loss_fn) -> float:
+    """The sample-weighted mean loss of ``model`` over ``(inputs, targets)`` batches (no gradients,
+    float32)."""
     tot, n = 0.0, 0
     with torch.no_grad():
         for x, y in data:
@@ -186,7 +188,7 @@ def _measured(model, layers, order, data, bits, range_method, loss_fn, progress)
     """Loss increases with one layer quantized (weights; weights and input activations)."""
     from dnq.quant import act_qparams, fake_quantize, observe_inputs, quantize_weight
 
-    base = _mean_loss(model, data, loss_fn)
+    base = mean_loss(model, data, loss_fn)
     observers, _, _ = observe_inputs(model, [(n, layers[n]) for n in order], (x for x, _ in data),
                                      data[0][0].device)
     w_only: dict = {n: {} for n in order}
@@ -197,7 +199,7 @@ def _measured(model, layers, order, data, bits, range_method, loss_fn, progress)
         saved = layer.weight.detach().clone()
         for b in bits:
             layer.weight.copy_(quantize_weight(saved.float(), b, "symmetric", range_method).to(saved.dtype))
-            w_only[n][b] = _mean_loss(model, data, loss_fn) - base
+            w_only[n][b] = mean_loss(model, data, loss_fn) - base
             bar.update(1)
             lo, hi = observers[n].range(b, range_method)
             s, z, qmin, qmax = act_qparams(lo, hi, b)
@@ -205,7 +207,7 @@ def _measured(model, layers, order, data, bits, range_method, loss_fn, progress)
             h = layer.register_forward_pre_hook(
                 lambda m, a: (fake_quantize(a[0], scale.to(a[0]), zp.to(a[0]), qmin, qmax), *a[1:]))
             try:
-                w_act[n][b] = _mean_loss(model, data, loss_fn) - base
+                w_act[n][b] = mean_loss(model, data, loss_fn) - base
             finally:
                 h.remove()
             bar.update(1)

@@ -96,6 +96,7 @@ from .eigen import top_eigenvalues
 from .errors import NonFiniteError
 from .hessian import HessianOperator
 from .precision import full_precision
+from .sensitivity_run import mean_loss, training_batches
 from .surface import surface_1d, surface_2d
 from .trace import block_traces, hessian_trace, predicted_loss_increase
 from dnq.recon import PTQ_METHODS, RECON_METHODS
@@ -987,14 +988,8 @@ class Measure:
                                                 val_seed=key[2]).to(study.device)
         self.ds = study._datasets[key]
         self._order = None
-        n = min(self.inst.hessian_samples, len(self.ds.x_train))
-        g = torch.Generator().manual_seed(self.inst.seed)
-        idx = torch.randperm(len(self.ds.x_train), generator=g)[:n].to(study.device)
-        x = self.ds.normalize(self.ds.x_train[idx])
-        y = self.ds.y_train[idx]
         rank, world = study.rank, study.world
-        b = self.inst.hessian_batch
-        self.hdata = [(x[i:i + b], y[i:i + b]) for i in range(0, n, b)]
+        self.hdata = training_batches(self.ds, self.inst.hessian_samples, self.inst.seed, self.inst.hessian_batch)
         self.my_hdata = self.hdata[rank::world] if world > 1 else self.hdata  # products sharded across ranks
         self.loss_fn = nn.functional.cross_entropy
         self._op = None
@@ -1170,14 +1165,8 @@ class Measure:
                 layer.weight.copy_(quantize_weight(layer.weight.float(), b, "symmetric", "minmax").to(layer.weight))
         return q
 
-    @full_precision()
     def _loss(self, model: nn.Module) -> float:
-        tot, n = 0.0, 0
-        with torch.no_grad():
-            for x, y in self.hdata:
-                tot += float(self.loss_fn(model(x), y)) * len(y)
-                n += len(y)
-        return tot / n
+        return mean_loss(model, self.hdata, self.loss_fn)
 
     def noise(self, bits: str) -> dict:
         from dnq.quant import parse_bits, quant_layers
