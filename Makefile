@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: test demo venv clean bench gpu-check
+.PHONY: test lint demo venv clean bench gpu-check
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,10 @@ venv: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest
+
+# pyflakes, pycodestyle at 120 columns, import order, bugbear ([tool.ruff] in pyproject.toml)
+lint: $(STAMP)
+	$(PY) -m ruff check .
 
 # the digits study (about 5 minutes on a 2-core CPU; rerunning resumes) and its report
 demo: $(STAMP)

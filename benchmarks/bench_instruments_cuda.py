@@ -75,7 +75,7 @@ def main(argv=None):
     for method in ("fwd-rev", "rev-rev", "cached"):
         op = landscape.HessianOperator(model, CE, data, method=method, max_block=32)
         V = torch.randn(op.dim, 32, device=dev)
-        times[f"hvp {method}, block 32, per vector"] = timed(lambda: op.matmat(V), dev, repeat=3) / 32
+        times[f"hvp {method}, block 32, per vector"] = timed(lambda op=op, V=V: op.matmat(V), dev, repeat=3) / 32
     op = landscape.HessianOperator(model, CE, data, quadratic="taylor")
     Z = torch.randn(op.dim, 32, device=dev)
     times["quadratic form (taylor), per probe"] = timed(lambda: op.quadratic_forms(Z), dev, repeat=3) / 32

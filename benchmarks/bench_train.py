@@ -54,7 +54,8 @@ def bench(model_name: str, batch: int, device: torch.device, rounds: int, steps:
         x, calib = x0, calib0
         if cl:
             model = model.to(memory_format=torch.channels_last)
-            x, calib = x0.contiguous(memory_format=torch.channels_last), calib0.contiguous(memory_format=torch.channels_last)
+            x = x0.contiguous(memory_format=torch.channels_last)
+            calib = calib0.contiguous(memory_format=torch.channels_last)
         method = make_method(name, wbits=4, abits=4, act_sampler=act_sampler)
         method.setup(model, calib, device, 0, 0)
         method.on_epoch_start(0, 1.0)
@@ -94,7 +95,8 @@ def bench(model_name: str, batch: int, device: torch.device, rounds: int, steps:
             times[label].append((time.perf_counter() - t0) / steps)
     med = {n: statistics.median(t) for n, t in times.items()}
     return {"model": model_name, "batch": batch, "device": str(device), "baseline": baseline,
-            "setups": {n: {"method": m, "amp": a, "channels_last": c_, "compile": cp} for n, (m, a, c_, cp) in setups.items()},
+            "setups": {n: {"method": m, "amp": a, "channels_last": c_, "compile": cp}
+                       for n, (m, a, c_, cp) in setups.items()},
             "median_step_ms": {n: 1e3 * v for n, v in med.items()},
             "ratio": {n: med[n] / med[baseline] for n in setups},
             "warmup_s": compile_s}
@@ -103,7 +105,8 @@ def bench(model_name: str, batch: int, device: torch.device, rounds: int, steps:
 def issue8_suites(cuda: bool) -> list[tuple[str, dict, str]]:
     """(title, setups, baseline) of the issue-8 targets."""
     if cuda:
-        return [("bf16 autocast + channels_last", {"sgd": ("sgd", True, True, False), "dnq": ("dnq", True, True, False)}, "sgd"),
+        return [("bf16 autocast + channels_last",
+                 {"sgd": ("sgd", True, True, False), "dnq": ("dnq", True, True, False)}, "sgd"),
                 ("compiled vs eager dnq (bf16 + channels_last)",
                  {"dnq eager": ("dnq", True, True, False), "dnq compiled": ("dnq", True, True, True)}, "dnq eager")]
     return [("float32", {"sgd": ("sgd", False, False, False), "dnq": ("dnq", False, False, False)}, "sgd"),

@@ -151,8 +151,8 @@ def main(argv=None):
             for column in names:
                 kv = chosen[(method, column, v)]
                 c = ms([r[f"{column}:{v}"]["test"] for r in cells(method, *kv, column)])
-                row.append(c + (f" [{kv[0].split('_')[0][:3]} {kv[1]:g}]" if kv[0] != "none" and len(grid(method, a)) > 1
-                                else ""))
+                row.append(c + (f" [{kv[0].split('_')[0][:3]} {kv[1]:g}]"
+                                if kv[0] != "none" and len(grid(method, a)) > 1 else ""))
             lines.append("| " + " | ".join(row) + " |")
         lines.append("")
     # paired comparisons of dnq with each baseline
@@ -164,7 +164,8 @@ def main(argv=None):
                 if base not in methods or "dnq" not in methods:
                     continue
                 b_cells = cells(base, *chosen[(base, column, v)], column)
-                diff = np.array([x[f"{column}:{v}"]["test"] - y[f"{column}:{v}"]["test"] for x, y in zip(d_cells, b_cells)])
+                diff = np.array([x[f"{column}:{v}"]["test"] - y[f"{column}:{v}"]["test"]
+                                 for x, y in zip(d_cells, b_cells)])
                 n = len(diff)
                 mean = float(diff.mean())
                 se = float(diff.std(ddof=1) / np.sqrt(n)) if n > 1 else float("nan")

@@ -72,7 +72,8 @@ def main(argv=None) -> int:
                       f"{c.get('measured_gradient_equivalents', float('nan')):.0f} | "
                       f"{c['matvecs']} + {c['quadratic_forms']} |")
     if ge:
-        print(f"\ncurvature gradient-equivalents: median {statistics.median(ge):.0f}, range {min(ge):.0f}-{max(ge):.0f}")
+        print(f"\ncurvature gradient-equivalents: median {statistics.median(ge):.0f}, "
+              f"range {min(ge):.0f}-{max(ge):.0f}")
     return 0
 
 

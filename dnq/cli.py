@@ -56,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--momentum", type=float, default=d.momentum, help="Nesterov momentum")
     t.add_argument("--weight-decay", type=float, default=d.weight_decay)
     t.add_argument("--label-smoothing", type=float, default=d.label_smoothing)
-    t.add_argument("--lr-warmup-epochs", type=int, default=d.lr_warmup_epochs, help="linear LR warm-up before the cosine")
+    t.add_argument("--lr-warmup-epochs", type=int, default=d.lr_warmup_epochs,
+                   help="linear LR warm-up before the cosine")
     t.add_argument("--lambda-max", type=float, default=d.lambda_max, help="noise strength after the ramp")
     t.add_argument("--lambda-start", type=int, default=d.lambda_start, help="epoch at which the noise starts")
     t.add_argument("--lambda-warmup", type=int, default=d.lambda_warmup,

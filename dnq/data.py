@@ -234,7 +234,8 @@ def _load_npz(path: str):
         with np.load(path, allow_pickle=False) as f:
             missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in f.files]
             if missing:
-                raise DataError(f"{path}: missing arrays {missing}; an npz dataset needs x_train, y_train, x_test, y_test")
+                raise DataError(f"{path}: missing arrays {missing}; "
+                                "an npz dataset needs x_train, y_train, x_test, y_test")
             xtr = _to_nchw(f["x_train"], "x_train", path)
             xte = _to_nchw(f["x_test"], "x_test", path)
             ytr, yte = _labels(f["y_train"], "y_train", path), _labels(f["y_test"], "y_test", path)
@@ -246,7 +247,8 @@ def _load_npz(path: str):
     if len(xtr) == 0 or len(xte) == 0:
         raise DataError(f"{path}: the {'training' if len(xtr) == 0 else 'test'} split is empty; both need images")
     if len(xtr) != len(ytr) or len(xte) != len(yte):
-        raise DataError(f"{path}: image and label counts differ ({len(xtr)}/{len(ytr)} train, {len(xte)}/{len(yte)} test)")
+        raise DataError(f"{path}: image and label counts differ "
+                        f"({len(xtr)}/{len(ytr)} train, {len(xte)}/{len(yte)} test)")
     if xtr.shape[1:] != xte.shape[1:]:
         raise DataError(f"{path}: train images {xtr.shape[1:]} and test images {xte.shape[1:]} differ in shape")
     return xtr, xte, ytr, yte
@@ -259,7 +261,8 @@ def _load_synthetic(arg: str):
         n_train = int(parts[1]) if len(parts) > 1 else 10_000
         size = int(parts[2]) if len(parts) > 2 else 32
     except ValueError:
-        raise DataError(f"bad synthetic spec {arg!r}; use synthetic:CLASSES[:N_TRAIN[:SIZE]], e.g. synthetic:100:50000") from None
+        raise DataError(f"bad synthetic spec {arg!r}; "
+                        "use synthetic:CLASSES[:N_TRAIN[:SIZE]], e.g. synthetic:100:50000") from None
     if classes < 2 or n_train < 1 or size < 4:
         raise DataError(f"bad synthetic spec {arg!r}: need CLASSES >= 2, N_TRAIN >= 1, SIZE >= 4")
     rng = np.random.default_rng(1234)
@@ -327,7 +330,8 @@ def load_dataset(spec: str, data_root: str | None = None, download: bool = False
     distinct = int(torch.unique(torch.cat([y_train, y_test])).numel())
     if num_classes > max(10 * distinct, 1000):
         raise DataError(f"{spec}: the largest label is {num_classes - 1} but only {distinct} distinct labels occur; "
-                        f"a model with {num_classes} outputs is almost surely a mistake: map the labels to 0..{distinct - 1}")
+                        f"a model with {num_classes} outputs is almost surely a mistake: "
+                        f"map the labels to 0..{distinct - 1}")
     mean, std = _channel_stats(x_train, max_value)
     ds = Dataset(spec, x_train, y_train, x_test, y_test, num_classes, mean, std,
                  augment=x_train.shape[-1] == 32 and x_train.shape[-2] == 32, max_value=max_value)
@@ -354,7 +358,8 @@ def random_crop_flip(x: torch.Tensor, generator: torch.Generator, padding: int =
     rows = (oy[:, None] + torch.arange(h, device=dev))[:, None, :, None]
     cols = ox[:, None] + torch.arange(w, device=dev)
     cols = torch.where(flip[:, None], cols.flip(1), cols)[:, None, None, :]
-    return xp[torch.arange(n, device=dev)[:, None, None, None], torch.arange(c, device=dev)[None, :, None, None], rows, cols]
+    return xp[torch.arange(n, device=dev)[:, None, None, None], torch.arange(c, device=dev)[None, :, None, None],
+              rows, cols]
 
 
 class BatchLoader:

@@ -41,7 +41,8 @@ def upcast(t: torch.Tensor) -> torch.Tensor:
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
-def forward_backward(model: nn.Module, x: torch.Tensor, y: torch.Tensor, criterion, autocast) -> tuple[torch.Tensor, torch.Tensor]:
+def forward_backward(model: nn.Module, x: torch.Tensor, y: torch.Tensor, criterion,
+                     autocast) -> tuple[torch.Tensor, torch.Tensor]:
     """One forward and backward pass; returns the detached loss and logits."""
     with autocast():
         out = model(x)
@@ -90,8 +91,8 @@ class NoiseMethod(Method):
                  sampler: str = "auto", weight_form: str = "error"):
         self.name, self.wbits, self.abits = name, wbits, abits
         self.weight, self.act, self.differential = weight, act, differential
-        self.kw = dict(beta=ema_beta, temperature=temperature, rho=rho, first_last_bits=first_last_bits, sampler=sampler,
-                       weight_form=weight_form)
+        self.kw = dict(beta=ema_beta, temperature=temperature, rho=rho, first_last_bits=first_last_bits,
+                       sampler=sampler, weight_form=weight_form)
 
     def setup(self, model, calib_x, device, seed, rank):
         super().setup(model, calib_x, device, seed, rank)

@@ -56,8 +56,8 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from landscape.precision import full_precision
-from .quant import act_qparams, check_bits, fake_quantize, layer_bits, quant_layers, weight_error
 
+from .quant import act_qparams, check_bits, fake_quantize, layer_bits, quant_layers, weight_error
 
 SAMPLERS = ("auto", "fresh", "table")
 # How the weight noise is drawn from the measured error statistics (mu_c, sigma_c^2) of a layer:
@@ -131,7 +131,8 @@ class LambdaSchedule:
         return float(self.lambda_max) * min(1.0, (epoch - self.start_epoch + 1) / self.warmup_epochs)
 
 
-def weight_error_stats(model: nn.Module, bits: int, bits_override: dict[str, int] | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def weight_error_stats(model: nn.Module, bits: int,
+                       bits_override: dict[str, int] | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Per-output-channel mean and variance of ``Q(W) - W`` for every Conv/Linear weight.
 
     ``Q`` is the symmetric max-abs per-channel quantizer at ``bits`` (or ``bits_override[name]``).
@@ -148,8 +149,9 @@ def weight_error_stats(model: nn.Module, bits: int, bits_override: dict[str, int
 
 
 @torch.no_grad()
-def activation_error_stats(model: nn.Module, bits: int, calib_x: torch.Tensor, batch_size: int = 256,
-                           bits_override: dict[str, int] | None = None) -> tuple[dict[str, tuple[float, float]], list[str]]:
+def activation_error_stats(
+        model: nn.Module, bits: int, calib_x: torch.Tensor, batch_size: int = 256,
+        bits_override: dict[str, int] | None = None) -> tuple[dict[str, tuple[float, float]], list[str]]:
     """Scalar mean and variance of ``Q(x) - x`` at the input of every Conv/Linear layer.
 
     ``Q`` is an asymmetric per-tensor min-max quantizer whose range is calibrated on
@@ -226,7 +228,7 @@ def _physical_order(x: torch.Tensor) -> tuple[int, ...] | None:
     """The permutation of ``x``'s dims that makes it contiguous (identity for a contiguous tensor,
     NHWC order for channels_last), or None if ``x`` is not dense. Elementwise kernels run much
     faster on the permuted views when broadcasting and mixed dtypes meet a channels_last layout
-    (a bf16 ``lt`` against a (B, C, 1, 1) tensor: 4.3 ms in NCHW-logical order, 0.19 ms permuted)."""
+    (a bf16 ``lt`` against a (B, C, 1, 1) tensor is much faster permuted: BENCHMARKS.md, "behind the defaults")."""
     perm = tuple(sorted(range(x.dim()), key=lambda d: (x.stride(d), x.shape[d]), reverse=True))
     return perm if x.permute(perm).is_contiguous() else None
 
@@ -421,7 +423,8 @@ class QuantNoise:
             vals = torch.stack([torch.stack([self.w_mean[n].mean(), self.w_var[n].mean().sqrt()]) for n in names])
             out["weight"] = {n: {"mu": mu, "sigma": sd} for n, (mu, sd) in zip(names, vals.tolist())}
         if self.a_mean:
-            out["act"] = {n: {"mu": self.a_mean[n], "sigma": self.a_var[n] ** 0.5} for n in self.order if n in self.a_mean}
+            out["act"] = {n: {"mu": self.a_mean[n], "sigma": self.a_var[n] ** 0.5}
+                          for n in self.order if n in self.a_mean}
         return out
 
     # -- weight noise ------------------------------------------------------------------------
@@ -626,7 +629,8 @@ class QuantNoise:
         t = self._n_tables.get((name, dtype))
         if t is None or t.numel() < 2 * n:
             mu, sd = self._coef(name)
-            t = self._n_tables[(name, dtype)] = torch.empty(2 * n, device=device, dtype=dtype).normal_(mu, sd, generator=g)
+            t = self._n_tables[(name, dtype)] = torch.empty(2 * n, device=device, dtype=dtype).normal_(
+                mu, sd, generator=g)
         return u, t
 
     def _table_views(self, name: str, dtype: torch.dtype, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -696,7 +700,7 @@ class QuantNoise:
             # the mask is made in x's physical order (NHWC for channels_last: views, no copies),
             # where the broadcast threshold meets the fast kernels; it and the noise are viewed
             # back in x's logical order for the addcmul, so x itself is never permuted (a permute
-            # of x would be two autograd nodes per site: ~5 ms a step on resnet20's CPU)
+            # of x would be two autograd nodes per site; BENCHMARKS.md, "behind the defaults")
             ident = site.perm == tuple(range(x.dim()))
             xp = x.detach() if ident else x.detach().permute(site.perm)
             cd = site.inv[cdim % x.dim()]

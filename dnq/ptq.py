@@ -40,9 +40,9 @@ from landscape.precision import full_precision
 
 from .data import BatchLoader, load_dataset
 from .io import atomic_write_json
-from .rundir import folder_lock
 from .quant import RANGE_METHODS, WEIGHT_MODES, check_bits, parse_bits, ptq_variant, quantize
 from .recon import DESCRIPTIONS, PAPER_CALIB_SIZE, RECON_METHODS, check_methods, default_iters, reconstruct
+from .rundir import folder_lock
 from .train import evaluate, load_model
 
 DEFAULT_BITS = "W8A8,W6A6,W4A4,W3A3,W2A4"
@@ -159,7 +159,8 @@ def run_ptq(run_dir, bits: str | None = None, ranges: str = ",".join(RANGE_METHO
     run_dir = Path(run_dir)
     dev = _device(device)
     if not (run_dir / "model.pt").is_file():
-        raise FileNotFoundError(f"no model.pt in {run_dir}; is the training finished? (dnq train ... --resume continues it)")
+        raise FileNotFoundError(f"no model.pt in {run_dir}; is the training finished? "
+                                "(dnq train ... --resume continues it)")
     loaded = load_model(run_dir, dev)  # a damaged model.pt is refused before anything is written
     if not fold_bn and any(v in RECON_METHODS for v in variants):
         raise ValueError("the reconstruction methods fold BatchNorm first (as the papers do); drop --no-fold-bn or "
@@ -213,8 +214,7 @@ def _check_writable(run_dir: Path) -> None:
 def _sensitivity_entry(run_dir: Path, model, mix: dict, range_method: str, quiet: bool, data_root) -> tuple[dict, str]:
     """The sensitivity entry for ``range_method``: from ``mix["sensitivity"]`` (which must have it),
     else from ``run_dir/sensitivity.json``, measured now and added there when missing."""
-    from landscape.sensitivity_run import (SENSITIVITY_FILE, find_entry, model_hash, read_sensitivity,
-                                           run_sensitivity)
+    from landscape.sensitivity_run import SENSITIVITY_FILE, find_entry, model_hash, read_sensitivity, run_sensitivity
 
     given = mix["sensitivity"]
     path = given if given is not None else run_dir / SENSITIVITY_FILE

@@ -66,9 +66,22 @@ from tqdm.auto import tqdm
 
 from landscape.precision import full_precision
 
-from .quant import (PTQ_VARIANTS, RANGE_METHODS, ActQuantizer, _batches, _device_of, _quantize_input_hook, act_qparams,
-                    check_bits, execution_order, fold_batchnorm, layer_bits, observe_inputs, quant_layers,
-                    weight_qparams)
+from .quant import (
+    PTQ_VARIANTS,
+    RANGE_METHODS,
+    ActQuantizer,
+    _batches,
+    _device_of,
+    _quantize_input_hook,
+    act_qparams,
+    check_bits,
+    execution_order,
+    fold_batchnorm,
+    layer_bits,
+    observe_inputs,
+    quant_layers,
+    weight_qparams,
+)
 
 RECON_METHODS = ("adaround", "brecq", "qdrop")
 PTQ_METHODS = (*PTQ_VARIANTS, *RECON_METHODS)
@@ -118,8 +131,7 @@ def budget_lrs(iters: int) -> tuple[float, float]:
 
     The papers' (BRECQ / QDrop code) are 1e-3 and 4e-5 for 20,000 steps. Adam moves a parameter by
     about its learning rate per step, so with fewer steps the rounding variables could not leave
-    their start (round to nearest): measured on a linear layer, 400 steps at 1e-3 gave 0.95-1.08x
-    round-to-nearest's output error, at 0.05 0.47-0.76x. The rates are therefore scaled by
+    their start (round to nearest; BENCHMARKS.md, "behind the defaults"). The rates are therefore scaled by
     ``20,000 / iters`` (at most 100x), which keeps learning rate x steps at the papers' value.
     """
     factor = min(max(PAPER_ITERS / iters, 1.0), 100.0)
@@ -232,7 +244,8 @@ class LSQActQuantizer(nn.Module):
 # -- blocks -------------------------------------------------------------------------------------
 def _block_types() -> tuple[type, ...]:
     from torchvision.models.mobilenetv2 import InvertedResidual
-    from torchvision.models.resnet import BasicBlock as TVBasic, Bottleneck
+    from torchvision.models.resnet import BasicBlock as TVBasic
+    from torchvision.models.resnet import Bottleneck
 
     from .models.resnet import BasicBlock
     from .models.vit import Block
@@ -627,7 +640,8 @@ def _finalize(qmodel, order, bits_of, weights, acts) -> list[dict]:
     return info
 
 
-__all__ = ["AdaRoundWeight", "CPU_ITERS", "DESCRIPTIONS", "InputCache", "LSQActQuantizer", "PAPER_CALIB_SIZE", "PAPER_ITERS",
-           "PTQ_METHODS", "RECON_METHODS", "ReconstructionError", "budget_lrs", "check_methods", "default_iters",
+__all__ = ["AdaRoundWeight", "CPU_ITERS", "DESCRIPTIONS", "InputCache", "LSQActQuantizer", "PAPER_CALIB_SIZE",
+           "PAPER_ITERS", "PTQ_METHODS", "RECON_METHODS", "ReconstructionError", "budget_lrs", "check_methods",
+           "default_iters",
            "find_units", "lsq_fake_quantize", "reconstruct", "rectified_sigmoid"]
 

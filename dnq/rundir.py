@@ -22,7 +22,6 @@ import torch
 
 from .io import atomic_torch_save, atomic_write_json, atomic_write_text, safe_load
 
-
 RUN_FORMAT, RUN_FORMAT_VERSION = "dnq-run", 1
 # what the toolkit writes in a run folder: --overwrite removes these and nothing else
 KNOWN_FILES = frozenset({"config.json", "metrics.jsonl", "checkpoint.pt", "model.pt", "result.json", "ptq.json",
@@ -71,7 +70,8 @@ def folder_lock(path: str | os.PathLike, what: str):
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = _read_holder(lock)
-            raise LockedError(f"{path} is in use by {holder}; wait for it to finish (or stop it) and try again") from None
+            raise LockedError(f"{path} is in use by {holder}; "
+                              "wait for it to finish (or stop it) and try again") from None
         old = _read_holder_json(lock)
         if old and old.get("host") == socket.gethostname() and isinstance(old.get("pid"), int) \
                 and old["pid"] != os.getpid():
@@ -181,8 +181,8 @@ class RunDir:
             raise ConfigError(f"refusing to --overwrite {out} ({real}): it is the current folder, one of its parents, "
                               "/ or $HOME; give the run folder itself")
         if not is_toolkit_run(out):
-            raise ConfigError(f"refusing to --overwrite {out}: its config.json was not written by dnq train (or there is "
-                              "none), so it does not look like a run folder; pick another --out")
+            raise ConfigError(f"refusing to --overwrite {out}: its config.json was not written by dnq train "
+                              "(or there is none), so it does not look like a run folder; pick another --out")
         foreign = _foreign_entries(out)
         if foreign:
             raise ConfigError(f"refusing to --overwrite {out}: it holds files dnq train did not write "
@@ -316,7 +316,8 @@ def load_file(path: Path, fix: str, map_location="cpu"):
         raise CheckpointError(f"{path} is corrupt ({type(e).__name__}); {fix}") from None
     except (EOFError, RuntimeError, zipfile.BadZipFile, ValueError, KeyError, OSError) as e:
         reason = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
-        raise CheckpointError(f"{path} cannot be read ({type(e).__name__}: {reason}); it may be truncated; {fix}") from None
+        raise CheckpointError(f"{path} cannot be read ({type(e).__name__}: {reason}); "
+                              f"it may be truncated; {fix}") from None
 
 
 def restore(ckpt: dict, *, model, optimizer, scheduler, swa, method, device: torch.device) -> int:

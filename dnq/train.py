@@ -61,8 +61,17 @@ from .methods import METHODS, make_method, upcast
 from .models import MODELS, build_model
 from .noise import SAMPLERS, LambdaSchedule
 from .quant import MAX_BITS, MIN_BITS
-from .rundir import (CheckpointError, MetricsLog, RunDir, load_checkpoint, load_file, restore,
-                     save_checkpoint, save_final, write_config)
+from .rundir import (
+    CheckpointError,
+    MetricsLog,
+    RunDir,
+    load_checkpoint,
+    load_file,
+    restore,
+    save_checkpoint,
+    save_final,
+    write_config,
+)
 
 
 class ConfigError(ValueError):
@@ -170,7 +179,8 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.sam_rho <= 0:
         raise ConfigError(f"sam_rho must be > 0, got {cfg.sam_rho}")
     if cfg.swa_start is not None and not 0 < cfg.swa_start < 1:
-        raise ConfigError(f"swa_start is the fraction of training after which SWA averages, in (0, 1); got {cfg.swa_start}")
+        raise ConfigError("swa_start is the fraction of training after which SWA averages, in (0, 1); "
+                          f"got {cfg.swa_start}")
     if cfg.device not in ("auto", "cpu", "cuda") and not (cfg.device.startswith("cuda:") and cfg.device[5:].isdigit()):
         raise ConfigError(f"unknown device {cfg.device!r}; valid: auto, cpu, cuda, cuda:N")
     if cfg.device.startswith("cuda:") and int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -331,7 +341,8 @@ def load_model(run_dir: str | os.PathLike, device="cpu") -> tuple[nn.Module, dic
     """
     path = Path(run_dir) / "model.pt"
     if not path.is_file():
-        raise FileNotFoundError(f"no model.pt in {run_dir}; is the training finished? (dnq train ... --resume continues it)")
+        raise FileNotFoundError(f"no model.pt in {run_dir}; is the training finished? "
+                                "(dnq train ... --resume continues it)")
     fix = "train the run again (dnq train ... --overwrite)"
     blob = load_file(path, fix, map_location=device)
     try:
@@ -439,8 +450,8 @@ class _Run:
         self.adjusted = {k: (saved.get(k), getattr(self.cfg, k)) for k in RESUME_ADJUSTABLE
                          if saved.get(k) != getattr(self.cfg, k)}
         if self.cfg.epochs <= int(ckpt["epoch"]) and "epochs" in self.adjusted:
-            raise ConfigError(f"--epochs {self.cfg.epochs}: the checkpoint is already after epoch {int(ckpt['epoch']) + 1}; "
-                              "give more epochs than that")
+            raise ConfigError(f"--epochs {self.cfg.epochs}: the checkpoint is already after epoch "
+                              f"{int(ckpt['epoch']) + 1}; give more epochs than that")
         if ckpt["world_size"] != self.world:
             raise ConfigError(f"the run was trained with {ckpt['world_size']} processes; resume it with the same "
                               f"number (got {self.world})")
@@ -476,7 +487,8 @@ class _Run:
         self.autocast = make_autocast(device, cfg.amp)
         net: nn.Module = model
         if world > 1:
-            net = nn.parallel.DistributedDataParallel(model, device_ids=[self.local_rank] if device.type == "cuda" else None)
+            net = nn.parallel.DistributedDataParallel(
+                model, device_ids=[self.local_rank] if device.type == "cuda" else None)
         self.net = torch.compile(net) if cfg.compile else net
 
     # -- the loop ---------------------------------------------------------------------------
@@ -542,8 +554,8 @@ class _Run:
         if self.rank == 0:
             path = self.out / "config.json"
             saved = json.loads(path.read_text())
-            saved.setdefault("resumed", []).append({"at_epoch": start, "changed": {k: {"from": a, "to": b}
-                                                                                  for k, (a, b) in self.adjusted.items()}})
+            changed = {k: {"from": a, "to": b} for k, (a, b) in self.adjusted.items()}
+            saved.setdefault("resumed", []).append({"at_epoch": start, "changed": changed})
             for k, (_, b) in self.adjusted.items():
                 saved[k] = b
             atomic_write_json(path, saved)
@@ -628,7 +640,8 @@ class _Run:
             recompute_bn(final, loader, self.device)
         fin = self._evaluate_final(final)
         result = {"method": cfg.method, "model": cfg.model, "data": cfg.data, "epochs": cfg.epochs, "seed": cfg.seed,
-                  **fin, "swa": self.swa is not None, "bn": bn, "bn_as_trained": saved_bn, "splits": self._splits(), "precision": "float32"}
+                  **fin, "swa": self.swa is not None, "bn": bn, "bn_as_trained": saved_bn, "splits": self._splits(),
+                  "precision": "float32"}
         if rank == 0:
             MetricsLog(out, cfg.epochs - 1).append({"epoch": cfg.epochs - 1, "final": True, **fin, "bn": result["bn"]})
             save_final(out, final, model_meta(cfg, ds), result)

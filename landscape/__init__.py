@@ -2,20 +2,35 @@
 eigenvalues, spectral density, 1-D / 2-D loss surfaces, and per-layer sensitivities. Knows nothing of DNQ."""
 
 from .density import DensityResult, spectral_density
-from .directions import (Direction, eigenvector_directions, interpolation_direction, quantization_direction,
-                         random_directions)
+from .directions import (
+                         Direction,
+                         eigenvector_directions,
+                         interpolation_direction,
+                         quantization_direction,
+                         random_directions,
+)
 from .eigen import EigenResult, power_iteration, top_eigenvalues
 from .errors import NonFiniteError
 from .hessian import HessianOperator
+from .operator import BaseOperator, DataChangedError
+from .planner import Choice, Planner
 from .precision import full_precision
 from .sensitivity import LayerSensitivityResult, error_moments, layer_sensitivity
 from .surface import SurfaceResult, surface_1d, surface_2d
-from .trace import (BlockTraceResult, LossIncreasePrediction, TraceResult, block_traces, hessian_trace,
-                    noise_weighted_trace, predicted_loss_increase)
+from .trace import (
+                         BlockTraceResult,
+                         LossIncreasePrediction,
+                         TraceResult,
+                         block_traces,
+                         hessian_trace,
+                         noise_weighted_trace,
+                         predicted_loss_increase,
+)
 
 __version__ = "0.1.0"
 
-__all__ = ["HessianOperator", "hessian_trace", "block_traces", "noise_weighted_trace", "predicted_loss_increase",
+__all__ = ["HessianOperator", "BaseOperator", "DataChangedError", "Planner", "Choice", "hessian_trace", "block_traces",
+           "noise_weighted_trace", "predicted_loss_increase",
            "top_eigenvalues", "power_iteration", "spectral_density",
            "random_directions", "interpolation_direction", "quantization_direction", "eigenvector_directions",
            "Direction", "surface_1d", "surface_2d", "SurfaceResult", "TraceResult", "BlockTraceResult",

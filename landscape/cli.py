@@ -162,7 +162,8 @@ def build_parser() -> OneLineParser:
                        "measured) into RUN/sensitivity.json")
     e.add_argument("run", help="a run folder written by `dnq train` (with model.pt)")
     e.add_argument("--bits", default="2,3,4,8", help="candidate weight bit-widths")
-    e.add_argument("--samples", type=int, default=512, help="training images (validation excluded) for H and the losses")
+    e.add_argument("--samples", type=int, default=512,
+                   help="training images (validation excluded) for H and the losses")
     e.add_argument("--matvecs", type=int, default=64, help="Hutchinson probes shared by every layer and bit-width")
     e.add_argument("--range", default="minmax", help="weight/activation range method of the quantizer "
                    "(minmax, percentile, mse): the one the PTQ will use")

@@ -24,13 +24,14 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from .errors import NonFiniteError
 from .hessian import HessianOperator, measuring, nonfinite_policy
 from .lanczos import lanczos, tridiagonal
+from .operator import records_engines
 from .precision import full_precision
 from .results import Result
 
@@ -48,6 +49,8 @@ class DensityResult(Result):
         density: the Gaussian-broadened density on ``grid`` (integrates to ~1).
         sigma: the broadening width.
         num_matvecs, seed, time_s: cost and reproducibility.
+        engines: vectors each engine of the operator computed for this result
+            (``{"quadratic:taylor": 32, "product:fwd-rev": 16}``; :mod:`landscape.hessian`).
     """
 
     nodes: torch.Tensor
@@ -58,6 +61,7 @@ class DensityResult(Result):
     num_matvecs: int
     seed: int
     time_s: float = 0.0
+    engines: dict = field(default_factory=dict)
 
     def moment(self, p: int) -> float:
         """The quadrature estimate of ``Tr(H^p) / dim``."""
@@ -70,6 +74,7 @@ def quadrature(alphas: torch.Tensor, betas: torch.Tensor) -> tuple[torch.Tensor,
     return theta, S[0].pow(2)
 
 
+@records_engines
 @full_precision()
 def spectral_density(op: HessianOperator, num_runs: int = 4, lanczos_steps: int = 64, seed: int = 0, *,
                      grid_size: int = 1000, sigma: float | None = None,

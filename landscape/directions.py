@@ -113,7 +113,8 @@ def interpolation_direction(model: nn.Module, other: nn.Module) -> Direction:
     a, b = _trainable(model), dict(other.named_parameters())
     missing = [k for k in a if k not in b or b[k].shape != a[k].shape]
     if missing:
-        raise ValueError(f"the two models differ in parameters {missing[:5]}; interpolation needs the same architecture")
+        raise ValueError(f"the two models differ in parameters {missing[:5]}; "
+                         "interpolation needs the same architecture")
     return Direction({k: (b[k].detach().to(a[k]) - a[k]) for k in a}, kind="interpolation")
 
 

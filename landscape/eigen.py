@@ -21,13 +21,14 @@ Example:
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from .errors import NonFiniteError
 from .hessian import HessianOperator, measuring, nonfinite_policy
 from .lanczos import lanczos, tridiagonal
+from .operator import records_engines
 from .precision import full_precision
 from .results import Result
 
@@ -46,6 +47,8 @@ class EigenResult(Result):
         num_matvecs: products spent (including the ``k`` residual checks).
         converged: whether every pair met the tolerance.
         iterations: Lanczos steps (or power iterations) taken.
+        engines: vectors each engine of the operator computed for this result
+            (``{"quadratic:taylor": 32, "product:fwd-rev": 16}``; :mod:`landscape.hessian`).
     """
 
     eigenvalues: list
@@ -57,6 +60,7 @@ class EigenResult(Result):
     method: str
     seed: int
     time_s: float = 0.0
+    engines: dict = field(default_factory=dict)
     _exclude = ("eigenvectors",)
 
 
@@ -73,6 +77,7 @@ def _nan_result(k: int, method: str, seed: int, t0: float) -> EigenResult:
     return EigenResult(nan, [], list(nan), 0, False, 0, method, seed, time.perf_counter() - t0)
 
 
+@records_engines
 @full_precision()
 def top_eigenvalues(op: HessianOperator, k: int = 3, tol: float = 1e-4, seed: int = 0, *, which: str = "LA",
                     max_iter: int | None = None, check_every: int = 1, on_nonfinite: str | None = None) -> EigenResult:
@@ -138,6 +143,7 @@ def _lanczos_eigen(op, k, tol, seed, which, max_iter, check_every, t0) -> EigenR
                        "lanczos", seed, time.perf_counter() - t0)
 
 
+@records_engines
 @full_precision()
 def power_iteration(op: HessianOperator, k: int = 1, max_iter: int = 100, tol: float = 1e-3,
                     seed: int = 0, *, on_nonfinite: str | None = None) -> EigenResult:

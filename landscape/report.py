@@ -1,5 +1,7 @@
 """The report of a study: ``report.html`` (one self-contained file, plotly.js embedded, works
 offline), the same figures as PNG and PDF for papers, and ``summary.csv`` / ``summary.json``.
+Every figure comes from a builder of :mod:`landscape.plot`; its PNG and PDF are drawn from that
+same figure object by :mod:`landscape.plot_static`.
 
     python -m landscape.report reports/digits          # or: landscape report reports/digits
     >>> from landscape.report import build             # doctest: +SKIP
@@ -7,8 +9,9 @@ offline), the same figures as PNG and PDF for papers, and ``summary.csv`` / ``su
 
 Sections: the PTQ settings, the split sizes and which split every number comes from; the grid of
 training method × PTQ method (per bit-width, test accuracy mean ± std over seeds, the best of each
-column marked; :func:`training_by_ptq`, also ``grid.csv``); a summary table of all models (FP accuracy on validation and test, PTQ test accuracy of every variant at
-every bit-width, flatness); scatter plots of accuracy drop against trace, top eigenvalue and
+column marked; :func:`training_by_ptq`, also ``grid.csv``); a summary table of all models (FP
+accuracy on validation and test, PTQ test accuracy of every variant at every bit-width,
+flatness); scatter plots of accuracy drop against trace, top eigenvalue and
 Tr(H Sigma), per bit-width and PTQ variant, with the fit and its confidence band; the
 correlation tables; measured against predicted loss increase with the identity line, and its
 out-of-sample check; and per model: accuracy at every bit-width, flatness figures, the spectral
@@ -53,11 +56,18 @@ import numpy as np
 
 from dnq.recon import DESCRIPTIONS
 
+from .plot import (
+    MEASURES,
+    measure_column,
+    plot_density,
+    plot_mixed_bits,
+    plot_prediction,
+    plot_quantization_slices,
+    plot_sharpness,
+    plot_surface_2d,
+)
 from .regress import correlation_table, fit, holm, prediction_holdout
 from .study import VARIANT_SUFFIX, StudyError, load_records, read_study_json, summary_rows
-
-MEASURES = [("trace", "Hessian trace"), ("top_eigenvalue", "top eigenvalue"), ("trace_h_sigma", "Tr(H Sigma)"),
-            ("predicted", "predicted loss increase")]
 
 
 def _esc(v) -> str:
@@ -101,10 +111,6 @@ def _fmt(v, digits: int = 4) -> str:
             return "nan"
         return f"{v:.{digits}g}"
     return str(v)
-
-
-def _x_col(measure: str, bits: str) -> str:
-    return f"{measure}_{bits}" if measure in ("trace_h_sigma", "predicted") else measure
 
 
 #: PTQ variants: (name, column suffix, what it is)
@@ -260,7 +266,7 @@ def correlation_families(rows: list[dict], bits: list[str], n_boot: int = 2000, 
             fits, skipped = [], []
             for y in (f"acc_drop_{b}{sfx}", f"ptq_loss_increase_{b}{sfx}"):
                 for m, _ in MEASURES:
-                    x = _x_col(m, b)
+                    x = measure_column(m, b)
                     try:
                         with warnings.catch_warnings():
                             warnings.simplefilter("ignore")
@@ -365,226 +371,6 @@ def splits_text(meta: dict, cfg: dict) -> str:
             f"slices: {hs} non-augmented training images.")
 
 
-# -- figures (plotly) ---------------------------------------------------------------------------
-def _go():
-    import plotly.graph_objects as go
-
-    return go
-
-
-_COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
-           "#17becf"]
-
-
-def _scatter_figure(rows, fits_by_key, bits: str, vars_: list, ytitle: str = "accuracy drop", adjusted=None):
-    """Accuracy drop at ``bits`` against the three flatness measures: one row of panels per PTQ variant.
-    ``adjusted`` maps ``(x, y)`` to the Holm-adjusted p-value of Spearman's rho, shown with the raw one."""
-    adjusted = adjusted or {}
-    from plotly.subplots import make_subplots
-
-    go = _go()
-    vars_ = vars_ or [VARIANTS[0]]
-    titles = []
-    for name, sfx, _ in vars_:
-        for m, label in MEASURES[:3]:
-            f = fits_by_key.get((_x_col(m, bits), f"acc_drop_{bits}{sfx}"))
-            h = adjusted.get((_x_col(m, bits), f"acc_drop_{bits}{sfx}"))
-            holm_txt = "" if h is None else f", Holm {h:.2g}"
-            titles.append(f"{name}: {label}" if f is None else
-                          f"{name}: {label}: rho={f.spearman_rho:.2f} (p={f.spearman_p:.2g}{holm_txt}), "
-                          f"tau={f.kendall_tau:.2f}")
-    fig = make_subplots(rows=len(vars_), cols=3, subplot_titles=titles, horizontal_spacing=0.07,
-                        vertical_spacing=0.3 / len(vars_))
-    methods = sorted({str(r.get("method")) for r in rows})
-    for i, (name, sfx, _) in enumerate(vars_, start=1):
-        y = f"acc_drop_{bits}{sfx}"
-        first = i == 1
-        for j, (m, label) in enumerate(MEASURES[:3], start=1):
-            x = _x_col(m, bits)
-            f = fits_by_key.get((x, y))
-            if f is not None:
-                grid = np.linspace(min(f.x), max(f.x), 50)
-                lo, hi = f.band(grid)
-                fig.add_trace(go.Scatter(x=np.r_[grid, grid[::-1]].tolist(), y=(100 * np.r_[hi, lo[::-1]]).tolist(),
-                                         fill="toself", fillcolor="rgba(60,60,60,0.12)", line=dict(width=0),
-                                         hoverinfo="skip", showlegend=False), row=i, col=j)
-                fig.add_trace(go.Scatter(x=grid.tolist(), y=(100 * f.predict(grid)).tolist(), mode="lines",
-                                         line=dict(color="#444"), name="least squares, 95% band",
-                                         showlegend=first and j == 1), row=i, col=j)
-            for k, meth in enumerate(methods):  # one colour per method, the same in every panel
-                pts = [(r[x], r[y], r["model"]) for r in rows
-                       if str(r.get("method")) == meth and r.get(x) is not None and r.get(y) is not None]
-                if pts:
-                    fig.add_trace(go.Scatter(x=[p[0] for p in pts], y=[100 * p[1] for p in pts], mode="markers",
-                                             text=[_esc(p[2]) for p in pts], name=_esc(meth), legendgroup=_esc(meth),
-                                             hovertemplate="%{text}<br>x=%{x:.4g}<br>y=%{y:.3g}",
-                                             marker=dict(size=9, color=_COLORS[k % len(_COLORS)]),
-                                             showlegend=first and j == 1), row=i, col=j)
-            fig.update_xaxes(title_text=label, row=i, col=j)
-        fig.update_yaxes(title_text=f"{ytitle}, {name} (points)", row=i, col=1)
-    fig.update_layout(height=80 + 330 * len(vars_), margin=dict(l=60, r=20, t=60, b=50),
-                      title=f"{ytitle} at {bits} against flatness (test split), per PTQ variant")
-    fig.update_annotations(font_size=11)
-    return fig
-
-
-def _prediction_figure(rows, bits: list[str], pfits: dict):
-    from plotly.subplots import make_subplots
-
-    go = _go()
-    titles = []
-    for b in bits:
-        f = pfits.get(b)
-        titles.append(b if f is None else f"{b}: slope {f.slope:.3g} [{f.slope_ci[0]:.3g}, {f.slope_ci[1]:.3g}], "
-                                          f"r={f.pearson_r:.2f}")
-    fig = make_subplots(rows=1, cols=max(len(bits), 1), subplot_titles=titles, horizontal_spacing=0.07)
-    for j, b in enumerate(bits, start=1):  # one panel per bit-width: their scales differ by 100x
-        pts = [(r.get(f"predicted_{b}"), r.get(f"measured_{b}"), r["model"]) for r in rows]
-        pts = [p for p in pts if p[0] is not None and p[1] is not None]
-        if not pts:
-            continue
-        fig.add_trace(go.Scatter(x=[p[0] for p in pts], y=[p[1] for p in pts], mode="markers", showlegend=False,
-                                 marker=dict(size=9, color=_COLORS[0]), text=[_esc(p[2]) for p in pts],
-                                 hovertemplate="%{text}<br>predicted %{x:.4g}<br>measured %{y:.4g}"), row=1, col=j)
-        vals = [v for p in pts for v in p[:2]]
-        lo, hi = min(vals), max(vals)
-        fig.add_trace(go.Scatter(x=[lo, hi], y=[lo, hi], mode="lines", name="identity (theory)", showlegend=j == 1,
-                                 line=dict(dash="dash", color="black")), row=1, col=j)
-        f = pfits.get(b)
-        if f is not None:
-            grid = np.linspace(min(f.x), max(f.x), 20)
-            fig.add_trace(go.Scatter(x=grid.tolist(), y=f.predict(grid).tolist(), mode="lines", name="least squares",
-                                     showlegend=j == 1, line=dict(color="#d62728")), row=1, col=j)
-        fig.update_xaxes(title_text="predicted", row=1, col=j)
-    fig.update_yaxes(title_text="measured  L(Q(W)) - L(W)", row=1, col=1)
-    fig.update_layout(height=400, margin=dict(l=60, r=20, t=70, b=50), title="Second-order prediction of the "
-                      "weight-quantization loss increase: g.mu + (mu^T H mu + Tr(H Sigma))/2")
-    fig.update_annotations(font_size=11)
-    return fig
-
-
-def _density_figure(d: dict, name: str):
-    go = _go()
-    floor = max(max(d["density"]), 1e-300) * 1e-6  # a log axis: six decades below the peak
-    fig = go.Figure(go.Scatter(x=d["grid"], y=[max(v, floor) for v in d["density"]], mode="lines"))
-    fig.update_layout(height=300, title=f"Spectral density: {_esc(name)}", xaxis_title="eigenvalue",
-                      yaxis_title="density", yaxis_type="log", margin=dict(l=60, r=20, t=50, b=40))
-    return fig
-
-
-def _surface_figures(s: dict, name: str):
-    go = _go()
-    z = np.array(s["loss"], dtype=float)
-    z = np.where(np.isfinite(z), z, np.nan)
-    x, y = s["alphas"], s["betas"]
-    f3 = go.Figure(go.Surface(x=x, y=y, z=z.T.tolist(), colorscale="Viridis", showscale=False))
-    f3.update_layout(height=420, title=f"Loss surface (filter-normalized): {_esc(name)}",
-                     scene=dict(xaxis_title="alpha", yaxis_title="beta", zaxis_title="loss"),
-                     margin=dict(l=0, r=0, t=50, b=0))
-    fc = go.Figure(go.Contour(x=x, y=y, z=z.T.tolist(), colorscale="Viridis", contours=dict(showlabels=True)))
-    fc.update_layout(height=420, title=f"Contour: {_esc(name)}", xaxis_title="alpha", yaxis_title="beta",
-                     margin=dict(l=60, r=20, t=50, b=40))
-    return f3, fc
-
-
-def _slice_figure(slices: dict, name: str):
-    go = _go()
-    fig = go.Figure()
-    for k, (b, s) in enumerate(slices.items()):
-        color = _COLORS[k % len(_COLORS)]
-        fig.add_trace(go.Scatter(x=s["alphas"], y=s["loss"], mode="lines", name=f"{b}: Q(W) - W", line=dict(color=color)))
-        at = int(np.argmin(np.abs(np.array(s["alphas"]) - s.get("ptq_alpha", 1.0))))
-        fig.add_trace(go.Scatter(x=[s["alphas"][at]], y=[s["loss"][at]], mode="markers",
-                                 marker=dict(size=11, symbol="x", color=color),
-                                 name=f"{b}: quantized weights (alpha=1)"))
-    fig.update_layout(height=340, title=f"Loss along the quantization direction: {_esc(name)}",
-                      xaxis_title="alpha (0 = FP weights, 1 = quantized weights)", yaxis_title="training loss",
-                      margin=dict(l=60, r=20, t=50, b=40))
-    return fig
-
-
-# -- static figures (matplotlib) -----------------------------------------------------------------
-def _static(figdir: Path, rows, fits_by_key, bits, pfits, records, vars_=None, adjusted=None, mrows=None,
-            cfg=None) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    written = []
-
-    def save(fig, stem):
-        for ext in ("png", "pdf"):
-            buf = io.BytesIO()
-            fig.savefig(buf, format=ext, dpi=130, bbox_inches="tight")
-            _atomic_bytes(figdir / f"{stem}.{ext}", buf.getvalue())
-            written.append(f"{stem}.{ext}")
-        plt.close(fig)
-
-    vars_ = vars_ or [VARIANTS[0]]
-    adjusted = adjusted or {}
-    for b in bits:
-        fig, grid_axes = plt.subplots(len(vars_), 3, figsize=(13, 3.8 * len(vars_)), squeeze=False)
-        for axes, (name, sfx, _) in zip(grid_axes, vars_):
-            y = f"acc_drop_{b}{sfx}"
-            for ax, (m, label) in zip(axes, MEASURES[:3]):
-                x = _x_col(m, b)
-                pts = [(r[x], r[y]) for r in rows if r.get(x) is not None and r.get(y) is not None]
-                if pts:
-                    ax.scatter([p[0] for p in pts], [100 * p[1] for p in pts], s=25)
-                f = fits_by_key.get((x, y))
-                if f is not None:
-                    grid = np.linspace(min(f.x), max(f.x), 50)
-                    lo, hi = f.band(grid)
-                    ax.plot(grid, 100 * f.predict(grid), color="C0")
-                    ax.fill_between(grid, 100 * lo, 100 * hi, color="C0", alpha=0.15)
-                    h = adjusted.get((x, y))
-                    ax.set_title(f"{name}: rho={f.spearman_rho:.2f} (p={f.spearman_p:.2g}"
-                                 + ("" if h is None else f", Holm {h:.2g}") + ")", fontsize=9)
-                ax.set_xlabel(label)
-            axes[0].set_ylabel(f"accuracy drop at {b}, {name} (points)")
-        fig.tight_layout()
-        save(fig, f"sharpness_vs_ptq_{b}")
-    fig, axes = plt.subplots(1, max(len(bits), 1), figsize=(4.3 * max(len(bits), 1), 3.8), squeeze=False)
-    for ax, b in zip(axes[0], bits):  # one panel per bit-width: their scales differ by 100x
-        pts = [(r.get(f"predicted_{b}"), r.get(f"measured_{b}")) for r in rows]
-        pts = [p for p in pts if p[0] is not None and p[1] is not None]
-        if pts:
-            vals = [v for p in pts for v in p]
-            ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=25)
-            ax.plot([min(vals), max(vals)], [min(vals), max(vals)], "k--", label="identity")
-        f = pfits.get(b)
-        ax.set_title(b if f is None else f"{b}: slope {f.slope:.3g} [{f.slope_ci[0]:.3g}, {f.slope_ci[1]:.3g}]",
-                     fontsize=9)
-        ax.set_xlabel("predicted loss increase")
-    axes[0][0].set_ylabel("measured loss increase")
-    save(fig, "measured_vs_predicted")
-    for rec in records:
-        m = rec.get("measurements", {})
-        stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in rec["id"])
-        if "surface" in m:
-            s = m["surface"]["value"]
-            fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.8))
-            z = np.array(s["loss"], dtype=float)
-            cs = a1.contourf(s["alphas"], s["betas"], z.T, levels=20, cmap="viridis")
-            fig.colorbar(cs, ax=a1)
-            a1.set_title(f"{rec['id']}: 2-D surface", fontsize=9)
-            for k, v in m.items():
-                if k.startswith("slice:"):
-                    sv = v["value"]
-                    a2.plot(sv["alphas"], sv["loss"], label=k.split(":", 1)[1])
-            a2.axvline(1.0, color="gray", ls=":")
-            a2.set_xlabel("alpha along Q(W) - W")
-            a2.set_ylabel("loss")
-            a2.legend(fontsize=8)
-            save(fig, f"model_{stem}")
-    if mrows:
-        from .report_mixed import static_figures
-
-        static_figures(save, mrows, cfg, records)
-    return written
-
-
 # -- HTML -----------------------------------------------------------------------------------------
 _STATUS_JS = """
 window.__reportErrors = [];
@@ -606,7 +392,8 @@ _RENDER_JS = """
     st.setAttribute('data-rendered', String(n));
     st.setAttribute('data-errors', String(window.__reportErrors.length + failed));
     st.textContent = 'plots: ' + ids.length + ', rendered: ' + st.getAttribute('data-rendered') +
-        ', errors: ' + (window.__reportErrors.length + failed) + (window.__reportErrors.length ? ' ' + window.__reportErrors.join(' | ') : '');
+        ', errors: ' + (window.__reportErrors.length + failed) +
+        (window.__reportErrors.length ? ' ' + window.__reportErrors.join(' | ') : '');
     st.setAttribute('data-done', '1');
   }
   document.querySelectorAll('details').forEach(function (d) {
@@ -674,7 +461,6 @@ def build(path, out=None, *, static: bool = True, n_boot: int = 2000) -> Path:
     families = correlation_families(rows, bits, n_boot=n_boot)
     fits = [f for fam in families for f in fam["fits"]]
     skipped = [s for fam in families for s in fam["skipped"]]
-    fits_by_key = {(f.x_name, f.y_name): f for f in fits}
     adjusted = {(r["x"], r["y"]): r["spearman_p_holm"] for fam in families for r in fam["table"]}
     pfits = prediction_fits(rows, bits, n_boot=n_boot)
     holdouts = prediction_holdouts(rows, bits)
@@ -733,7 +519,8 @@ def build(path, out=None, *, static: bool = True, n_boot: int = 2000) -> Path:
                "families": [{"family": f["family"], "bits": f["bits"], "variant": f["variant"], "m_tests": f["m_tests"]}
                             for f in families],
                "training_by_ptq": grid,
-               "mixed": {"settings": cfg.get("mixed"), "accuracy_at_budget": mtable, "points": mrows} if mrows else None,
+               "mixed": ({"settings": cfg.get("mixed"), "accuracy_at_budget": mtable, "points": mrows}
+                         if mrows else None),
                "models": rows, "correlations": corr, "skipped_fits": skipped,
                "methods_chosen_on_validation": method_comparison(rows, bits, vars_),
                "prediction": {k: {"slope": f.slope, "slope_ci": f.slope_ci, "intercept": f.intercept, "n": f.n,
@@ -746,11 +533,14 @@ def build(path, out=None, *, static: bool = True, n_boot: int = 2000) -> Path:
     _atomic_text(path / "summary.json", json.dumps(summary, indent=2, default=_default) + "\n")
 
     figures: dict[str, dict] = {}
+    static_figs: dict[str, list] = {}  # figures/<stem>.png and .pdf: the figures placed with that stem, side by side
 
-    def place(fig, cls: str = "plot") -> str:
+    def place(fig, stem: str | None = None) -> str:
         fid = f"fig{len(figures)}"
         figures[fid] = json.loads(fig.to_json())
-        return f"<div id='{fid}' class='{cls}'></div>"
+        if stem is not None:
+            static_figs.setdefault(stem, []).append(fig)
+        return f"<div id='{fid}' class='plot'></div>"
 
     parts = [f"<h1>Flatness and PTQ accuracy: {_esc(cfg.get('name'))}</h1>",
              f"<p class='note'>{len(records)} models ({_esc(cfg.get('model'))} on {_esc(cfg.get('data'))}), bit-widths "
@@ -769,6 +559,9 @@ def build(path, out=None, *, static: bool = True, n_boot: int = 2000) -> Path:
         parts.append(f"<h3 id='grid-{_esc(b)}'>{_esc(b)}</h3>")
         parts.append(_grid_html(grid[b], vars_))
     parts += report_mixed.section(mrows, cfg, place)
+    from . import report_sampling
+
+    parts += report_sampling.section(records, path)  # sampling.csv; [] without instruments.replicates
     parts.append("<h2 id='summary'>Summary of all models</h2>")
     scols = [("model", "model")] + ([("config", "config")] if any("config" in r for r in rows) else [])
     scols += [("method", "method"), ("lambda_max", "lambda"), ("sam_rho", "rho"), ("seed", "seed"),
@@ -791,7 +584,7 @@ def build(path, out=None, *, static: bool = True, n_boot: int = 2000) -> Path:
     parts.append(_table(comparison, ccols_m, left={"method"}))
     parts.append("<h2 id='scatter'>Sharpness against PTQ accuracy</h2>")
     for b in bits:
-        parts.append(place(_scatter_figure(rows, fits_by_key, b, vars_, adjusted=adjusted)))
+        parts.append(place(plot_sharpness(rows, fits, b, vars_, adjusted=adjusted), stem=f"sharpness_vs_ptq_{b}"))
     parts.append("<h2 id='correlations'>Correlation of PTQ degradation with flatness</h2>")
     parts.append("<p class='note'>One table per bit-width and PTQ variant; nothing is pooled across bit-widths (they "
                  "are the same models again) or variants. Each table is one family of tests: every (flatness "
@@ -861,7 +654,7 @@ def build(path, out=None, *, static: bool = True, n_boot: int = 2000) -> Path:
                                     ("rmse_const", "RMSE constant")], left={"bits", "fit", "test"}))
     if hskip:
         parts.append("<p class='note'>No out-of-sample check: " + "; ".join(_esc(t) for t in hskip) + ".</p>")
-    parts.append(place(_prediction_figure(rows, bits, pfits)))
+    parts.append(place(plot_prediction(rows, bits, pfits), stem="measured_vs_predicted"))
     parts.append("<h2 id='models'>Per model</h2>")
     for rec, row in zip(records, rows):
         m = rec.get("measurements", {})
@@ -890,26 +683,36 @@ def build(path, out=None, *, static: bool = True, n_boot: int = 2000) -> Path:
         sec.append("<div class='grid2'><div>" + _table(acc_rows, [("setting", "setting"), ("val", "val acc"),
                                                                    ("acc", "test acc"), ("loss", "test loss")],
                                                          left={"setting"})
-                   + "</div><div>" + _table(flat, [("measure", "flatness"), ("value", "value"), ("se", "SE / measured")],
+                   + "</div><div>" + _table(flat, [("measure", "flatness"), ("value", "value"),
+                                                   ("se", "SE / measured")],
                                             left={"measure"}) + "</div></div>")
         settings = ", ".join(f"{k}={v}" for k, v in rec.get("settings", {}).items())
         sec.append(f"<p class='note'>settings: {_esc(settings)}; run: {_esc(rec.get('run_dir'))}</p>")
+        stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in rec["id"])
+        model_png = f"model_{stem}" if "surface" in m else None  # the contour next to the slices
         if "density" in m:
-            sec.append(place(_density_figure(m["density"]["value"], name)))
+            sec.append(place(plot_density(m["density"]["value"], title="Spectral density", name=name)))
         if "surface" in m:
-            f3, fc = _surface_figures(m["surface"]["value"], name)
-            sec.append("<div class='grid2'>" + place(f3) + place(fc) + "</div>")
+            surf = m["surface"]["value"]
+            sec.append("<div class='grid2'>"
+                       + place(plot_surface_2d(surf, "surface", title="Loss surface (filter-normalized)", name=name))
+                       + place(plot_surface_2d(surf, "contour", title="Contour", name=name), stem=model_png)
+                       + "</div>")
         slices = {k.split(":", 1)[1]: v["value"] for k, v in m.items() if k.startswith("slice:")}
         if slices:
-            sec.append(place(_slice_figure(slices, name)))
-        bfig = report_mixed.bits_figure(rec, cfg) if mrows else None
+            sec.append(place(plot_quantization_slices(slices, name=name), stem=model_png))
+        bfig = plot_mixed_bits(rec, cfg) if mrows else None
         if bfig is not None:
-            sec.append(place(bfig))
+            sec.append(place(bfig, stem=f"mixed_bits_{stem}"))
         sec.append("</details>")
         parts.append("".join(sec))
 
-    written = (_static(path / "figures", rows, fits_by_key, bits, pfits, records, vars_, adjusted, mrows, cfg)
-               if static else [])
+    written = []
+    if static:
+        from .plot_static import save
+
+        for stem, figs in static_figs.items():
+            written += [f.name for f in save(figs, path / "figures" / stem)]
     if written:
         parts.append("<h2 id='files'>Files</h2><p class='note'>Static figures (PNG, PDF) in figures/: "
                      + ", ".join(_esc(w) for w in written[:12]) + (" ..." if len(written) > 12 else "")
@@ -932,12 +735,6 @@ def _atomic_text(path: Path, text: str) -> None:
     from dnq.io import atomic_write_text
 
     atomic_write_text(path, text)
-
-
-def _atomic_bytes(path: Path, data: bytes) -> None:
-    from dnq.io import atomic_write_bytes
-
-    atomic_write_bytes(path, data)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -51,6 +51,7 @@ from tqdm.auto import tqdm
 
 from .errors import NonFiniteError
 from .hessian import HessianOperator, measuring, nonfinite_policy
+from .operator import records_engines
 from .precision import full_precision
 from .results import Result
 from .trace import _probes, _quadratic_forms
@@ -105,6 +106,7 @@ class LayerSensitivityResult(Result):
     num_gradients: int
     seed: int
     time_s: float = 0.0
+    engines: dict = field(default_factory=dict)
     samples: dict = field(default_factory=dict)
     _exclude = ("samples",)
 
@@ -175,6 +177,7 @@ def _check_errors(op: HessianOperator, errors) -> tuple[list[str], list[int], di
     return list(errors), sorted(bits), out
 
 
+@records_engines
 @full_precision()
 def layer_sensitivity(op: HessianOperator, errors: dict, num_matvecs: int = 64, seed: int = 0, *,
                       method: str = "hutchinson", block_size: int = 16, progress: bool = False,

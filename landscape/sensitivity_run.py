@@ -204,8 +204,11 @@ def _measured(model, layers, order, data, bits, range_method, loss_fn, progress)
             lo, hi = observers[n].range(b, range_method)
             s, z, qmin, qmax = act_qparams(lo, hi, b)
             scale, zp = torch.tensor(s), torch.tensor(z)
-            h = layer.register_forward_pre_hook(
-                lambda m, a: (fake_quantize(a[0], scale.to(a[0]), zp.to(a[0]), qmin, qmax), *a[1:]))
+
+            def hook(m, a, scale=scale, zp=zp, qmin=qmin, qmax=qmax):
+                return (fake_quantize(a[0], scale.to(a[0]), zp.to(a[0]), qmin, qmax), *a[1:])
+
+            h = layer.register_forward_pre_hook(hook)
             try:
                 w_act[n][b] = mean_loss(model, data, loss_fn) - base
             finally:

@@ -5,11 +5,11 @@ tie flatness to PTQ accuracy.
 A study is a declarative configuration (:class:`StudyConfig`): the data, the architecture, a
 list of run specifications (method and noise strength ``lambda_max`` or SAM radius ``sam_rho``;
 a list of values sweeps them), seeds, the PTQ bit-widths, and the budgets of the instruments.
-Presets: ``digits`` (the default, under 3 minutes on a 2-core CPU), ``cifar10-subset`` (resnet20 on
-the CIFAR-10 subset in an ``.npz`` file: sgd, dnq, gaussian and sam, 2 seeds, PTQ rtn, rtn+bn and
-qdrop at 500 steps per block; about 75 minutes on a 2-core CPU) and ``cifar100`` (the DNQ paper's
-setting for a GPU: 120 epochs, W4A4 / W2A4 / W2A2, every PTQ method at the papers' 20,000 steps).
-Custom studies come from a JSON or TOML file with the same keys.
+Presets: ``digits`` (the default, sized for a 2-core CPU), ``cifar10-subset`` (resnet20 on the
+CIFAR-10 subset in an ``.npz`` file: sgd, dnq, gaussian and sam, 2 seeds, PTQ rtn, rtn+bn and qdrop
+at 500 steps per block) and ``cifar100`` (the DNQ paper's setting for a GPU: 120 epochs, W4A4 /
+W2A4 / W2A2, every PTQ method at the papers' 20,000 steps); their measured wall times are in
+BENCHMARKS.md. Custom studies come from a JSON or TOML file with the same keys.
 
 Layout of ``out/``::
 
@@ -17,10 +17,12 @@ Layout of ``out/``::
     runs/<run>-<hash>/         one `dnq train` run directory per model (config, checkpoints)
     models/<run>.json          one record per model: training result and every measurement
 
-Each measurement is stored with a key (a hash of what it depends on: the trained model and the
-instrument's settings) and written atomically as soon as it is done: rerunning the study skips
-finished trainings and finished measurements, and a killed study loses nothing it had finished
-(an interrupted training resumes from its last checkpoint).
+Each measurement is stored with a key (:class:`MeasurementKey`: a frozen dataclass per kind of
+measurement whose fields are every input the number depends on besides the trained model, hashed
+with the model's training key) and written atomically as soon as it is done: rerunning the study
+skips finished trainings and finished measurements, and a killed study loses nothing it had
+finished (an interrupted training resumes from its last checkpoint). Records written before the
+key classes (hand-written dict keys) never match them: their measurements are taken again.
 
 Measurements per model (``H`` is the Hessian of the training loss on ``hessian_samples``
 non-augmented training images, evaluated in eval mode):
@@ -42,6 +44,10 @@ non-augmented training images, evaluated in eval mode):
   and the measured increase ``L(Q(W)) - L(W)`` on the same images (weights only);
 * ``surface``: a 2-D filter-normalized surface; ``slice``: the loss along ``Q(W) - W`` (alpha =
   1 is the weight-quantized model) at each bit-width.
+* with ``instruments.replicates`` N >= 2: ``sampling``, the trace and the top eigenvalue again on N
+  disjoint subsets of ``hessian_samples`` training images (the first being the study's own), each
+  subset's value, estimator error and engines, and their spread (:meth:`Measure.sampling`; the
+  report's sampling-error section, :mod:`landscape.report_sampling`).
 * with ``mixed`` (:data:`DEFAULT_MIXED`): ``sensitivity:<range>``, every layer's ``predicted``,
   ``hawq`` and ``measured`` sensitivity at the candidate bits (:mod:`landscape.sensitivity_run`);
   ``mixed+<method>:W<b>A<a>``, the uniform line where the study's own PTQ results lack it; and
@@ -90,6 +96,8 @@ import torch.distributed as dist
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from dnq.recon import PTQ_METHODS, RECON_METHODS
+
 from . import directions as _dirs
 from .density import spectral_density
 from .eigen import top_eigenvalues
@@ -99,9 +107,8 @@ from .precision import full_precision
 from .sensitivity_run import mean_loss, training_batches
 from .surface import surface_1d, surface_2d
 from .trace import block_traces, hessian_trace, predicted_loss_increase
-from dnq.recon import PTQ_METHODS, RECON_METHODS
 
-STUDY_VERSION = 2
+STUDY_VERSION = 3  # 3: measurement keys are MeasurementKey classes (records of 2 are measured again)
 
 # The PTQ every model of a study gets (the same for every training method): recorded in study.json
 # and stated in the report's header. PTQ methods ("variants", or a plain list `ptq = [...]`):
@@ -242,7 +249,14 @@ def _check_setting(key: str, value, where: str) -> None:
 
 @dataclasses.dataclass
 class Instruments:
-    """Budgets of the measurements (every field is part of the measurement keys)."""
+    """Budgets of the measurements. Each field is a field of the key (:class:`MeasurementKey`) of
+    every measurement that reads it, and only of those.
+
+    ``replicates`` (default 1: none) > 1 adds the ``sampling`` measurement: the trace and the top
+    eigenvalue again on that many disjoint subsets of ``hessian_samples`` training images (the
+    first is the study's own curvature images), to show how much the curvature moves with the
+    images it is taken on (:func:`training_subsets`, :func:`spread`).
+    """
 
     hessian_samples: int = 512
     hessian_batch: int = 256
@@ -259,6 +273,7 @@ class Instruments:
     slice_steps: int = 21
     slice_span: tuple = (-0.5, 1.5)
     seed: int = 0
+    replicates: int = 1
 
 
 @dataclasses.dataclass
@@ -441,10 +456,12 @@ class StudyConfig:
             raise StudyError(f"instruments.trace_method must be 'hutchinson' or 'hutch++', got {i.trace_method!r}")
         minimum = {"trace_matvecs": 6 if i.trace_method == "hutch++" else 2, "block_matvecs": 2, "noise_matvecs": 2}
         for k in ("hessian_samples", "hessian_batch", "trace_matvecs", "eig_k", "density_runs", "density_steps",
-                  "block_matvecs", "noise_matvecs", "surface_steps", "slice_steps"):
+                  "block_matvecs", "noise_matvecs", "surface_steps", "slice_steps", "replicates"):
             low = minimum.get(k, 1)
             if not _is_int(getattr(i, k)) or getattr(i, k) < low:
-                why = f" ({i.trace_method})" if k == "trace_matvecs" else ""
+                why = {"trace_matvecs": f" ({i.trace_method})",
+                       "replicates": " (1: no sampling-error measurement; N >= 2: the trace and top eigenvalue "
+                                     "again on N disjoint subsets of hessian_samples images)"}.get(k, "")
                 raise StudyError(f"instruments.{k} must be an integer >= {low}{why}, got {getattr(i, k)!r}")
         if not _is_number(i.eig_tol) or not i.eig_tol > 0:
             raise StudyError(f"instruments.eig_tol must be a number > 0, got {i.eig_tol!r}")
@@ -469,8 +486,8 @@ class StudyConfig:
             v = m[key]
             if not isinstance(v, list) or not v or not all(_is_int(b) and MIN_BITS <= b <= MAX_BITS for b in v) \
                     or len(set(v)) != len(v):
-                raise StudyError(f"mixed.{key} must be a non-empty list of distinct integers in {MIN_BITS}..{MAX_BITS}, "
-                                 f"got {v!r}")
+                raise StudyError(f"mixed.{key} must be a non-empty list of distinct integers in "
+                                 f"{MIN_BITS}..{MAX_BITS}, got {v!r}")
         bit_list("bits")
         bit_list("uniform_bits")
         if m["kind"] not in BUDGET_KINDS:
@@ -564,6 +581,8 @@ PRESETS: dict[str, dict] = {
                  {"method": "sam", "sam_rho": [0.02, 0.1, 0.3]}],
         "seeds": [0, 1], "bits": ["W4A4", "W3A3", "W2A4"], "train_bits": "W3A3",
         "train": {"epochs": 12, "batch_size": 128, "lr": 0.1},
+        # 512 curvature images: the smallest size whose trace and top eigenvalue move at most 2.5% between disjoint
+        # image subsets, and the most the demo's time allows (BENCHMARKS.md, sampling error, issue 13)
         "instruments": {"hessian_samples": 512, "trace_matvecs": 48, "eig_k": 3, "density_runs": 2,
                         "density_steps": 32, "block_matvecs": 16, "noise_matvecs": 32, "surface_steps": 11,
                         "slice_steps": 21},
@@ -577,13 +596,13 @@ PRESETS: dict[str, dict] = {
                  {"method": "sam", "sam_rho": [0.05]}],
         "seeds": [0, 1], "bits": ["W4A4", "W3A3", "W2A4"], "train_bits": "W3A3",
         "train": {"epochs": 12, "batch_size": 128, "lr": 0.1},
-        # sized on a 2-core AMD EPYC CPU (BENCHMARKS.md): an epoch of resnet20 on the 9,000 training images took
-        # 11-13 s (sam 23 s), the instruments below about 100 s a model
-        "instruments": {"hessian_samples": 256, "trace_matvecs": 24, "eig_k": 2, "density_runs": 1,
+        # sized for a 2-core CPU: training, instrument and QDrop times per model in BENCHMARKS.md (cifar10-subset);
+        # 512 curvature images: at 256 the trace moved 3.6-4.7% between disjoint image subsets, at 512 2.7-3.5%
+        # (BENCHMARKS.md, sampling error, issue 13)
+        "instruments": {"hessian_samples": 512, "trace_matvecs": 24, "eig_k": 2, "density_runs": 1,
                         "density_steps": 16, "block_matvecs": 4, "noise_matvecs": 8, "surface_steps": 7,
                         "slice_steps": 11},
-        # QDrop at 500 steps per block (the papers: 20,000), 1,024 calibration images: 77-84 s per model and
-        # bit-width on the same CPU; the whole preset about 75 minutes
+        # QDrop at 500 steps per block (the papers: 20,000), 1,024 calibration images (time: BENCHMARKS.md)
         "ptq": {"variants": ["rtn", "rtn+bn", "qdrop"], "recon_iters": 500, "recon_calib_size": 1024},
         # mixed precision at 2.5 and 3 average weight bits (A4) under rtn+bn, every objective (BENCHMARKS.md: time)
         "mixed": {"budgets": [2.5, 3.0], "methods": ["rtn+bn"]},
@@ -742,6 +761,13 @@ class Study:
                                  "batch size in the study's runs or train settings (e.g. --set train.batch_size=64)")
             if tc.batch_size % self.world:
                 raise StudyError(f"{where}: batch_size {tc.batch_size} is not divisible by the {self.world} processes")
+            inst = self.cfg.instruments
+            if inst.replicates > 1 and inst.replicates * inst.hessian_samples > n:
+                raise StudyError(f"{where}: instruments.replicates {inst.replicates} disjoint subsets of "
+                                 f"instruments.hessian_samples {inst.hessian_samples} images need "
+                                 f"{inst.replicates * inst.hessian_samples} training images, but {tc.data} has {n}; "
+                                 f"lower replicates to at most {max(1, n // inst.hessian_samples)} or hessian_samples "
+                                 f"to at most {n // inst.replicates}")
             mkey = (tc.model, tc.data)
             if mkey not in models:
                 models[mkey] = self._check_model(tc.model, ds, where)
@@ -973,8 +999,290 @@ class Study:
             _write_json(path, {**meta, "splits": splits})
 
 
+# -- measurement keys -----------------------------------------------------------------------------
+def _frozen(v):
+    """``v`` with lists made tuples and dicts made sorted ``(key, value)`` tuples (hashable, and
+    JSON-stable through :func:`dataclasses.asdict`)."""
+    if isinstance(v, dict):
+        return tuple((k, _frozen(v[k])) for k in sorted(v))
+    if isinstance(v, (list, tuple)):
+        return tuple(_frozen(x) for x in v)
+    return v
+
+
+@dataclasses.dataclass(frozen=True)
+class MeasurementKey:
+    """What a measurement's number depends on besides the trained model (one subclass per kind).
+
+    The key stored with a measurement (:meth:`digest`) is the hash of the trained model's training
+    key, the measurement's name, the class name and :func:`dataclasses.asdict` of every field: an
+    input the measurement reads is a field of its key class, so nothing can be left out of the
+    hash by hand. A stored measurement is reused only when its key is the same.
+
+    Records written before these classes (``study.json`` version 2 and older: hand-written dicts
+    with one-letter fields, and a ``ptq`` key without the calibration seed) never match, so
+    rerunning a study on such a folder measures every model again (trainings are kept).
+    """
+
+    def digest(self, train_key: str, name: str) -> str:
+        """The stored key: a hash of ``train_key``, ``name``, the class name and every field."""
+        return _hash({"train": train_key, "name": name, "kind": type(self).__name__,
+                      "fields": dataclasses.asdict(self)})
+
+
+@dataclasses.dataclass(frozen=True)
+class AccuracyKey(MeasurementKey):
+    """``fp``: accuracy and loss of the float model on ``splits`` (the run's own validation and
+    test splits; the model's training key fixes the data and the split)."""
+
+    splits: tuple
+
+
+@dataclasses.dataclass(frozen=True)
+class RoundingPTQKey(MeasurementKey):
+    """``ptq:<bits>`` / ``ptq+bn:<bits>`` (and the mixed-precision PTQ with ``rtn`` / ``rtn+bn``):
+    :func:`dnq.quant.quantize` at ``bits`` with ``method``, ``calib_size`` calibration images drawn
+    with ``seed``, ``first_last_bits``, the weight ``range`` method and, for mixed precision, the
+    weight bits per layer (``bits_by_layer``, else None)."""
+
+    bits: str
+    method: str
+    seed: int
+    calib_size: int
+    first_last_bits: int | None
+    range: str
+    bits_by_layer: tuple | None
+
+
+@dataclasses.dataclass(frozen=True)
+class ReconPTQKey(MeasurementKey):
+    """``ptq+<method>:<bits>`` for a reconstruction method (:func:`dnq.recon.reconstruct`): the
+    steps per block (resolved for the device), calibration size and batch, initial ranges, the
+    seed of the calibration images and of the reconstruction, ``first_last_bits`` and the weight
+    bits per layer of mixed precision (else None)."""
+
+    bits: str
+    method: str
+    seed: int
+    calib_size: int
+    batch_size: int
+    iters: int
+    first_last_bits: int | None
+    range: str
+    bits_by_layer: tuple | None
+
+
+@dataclasses.dataclass(frozen=True)
+class CurvatureKey(MeasurementKey):
+    """The curvature images: ``samples`` training images chosen with ``seed`` (which also seeds
+    the instrument's probes or directions), in batches of ``batch``."""
+
+    samples: int
+    batch: int
+    seed: int
+
+
+@dataclasses.dataclass(frozen=True)
+class TraceKey(CurvatureKey):
+    """``trace``: :func:`landscape.hessian_trace` with ``method`` and ``matvecs``."""
+
+    method: str
+    matvecs: int
+
+
+@dataclasses.dataclass(frozen=True)
+class EigenKey(CurvatureKey):
+    """``eigen``: the top ``k`` eigenvalues to tolerance ``tol``."""
+
+    k: int
+    tol: float
+
+
+@dataclasses.dataclass(frozen=True)
+class DensityKey(CurvatureKey):
+    """``density``: SLQ with ``runs`` runs of ``steps`` Lanczos steps."""
+
+    runs: int
+    steps: int
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockTraceKey(CurvatureKey):
+    """``blocks``: per-layer traces with ``matvecs`` probes."""
+
+    matvecs: int
+
+
+@dataclasses.dataclass(frozen=True)
+class NoiseKey(CurvatureKey):
+    """``noise:<bits>``: ``Tr(H Sigma)`` and the predicted and measured loss increase of the
+    weight quantization at ``bits`` (``first_last_bits`` for the first and last layer), with
+    ``matvecs`` probes."""
+
+    bits: str
+    first_last_bits: int | None
+    matvecs: int
+
+
+@dataclasses.dataclass(frozen=True)
+class SurfaceKey(CurvatureKey):
+    """``surface``: the 2-D surface on ``steps`` x ``steps`` points over ``[-span, span]``."""
+
+    steps: int
+    span: float
+
+
+@dataclasses.dataclass(frozen=True)
+class SliceKey(CurvatureKey):
+    """``slice:<bits>``: the loss along ``Q(W) - W`` at ``bits`` (``first_last_bits`` for the
+    first and last layer) on ``steps`` points over ``span``."""
+
+    bits: str
+    first_last_bits: int | None
+    steps: int
+    span: tuple
+
+
+@dataclasses.dataclass(frozen=True)
+class SensitivityKey(CurvatureKey):
+    """``sensitivity:<range>``: every layer's sensitivity at the candidate ``bits`` with
+    ``matvecs`` probes and the weight ``range`` method."""
+
+    bits: tuple
+    matvecs: int
+    range: str
+
+
+@dataclasses.dataclass(frozen=True)
+class MixedKey(MeasurementKey):
+    """``mixed+<method>:<kind>=<budget>:<objective>``: the PTQ of the allocation (``ptq``, whose
+    ``bits_by_layer`` is the allocation), and what chose it: the sensitivity measurement's key,
+    the budget, its kind, the objective and the tied layer groups."""
+
+    ptq: RoundingPTQKey | ReconPTQKey
+    sensitivity: str
+    budget: float
+    kind: str
+    objective: str
+    tied: tuple
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingKey(CurvatureKey):
+    """``sampling``: the trace (``trace_method``, ``trace_matvecs``) and the top eigenvalue (the
+    study's ``eig_k`` and ``eig_tol``) on ``replicates`` disjoint subsets of ``samples`` images."""
+
+    replicates: int
+    trace_method: str
+    trace_matvecs: int
+    eig_k: int
+    eig_tol: float
+
+
+def ptq_key(cfg: "StudyConfig", bits: str, method: str, device, bits_by_layer: dict | None = None
+            ) -> RoundingPTQKey | ReconPTQKey:
+    """The key of the study's PTQ at ``bits`` with ``method`` on ``device`` (``recon_iters``
+    resolved for it), optionally with mixed-precision ``bits_by_layer``."""
+    from dnq.recon import default_iters
+
+    p, seed = cfg.ptq, cfg.instruments.seed
+    per_layer = None if bits_by_layer is None else _frozen(bits_by_layer)
+    if method in RECON_METHODS:
+        iters = default_iters(device) if p["recon_iters"] is None else p["recon_iters"]
+        return ReconPTQKey(bits=bits, method=method, seed=seed, calib_size=p["recon_calib_size"],
+                           batch_size=p["recon_batch_size"], iters=iters, first_last_bits=p["first_last_bits"],
+                           range=p["recon_range"], bits_by_layer=per_layer)
+    return RoundingPTQKey(bits=bits, method=method, seed=seed, calib_size=p["calib_size"],
+                          first_last_bits=p["first_last_bits"], range=p["range"], bits_by_layer=per_layer)
+
+
+def measurement_keys(cfg: "StudyConfig", device="cpu") -> dict[str, MeasurementKey]:
+    """The key of every measurement of a model of ``cfg`` except the mixed-precision ones (whose
+    keys depend on the sensitivity measured), by measurement name, in the order they are taken."""
+    i, flb = cfg.instruments, cfg.ptq["first_last_bits"]
+    keys: dict[str, MeasurementKey] = {"fp": AccuracyKey(splits=("val", "test"))}
+    for method in cfg.ptq["variants"]:
+        for bits in cfg.bits:
+            keys[ptq_measurement(bits, method)] = ptq_key(cfg, bits, method, device)
+    hd = {"samples": i.hessian_samples, "batch": i.hessian_batch, "seed": i.seed}
+    keys["trace"] = TraceKey(**hd, method=i.trace_method, matvecs=i.trace_matvecs)
+    keys["eigen"] = EigenKey(**hd, k=i.eig_k, tol=i.eig_tol)
+    if i.replicates > 1:
+        keys["sampling"] = SamplingKey(**hd, replicates=i.replicates, trace_method=i.trace_method,
+                                       trace_matvecs=i.trace_matvecs, eig_k=i.eig_k, eig_tol=i.eig_tol)
+    keys["density"] = DensityKey(**hd, runs=i.density_runs, steps=i.density_steps)
+    keys["blocks"] = BlockTraceKey(**hd, matvecs=i.block_matvecs)
+    for bits in cfg.bits:
+        keys[f"noise:{bits}"] = NoiseKey(**hd, bits=bits, first_last_bits=flb, matvecs=i.noise_matvecs)
+    keys["surface"] = SurfaceKey(**hd, steps=i.surface_steps, span=i.surface_span)
+    for bits in cfg.bits:
+        keys[f"slice:{bits}"] = SliceKey(**hd, bits=bits, first_last_bits=flb, steps=i.slice_steps,
+                                         span=tuple(i.slice_span))
+    return keys
+
+
+# -- sampling error of the curvature ----------------------------------------------------------------
+def training_subsets(ds, samples: int, replicates: int, seed: int, batch: int
+                     ) -> list[tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]]:
+    """``replicates`` disjoint sets of ``samples`` normalized, non-augmented training images
+    (validation excluded), each as ``(indices into ds.x_train, batches)``.
+
+    They are consecutive slices of the seeded permutation of
+    :func:`landscape.sensitivity_run.training_batches`, so subset 0 holds exactly the study's
+    curvature images (same seed, same batches).
+
+    Raises:
+        ValueError: ``samples * replicates`` is more than the training images (the message says
+            how many there are).
+    """
+    n_train = len(ds.x_train)
+    if not (_is_int(samples) and samples >= 1 and _is_int(replicates) and replicates >= 1):
+        raise ValueError(f"samples and replicates must be integers >= 1, got {samples!r} and {replicates!r}")
+    if samples * replicates > n_train:
+        raise ValueError(f"{replicates} disjoint subsets of {samples} images need {samples * replicates} training "
+                         f"images, but {ds.name} has {n_train}; lower the number of subsets or the images per subset "
+                         f"(at most {n_train // samples} subsets of {samples})")
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(n_train, generator=g)
+    out = []
+    for r in range(replicates):
+        idx = perm[r * samples:(r + 1) * samples]
+        dev_idx = idx.to(ds.x_train.device)
+        x, y = ds.normalize(ds.x_train[dev_idx]), ds.y_train[dev_idx]
+        out.append((idx, [(x[j:j + batch], y[j:j + batch]) for j in range(0, samples, batch)]))
+    return out
+
+
+def spread(values: list[float], errors: list[float | None]) -> dict:
+    """The between-subset spread of ``values`` (one per subset) next to the estimator's own error.
+
+    Returns:
+        ``n``, ``mean``, ``std`` (sample standard deviation over subsets, None for one),
+        ``relative_spread`` (``std / |mean|``), ``min_max_ratio`` (``min / max``; None unless every
+        value is positive), ``mean_estimator_error`` (mean of ``errors``, None without any) and
+        ``spread_to_error`` (``std / mean_estimator_error``: about 1 when the subsets differ no
+        more than the estimator's noise, well above 1 when the images matter).
+    """
+    import statistics
+
+    vals = [float(v) for v in values]
+    errs = [float(e) for e in errors if e is not None and math.isfinite(e)]
+    mean = statistics.fmean(vals) if vals else None
+    std = statistics.stdev(vals) if len(vals) > 1 else None
+    err = statistics.fmean(errs) if errs else None
+    return {"n": len(vals), "mean": mean, "std": std,
+            "relative_spread": None if std is None or not mean else std / abs(mean),
+            "min_max_ratio": min(vals) / max(vals) if vals and min(vals) > 0 else None,
+            "mean_estimator_error": err,
+            "spread_to_error": None if std is None or not err else std / err}
+
+
 class Measure:
-    """The measurements of one trained model (each skipped when its key is already recorded)."""
+    """The measurements of one trained model (each skipped when its key is already recorded).
+
+    Every measurement method takes its key (:class:`MeasurementKey`) and reads its settings from
+    it, so what a stored number depends on and what its key holds are the same thing.
+    """
 
     def __init__(self, study: Study, rec: dict, model: nn.Module, meta: dict):
         from dnq.data import load_dataset
@@ -988,21 +1296,33 @@ class Measure:
                                                 val_seed=key[2]).to(study.device)
         self.ds = study._datasets[key]
         self._order = None
-        rank, world = study.rank, study.world
         self.hdata = training_batches(self.ds, self.inst.hessian_samples, self.inst.seed, self.inst.hessian_batch)
-        self.my_hdata = self.hdata[rank::world] if world > 1 else self.hdata  # products sharded across ranks
         self.loss_fn = nn.functional.cross_entropy
         self._op = None
 
+    def _shard(self, batches: list) -> list:
+        """This rank's share of ``batches`` (products are sharded across ranks)."""
+        rank, world = self.s.rank, self.s.world
+        return batches[rank::world] if world > 1 else batches
+
     def op(self) -> HessianOperator:
         if self._op is None:
-            self._op = HessianOperator(self.model, self.loss_fn, self.my_hdata)
+            self._op = HessianOperator(self.model, self.loss_fn, self._shard(self.hdata))
         return self._op
 
-    def _do(self, name: str, deps: dict, fn) -> None:
-        key = _hash({"train": self.rec["train_key"], "name": name, **deps})
+    def _do(self, name: str, key: MeasurementKey, fn) -> None:
+        """Take measurement ``name`` as ``fn()`` unless it is recorded with the same ``key``.
+
+        Raises:
+            TypeError: ``key`` is not a :class:`MeasurementKey` (a hand-written dict can forget an
+                input; write a key class instead).
+        """
+        if not isinstance(key, MeasurementKey):
+            raise TypeError(f"measurement {name!r}: its key must be a MeasurementKey (a frozen dataclass of every "
+                            f"input of the measurement), got {type(key).__name__}; add a key class for it")
+        digest = key.digest(self.rec["train_key"], name)
         have = self.rec["measurements"].get(name)
-        if have is not None and have.get("key") == key:
+        if have is not None and have.get("key") == digest:
             return
         t0 = time.perf_counter()
         try:
@@ -1013,150 +1333,189 @@ class Measure:
             raise StudyError(f"model {rid}, measurement {name!r}: {_first_line(e)}. The measurements finished so far "
                              f"are kept in models/{rid}.json; train that model again (delete "
                              f"{self.rec.get('run_dir', 'its run folder')}) or remove its run from the study") from None
-        self.rec["measurements"][name] = {"key": key, "value": value, "time_s": time.perf_counter() - t0,
+        self.rec["measurements"][name] = {"key": digest, "value": value, "time_s": time.perf_counter() - t0,
                                           "at": time.strftime("%Y-%m-%dT%H:%M:%S")}
         self.s._save(self.rec)
 
     def all(self) -> None:
-        i = self.inst
-        self._do("fp", {"splits": ["val", "test"]}, self.fp)
-        pdeps = {k: self.ptq_cfg[k] for k in ("first_last_bits", "calib_size")}
-        rdeps = {"first_last_bits": self.ptq_cfg["first_last_bits"], **self.recon_settings()}
-        for variant in self.ptq_cfg["variants"]:
-            deps = rdeps if variant in RECON_METHODS else pdeps
-            for bits in self.s.cfg.bits:
-                self._do(ptq_measurement(bits, variant), {"bits": bits, "variant": variant, **deps},
-                         lambda bits=bits, variant=variant: self.ptq(bits, variant))
-        hd = {"samples": i.hessian_samples, "batch": i.hessian_batch, "seed": i.seed}
-        self._do("trace", {**hd, "m": i.trace_method, "mv": i.trace_matvecs},
-                 lambda: hessian_trace(self.op(), i.trace_matvecs, i.trace_method, seed=i.seed).to_dict())
-        self._do("eigen", {**hd, "k": i.eig_k, "tol": i.eig_tol}, self.eigen)
-        self._do("density", {**hd, "r": i.density_runs, "s": i.density_steps},
-                 lambda: spectral_density(self.op(), i.density_runs, i.density_steps, seed=i.seed).to_dict())
-        self._do("blocks", {**hd, "mv": i.block_matvecs},
-                 lambda: block_traces(self.op(), i.block_matvecs, seed=i.seed).to_dict())
-        for bits in self.s.cfg.bits:
-            self._do(f"noise:{bits}", {**hd, "bits": bits, "mv": i.noise_matvecs}, lambda bits=bits: self.noise(bits))
-        self._do("surface", {**hd, "steps": i.surface_steps, "span": i.surface_span}, self.surface)
-        for bits in self.s.cfg.bits:
-            self._do(f"slice:{bits}", {**hd, "bits": bits, "steps": i.slice_steps, "span": list(i.slice_span)},
-                     lambda bits=bits: self.slice(bits))
+        how = {AccuracyKey: self.fp, RoundingPTQKey: self.ptq, ReconPTQKey: self.ptq, TraceKey: self.trace,
+               EigenKey: self.eigen, SamplingKey: self.sampling, DensityKey: self.density,
+               BlockTraceKey: self.blocks, NoiseKey: self.noise, SurfaceKey: self.surface, SliceKey: self.slice}
+        for name, key in measurement_keys(self.s.cfg, self.s.device).items():
+            fn = how[type(key)]
+            self._do(name, key, lambda fn=fn, key=key: fn(key))
         if self.s.cfg.mixed is not None:
-            self.mixed_all(hd, pdeps, rdeps)
+            self.mixed_all()
 
-    def mixed_all(self, hd: dict, pdeps: dict, rdeps: dict) -> None:
+    def mixed_all(self) -> None:
         """The sensitivity of each range method the mixed PTQ methods need, the uniform line, and
         every (method, budget, objective) allocation with its accuracy."""
         from dnq.mixed import plan, shared_input_groups
 
-        m, cfg = self.s.cfg.mixed, self.s.cfg
+        m, cfg, i = self.s.cfg.mixed, self.s.cfg, self.inst
         tied = shared_input_groups(self.model, self.hdata[0][0][:2]) if m["tie_shared_inputs"] else None
         for method in m["methods"]:
             rng = sensitivity_range(cfg.ptq, method)
             sname = f"sensitivity:{rng}"
-            self._do(sname, {**hd, "bits": m["bits"], "mv": m["matvecs"], "range": rng},
-                     lambda rng=rng: self.sensitivity(rng))
+            skey = SensitivityKey(samples=i.hessian_samples, batch=i.hessian_batch, seed=i.seed,
+                                  bits=tuple(m["bits"]), matvecs=m["matvecs"], range=rng)
+            self._do(sname, skey, lambda skey=skey: self.sensitivity(skey))
             sens = self.rec["measurements"][sname]
-            deps = {**(rdeps if method in RECON_METHODS else pdeps), "variant": method}
             for b in m["uniform_bits"]:
                 bits = f"W{b}A{m['abits']}"
                 name = uniform_measurement(cfg.bits, cfg.ptq["variants"], method, bits)
                 if name.startswith("mixed+"):
-                    self._do(name, {"bits": bits, **deps}, lambda bits=bits, method=method: self.ptq(bits, method))
+                    pkey = ptq_key(cfg, bits, method, self.s.device)
+                    self._do(name, pkey, lambda pkey=pkey: self.ptq(pkey))
             for budget in m["budgets"]:
                 for obj in m["objectives"]:
-                    alloc = plan(sens["value"], obj, budget, kind=m["kind"], first_last_bits=self.ptq_cfg["first_last_bits"],
-                                 abits=m["abits"], tied=tied)
-                    self._do(mixed_measurement(method, budget, obj, m["kind"]),
-                             {**deps, "sensitivity": sens["key"], "abits": m["abits"], "bits": alloc.bits,
-                              "tied": tied or []},
-                             lambda method=method, alloc=alloc, obj=obj: self.mixed(method, alloc, obj))
+                    alloc = plan(sens["value"], obj, budget, kind=m["kind"],
+                                 first_last_bits=self.ptq_cfg["first_last_bits"], abits=m["abits"], tied=tied)
+                    key = MixedKey(ptq=ptq_key(cfg, f"W{max(m['bits'])}A{m['abits']}", method, self.s.device,
+                                               bits_by_layer=alloc.bits),
+                                   sensitivity=sens["key"], budget=float(budget), kind=m["kind"], objective=obj,
+                                   tied=_frozen(tied or []))
+                    self._do(mixed_measurement(method, budget, obj, m["kind"]), key,
+                             lambda key=key, alloc=alloc: self.mixed(key, alloc))
 
-    def sensitivity(self, range_method: str) -> dict:
+    def sensitivity(self, key: SensitivityKey) -> dict:
         from .sensitivity_run import measure_sensitivity
 
-        m = self.s.cfg.mixed
-        return measure_sensitivity(self.model, self.hdata, m["bits"], range_method=range_method,
-                                   num_matvecs=m["matvecs"], seed=self.inst.seed, progress=self.s.progress)
+        return measure_sensitivity(self.model, self.hdata, list(key.bits), range_method=key.range,
+                                   num_matvecs=key.matvecs, seed=key.seed, progress=self.s.progress)
 
-    def mixed(self, method: str, alloc, objective: str) -> dict:
-        m = self.s.cfg.mixed
-        out = self.ptq(f"W{max(m['bits'])}A{m['abits']}", method, bits_by_layer=alloc.bits)
-        return {**out, "objective": objective, "allocation": alloc.to_dict()}
+    def mixed(self, key: MixedKey, alloc) -> dict:
+        out = self.ptq(key.ptq)
+        return {**out, "objective": key.objective, "allocation": alloc.to_dict()}
 
     # -- the measurements -------------------------------------------------------------------
-    def _accuracy(self, model: nn.Module) -> dict:
+    def _accuracy(self, model: nn.Module, splits=("val", "test")) -> dict:
         """Accuracy and loss on the validation split (None without one) and on the test split."""
         from dnq.data import BatchLoader
         from dnq.train import evaluate
 
         out = {}
-        for split in ("val", "test"):
+        for split in splits:
             if split == "val" and not self.ds.val_size:
                 out["val_loss"] = out["val_acc"] = None
                 continue
             out[f"{split}_loss"], out[f"{split}_acc"] = evaluate(model, BatchLoader(self.ds, 1024, False, split=split))
         return out
 
-    def fp(self) -> dict:
-        return self._accuracy(self.model)
+    def fp(self, key: AccuracyKey) -> dict:
+        return self._accuracy(self.model, key.splits)
 
-    def recon_settings(self) -> dict:
-        """The reconstruction settings with ``recon_iters`` resolved for this device (part of the keys)."""
-        from dnq.recon import default_iters
-
-        c = self.ptq_cfg
-        iters = default_iters(self.s.device) if c["recon_iters"] is None else c["recon_iters"]
-        return {"recon_iters": iters, "recon_calib_size": c["recon_calib_size"],
-                "recon_batch_size": c["recon_batch_size"], "recon_range": c["recon_range"]}
-
-    def ptq(self, bits: str, variant: str = "rtn", bits_by_layer: dict | None = None) -> dict:
-        """The study's PTQ (:data:`DEFAULT_PTQ`) at ``bits`` with one method: ``rtn``, ``rtn+bn``
-        (BatchNorm statistics re-estimated on the calibration images through the quantized model)
-        or a reconstruction method (:func:`dnq.recon.reconstruct`, seeded with the instruments' seed)."""
+    def ptq(self, key: RoundingPTQKey | ReconPTQKey) -> dict:
+        """The study's PTQ (:data:`DEFAULT_PTQ`) at ``key.bits`` with one method: ``rtn``,
+        ``rtn+bn`` (BatchNorm statistics re-estimated on the calibration images through the
+        quantized model) or a reconstruction method (:func:`dnq.recon.reconstruct`, seeded with the
+        instruments' seed); ``key.bits_by_layer``: mixed-precision weight bits."""
         from dnq.quant import parse_bits, quantize
         from dnq.recon import reconstruct
 
-        (w, a), = parse_bits(bits)
-        if variant in RECON_METHODS:
-            r = self.recon_settings()
-            calib = self.ds.calibration_inputs(r["recon_calib_size"], self.inst.seed)
-            q = reconstruct(self.model, w, a, calib, variant, iters=r["recon_iters"],
-                            batch_size=r["recon_batch_size"], first_last_bits=self.ptq_cfg["first_last_bits"],
-                            range_method=r["recon_range"], seed=self.inst.seed, progress=self.s.progress,
-                            bits_by_layer=bits_by_layer)
+        (w, a), = parse_bits(key.bits)
+        per_layer = None if key.bits_by_layer is None else dict(key.bits_by_layer)
+        calib = self.ds.calibration_inputs(key.calib_size, key.seed)
+        if isinstance(key, ReconPTQKey):
+            q = reconstruct(self.model, w, a, calib, key.method, iters=key.iters, batch_size=key.batch_size,
+                            first_last_bits=key.first_last_bits, range_method=key.range, seed=key.seed,
+                            progress=self.s.progress, bits_by_layer=per_layer)
             units = [{k: u[k] for k in ("unit", "stage", "loss_before", "loss_after", "time_s")}
                      for u in q.ptq_recon["units"]]
-            return {**self._accuracy(q), "variant": variant, "calib_size": len(calib), "recon_iters": r["recon_iters"],
+            return {**self._accuracy(q), "variant": key.method, "calib_size": len(calib), "recon_iters": key.iters,
                     "recon_time_s": q.ptq_recon["time_s"], "recon_units": units}
-        calib = self.ds.calibration_inputs(self.ptq_cfg["calib_size"], self.inst.seed)
-        q = quantize(self.model, w, a, calib, first_last_bits=self.ptq_cfg["first_last_bits"],
-                     bn_reestimate=variant == "rtn+bn", bits_by_layer=bits_by_layer)
-        return {**self._accuracy(q), "variant": variant}
+        q = quantize(self.model, w, a, calib, range_method=key.range, first_last_bits=key.first_last_bits,
+                     bn_reestimate=key.method == "rtn+bn", bits_by_layer=per_layer)
+        return {**self._accuracy(q), "variant": key.method}
 
-    def eigen(self) -> dict:
-        res = top_eigenvalues(self.op(), k=self.inst.eig_k, tol=self.inst.eig_tol, seed=self.inst.seed)
+    def trace(self, key: TraceKey) -> dict:
+        return hessian_trace(self.op(), key.matvecs, key.method, seed=key.seed).to_dict()
+
+    def eigen(self, key: EigenKey) -> dict:
+        res = top_eigenvalues(self.op(), k=key.k, tol=key.tol, seed=key.seed)
         d = res.to_dict()
         d.pop("eigenvectors", None)
         return d
 
-    def _weight_bits(self, bits: str) -> dict[str, int]:
+    def density(self, key: DensityKey) -> dict:
+        return spectral_density(self.op(), key.runs, key.steps, seed=key.seed).to_dict()
+
+    def blocks(self, key: BlockTraceKey) -> dict:
+        return block_traces(self.op(), key.matvecs, seed=key.seed).to_dict()
+
+    def sampling(self, key: SamplingKey) -> dict:
+        """The trace and the top eigenvalue on ``key.replicates`` disjoint subsets of
+        ``key.samples`` training images (:func:`training_subsets`; subset 0 is the study's own
+        curvature images, whose ``trace`` and ``eigen`` measurements are reused when recorded with
+        the same settings). Subset ``r`` uses probe and start-vector seed ``key.seed + r``, so the
+        between-subset spread holds both the images' and the estimator's variation, and is
+        compared with the estimator's own error (:func:`spread`): the trace's standard error, and
+        the Lanczos residual norm of the top eigenpair (a bound on the distance of the reported
+        value to an eigenvalue of that subset's Hessian).
+
+        Returns:
+            ``replicates``: per subset its ``images`` (count), ``trace`` (``value``,
+            ``std_error``, ``num_matvecs``, ``seed``, ``engines``: the operator's engines as
+            ``{name: products}``), ``top_eigenvalue`` (``value``, ``residual_norm``,
+            ``converged``, ``num_matvecs``, ``seed``, ``engines``) and ``reused`` (the
+            measurements taken from the study's own); then ``trace`` and ``top_eigenvalue``:
+            their :func:`spread`.
+        """
+        train_key = self.rec["train_key"]
+        m = self.rec["measurements"]
+        trace_key = TraceKey(samples=key.samples, batch=key.batch, seed=key.seed, method=key.trace_method,
+                             matvecs=key.trace_matvecs)
+        eigen_key = EigenKey(samples=key.samples, batch=key.batch, seed=key.seed, k=key.eig_k, tol=key.eig_tol)
+        subsets = training_subsets(self.ds, key.samples, key.replicates, key.seed, key.batch)
+        reps = []
+        for r, (idx, batches) in enumerate(subsets):
+            seed = key.seed + r
+            rep = {"replicate": r, "images": len(idx), "reused": []}
+            have_t = m.get("trace") if r == 0 else None
+            have_e = m.get("eigen") if r == 0 else None
+            op = None
+            if have_t is not None and have_t.get("key") == trace_key.digest(train_key, "trace"):
+                t, engines = have_t["value"], have_t["value"].get("engines", {})
+                rep["reused"].append("trace")
+            else:
+                op = HessianOperator(self.model, self.loss_fn, self._shard(batches))
+                res = hessian_trace(op, key.trace_matvecs, key.trace_method, seed=seed)
+                t, engines = res.to_dict(), getattr(res, "engines", {})
+            rep["trace"] = {"value": t["value"], "std_error": t["std_error"], "num_matvecs": t["num_matvecs"],
+                            "seed": t["seed"], "engines": dict(engines or {})}
+            if have_e is not None and have_e.get("key") == eigen_key.digest(train_key, "eigen"):
+                e, engines = have_e["value"], have_e["value"].get("engines", {})
+                rep["reused"].append("eigen")
+            else:
+                op = op or HessianOperator(self.model, self.loss_fn, self._shard(batches))
+                res = top_eigenvalues(op, k=key.eig_k, tol=key.eig_tol, seed=seed)
+                e, engines = res.to_dict(), getattr(res, "engines", {})
+            rep["top_eigenvalue"] = {"value": e["eigenvalues"][0], "residual_norm": e["residual_norms"][0],
+                                     "converged": e["converged"], "num_matvecs": e["num_matvecs"], "seed": e["seed"],
+                                     "engines": dict(engines or {})}
+            reps.append(rep)
+        return {"replicates": reps,
+                "trace": spread([p["trace"]["value"] for p in reps], [p["trace"]["std_error"] for p in reps]),
+                "top_eigenvalue": spread([p["top_eigenvalue"]["value"] for p in reps],
+                                         [p["top_eigenvalue"]["residual_norm"] for p in reps])}
+
+    def _weight_bits(self, bits: str, first_last_bits: int | None) -> dict[str, int]:
         """Weight bits per Conv/Linear layer as PTQ gives them (first/last in execution order at
-        the study's ``first_last_bits``: :func:`dnq.quant.layer_bits`)."""
+        ``first_last_bits``: :func:`dnq.quant.layer_bits`)."""
         from dnq.quant import execution_order, layer_bits, parse_bits
 
         (w, a), = parse_bits(bits)
         if self._order is None:
             self._order = execution_order(self.model, self.hdata[0][0])
-        return {n: wb for n, (wb, _) in layer_bits(self._order, w, a, self.ptq_cfg["first_last_bits"]).items()}
+        return {n: wb for n, (wb, _) in layer_bits(self._order, w, a, first_last_bits).items()}
 
-    def _weight_quantized(self, bits: str) -> nn.Module:
+    def _weight_quantized(self, bits: str, first_last_bits: int | None) -> nn.Module:
         """A copy with every Conv/Linear weight replaced by Q(W) (no BatchNorm folding): the
         quantizer of :func:`dnq.quant.weight_error` (symmetric per-channel min-max), at the bits
         PTQ gives each layer."""
         from dnq.quant import quantize_weight
 
-        wbits = self._weight_bits(bits)
+        wbits = self._weight_bits(bits, first_last_bits)
         q = copy.deepcopy(self.model).eval()
         mods = dict(q.named_modules())
         with torch.no_grad():
@@ -1168,11 +1527,11 @@ class Measure:
     def _loss(self, model: nn.Module) -> float:
         return mean_loss(model, self.hdata, self.loss_fn)
 
-    def noise(self, bits: str) -> dict:
+    def noise(self, key: NoiseKey) -> dict:
         from dnq.quant import parse_bits, quant_layers
 
-        (w, _), = parse_bits(bits)
-        q = self._weight_quantized(bits)
+        (w, _), = parse_bits(key.bits)
+        q = self._weight_quantized(key.bits, key.first_last_bits)
         layers = [n for n, _ in quant_layers(self.model)]
         qp, mp = dict(q.named_parameters()), dict(self.model.named_parameters())
         var, mean = {}, {}
@@ -1182,7 +1541,7 @@ class Measure:
             var[k] = err.var(dim=1, unbiased=False)
             mean[k] = err.mean(dim=1)
         op = self.op()
-        pred = predicted_loss_increase(op, var, mean=mean, num_matvecs=self.inst.noise_matvecs, seed=self.inst.seed)
+        pred = predicted_loss_increase(op, var, mean=mean, num_matvecs=key.matvecs, seed=key.seed)
         was = self.model.training
         self.model.eval()
         try:
@@ -1194,28 +1553,17 @@ class Measure:
                     "measured": quant - base, "loss_fp": base, "loss_weight_quantized": quant, "wbits": w})
         return out
 
-    def surface(self) -> dict:
-        i = self.inst
-        dirs = _dirs.random_directions(self.model, 2, "filter", seed=i.seed)
-        s = surface_2d(self.model, self.loss_fn, self.hdata, dirs, span=(-i.surface_span, i.surface_span),
-                       steps=i.surface_steps)
+    def surface(self, key: SurfaceKey) -> dict:
+        dirs = _dirs.random_directions(self.model, 2, "filter", seed=key.seed)
+        s = surface_2d(self.model, self.loss_fn, self.hdata, dirs, span=(-key.span, key.span), steps=key.steps)
         return s.to_dict()
 
-    def slice(self, bits: str) -> dict:
-        i = self.inst
-        d = _dirs.quantization_direction(self.model, self._weight_quantized(bits))
-        s = surface_1d(self.model, self.loss_fn, self.hdata, d, span=tuple(i.slice_span), steps=i.slice_steps)
+    def slice(self, key: SliceKey) -> dict:
+        d = _dirs.quantization_direction(self.model, self._weight_quantized(key.bits, key.first_last_bits))
+        s = surface_1d(self.model, self.loss_fn, self.hdata, d, span=tuple(key.span), steps=key.steps)
         out = s.to_dict()
         out["ptq_alpha"] = 1.0
         return out
-
-
-def run_study(config: StudyConfig | str = "digits", out: str | os.PathLike = "reports/digits", *,
-              device: str = "auto", progress: bool = True) -> list[dict]:
-    """Run (or resume) a study; ``config`` is a :class:`StudyConfig` or a preset name."""
-    if isinstance(config, str):
-        config = load_config(config)
-    return Study(config, out, device=device, progress=progress).run()
 
 
 def load_records(path: str | os.PathLike, include_other: bool = False) -> list[dict]:
@@ -1264,7 +1612,7 @@ def summary_rows(records: list[dict], bits: list[str] | None = None) -> list[dic
         m = rec.get("measurements", {})
 
         def val(name, *path):
-            v = m.get(name, {}).get("value")
+            v = m.get(name, {}).get("value")  # noqa: B023 - val is only called within this iteration
             for p in path:
                 if v is None:
                     return None

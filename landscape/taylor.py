@@ -112,7 +112,8 @@ class TaylorQuadratic:
         model: the network (traced with :mod:`torch.fx` on construction; run in its current mode,
             so put it in eval mode first).
         loss_fn: ``F.cross_entropy``, ``F.mse_loss``, or an ``nn.CrossEntropyLoss`` /
-            ``nn.MSELoss`` with mean reduction.
+            ``nn.MSELoss`` (mean or sum reduction: the forms are always those of the batch's
+            *mean* loss; :class:`landscape.HessianOperator` weights them by the reduction).
         names: the differentiated parameters (others are constants).
         free: drop each value (an activation and its ``k`` tangents) right after its last use in
             the graph, as an eager backward frees saved tensors: memory is held for the values
@@ -160,6 +161,8 @@ class TaylorQuadratic:
     # -- the interpreter ----------------------------------------------------------------------
     @full_precision()
     def __call__(self, x, y, V: dict) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor):
+            raise UnsupportedError(f"Taylor mode takes one tensor input, got {type(x).__name__}")
         with torch.no_grad(), quiet_forward_ad():
             return self._run(x, y, V)
 
@@ -193,7 +196,8 @@ class TaylorQuadratic:
                     live.remove(env.pop(name))
         self.peak_bytes = peak  # the largest activation of this batch: a tangent is k times that
         self.peak_live_bytes = live.peak
-        del env, live
+        env.clear()  # free the values now (not `del env`: the closure `load` still refers to it)
+        del live
         if not (isinstance(out, tuple) and len(out) == 3 and isinstance(out[0], torch.Tensor)):
             raise UnsupportedError("the model must return one tensor")
         z0, z1, z2 = out
@@ -558,8 +562,9 @@ def _acc(a, b):
 
 class _Conv2dFolded:
     """The three kinds of batched products of a 2-D convolution (``groups=1``), with the probes
-    folded into the batch or the channels by hand and every tensor in channels-last layout:
-    measured 4-5x faster than the contiguous layout that ``vmap`` produces, on the CPU."""
+    folded into the batch or the channels by hand and every tensor in channels-last layout, which
+    is faster on the CPU than the contiguous layout ``vmap`` produces (BENCHMARKS.md, "behind the
+    defaults")."""
 
     def __init__(self, mod: nn.Conv2d):
         self.args = (mod.stride, mod.padding, mod.dilation)
@@ -722,13 +727,14 @@ def _loss_kind(loss_fn):
         return "ce", 0.0, -100
     if loss_fn is F.mse_loss:
         return "mse", 0.0, None
+    # a summed loss gets the forms of its batch mean: HessianOperator divides it by the batch size
     if isinstance(loss_fn, nn.CrossEntropyLoss):
-        if loss_fn.reduction != "mean" or loss_fn.weight is not None:
-            raise UnsupportedError("nn.CrossEntropyLoss needs reduction='mean' and no class weights")
+        if loss_fn.reduction not in ("mean", "sum") or loss_fn.weight is not None:
+            raise UnsupportedError("nn.CrossEntropyLoss needs reduction='mean' or 'sum' and no class weights")
         return "ce", float(loss_fn.label_smoothing), loss_fn.ignore_index
     if isinstance(loss_fn, nn.MSELoss):
-        if loss_fn.reduction != "mean":
-            raise UnsupportedError("nn.MSELoss needs reduction='mean'")
+        if loss_fn.reduction not in ("mean", "sum"):
+            raise UnsupportedError("nn.MSELoss needs reduction='mean' or 'sum'")
         return "mse", 0.0, None
     raise UnsupportedError(f"loss {getattr(loss_fn, '__name__', type(loss_fn).__name__)} has no Taylor-mode rule; "
                            "supported: F.cross_entropy, F.mse_loss, nn.CrossEntropyLoss, nn.MSELoss (mean)")

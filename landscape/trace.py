@@ -34,6 +34,7 @@ import torch
 
 from .errors import NonFiniteError
 from .hessian import HessianOperator, measuring, nonfinite_policy
+from .operator import records_engines
 from .precision import full_precision
 from .results import Result
 
@@ -53,6 +54,8 @@ class TraceResult(Result):
         seed: seed of the probes.
         samples: the per-probe quadratic forms of the stochastic part.
         time_s: wall time.
+        engines: vectors each engine of the operator computed for this result
+            (``{"quadratic:taylor": 32, "product:fwd-rev": 16}``; :mod:`landscape.hessian`).
     """
 
     value: float
@@ -62,6 +65,7 @@ class TraceResult(Result):
     seed: int
     samples: list = field(default_factory=list)
     time_s: float = 0.0
+    engines: dict = field(default_factory=dict)
     _exclude = ("samples",)
 
 
@@ -76,6 +80,7 @@ class BlockTraceResult(Result):
     num_matvecs: int
     seed: int
     time_s: float = 0.0
+    engines: dict = field(default_factory=dict)
 
 
 @dataclass(repr=False)
@@ -91,6 +96,7 @@ class LossIncreasePrediction(Result):
     loss: float
     num_matvecs: int
     seed: int
+    engines: dict = field(default_factory=dict)
 
 
 def _probes(dim: int, k: int, gen: torch.Generator, dtype, device) -> torch.Tensor:
@@ -127,6 +133,7 @@ def _hutchinson(op: HessianOperator, num_matvecs: int, gen, block_size: int, tar
     return samples, used
 
 
+@records_engines
 @full_precision()
 def hessian_trace(op: HessianOperator, num_matvecs: int = 64, method: str = "hutch++", seed: int = 0, *,
                   target_std_error: float | None = None, block_size: int = 16,
@@ -196,6 +203,7 @@ def _hessian_trace(op, num_matvecs, method, seed, target_std_error, block_size, 
                        time.perf_counter() - t0)
 
 
+@records_engines
 @full_precision()
 def block_traces(op: HessianOperator, num_matvecs: int = 64, seed: int = 0, *, group: str = "module",
                  block_size: int = 16, on_nonfinite: str | None = None) -> BlockTraceResult:
@@ -281,6 +289,7 @@ def expand_to_params(op: HessianOperator, values, name: str = "variances") -> to
     return torch.cat(parts)
 
 
+@records_engines
 @full_precision()
 def noise_weighted_trace(op: HessianOperator, variances, num_matvecs: int = 64, seed: int = 0, *,
                          target_std_error: float | None = None, block_size: int = 16,
@@ -318,6 +327,7 @@ def noise_weighted_trace(op: HessianOperator, variances, num_matvecs: int = 64, 
                        time.perf_counter() - t0)
 
 
+@records_engines
 @full_precision()
 def predicted_loss_increase(op: HessianOperator, variances, mean=None, num_matvecs: int = 64, seed: int = 0,
                             block_size: int = 16, *, on_nonfinite: str | None = None) -> LossIncreasePrediction:

@@ -54,6 +54,8 @@ def stages(out: Path, runs: Path) -> list[tuple[str, int, list[str], object]]:
         bench("bench_train", 240, "bench_train.py", "--suite", "issue8", "--models", "resnet20", "--batch-size", "512",
               "--rounds", "5"),
         bench("instruments", 150, "bench_instruments_cuda.py"),
+        # ours against PyHessian (and curvlinops, loss-landscapes where installed) on resnet20, same run
+        bench("instruments_peers", 240, "bench_instruments.py", "--device", "cuda", "--skip-digits"),
         bench("taylor_memory", 120, "bench_taylor_memory.py"),
         # reconstruction PTQ on the GPU: 1,000 steps per block (x20 for the papers' 20,000)
         bench("recon", 240, "bench_recon.py", "--models", "resnet20", "--iters", "1000", "--device", "cuda"),

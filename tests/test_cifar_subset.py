@@ -3,7 +3,6 @@
 import json
 
 import pytest
-
 from conftest import CIFAR_NPZ, run_dnq
 
 pytestmark = pytest.mark.skipif(not CIFAR_NPZ.is_file(), reason=f"{CIFAR_NPZ} not present")

@@ -22,7 +22,8 @@ def test_npz_hwc_and_chw_load_the_same(tmp_path):
     x = rng.integers(0, 256, (20, 32, 32, 3), dtype=np.uint8)
     y = rng.integers(0, 4, 20)
     np.savez(tmp_path / "hwc.npz", x_train=x, y_train=y, x_test=x[:5], y_test=y[:5])
-    np.savez(tmp_path / "chw.npz", x_train=x.transpose(0, 3, 1, 2), y_train=y, x_test=x[:5].transpose(0, 3, 1, 2), y_test=y[:5])
+    np.savez(tmp_path / "chw.npz", x_train=x.transpose(0, 3, 1, 2), y_train=y, x_test=x[:5].transpose(0, 3, 1, 2),
+             y_test=y[:5])
     a, b = load_dataset(f"npz:{tmp_path / 'hwc.npz'}"), load_dataset(f"npz:{tmp_path / 'chw.npz'}")
     assert a.x_train.shape == (20, 3, 32, 32) and torch.equal(a.x_train, b.x_train)
     assert torch.equal(a.x_train[3, 1], torch.from_numpy(x[3, :, :, 1]))
@@ -35,7 +36,8 @@ def test_npz_errors_name_the_problem(tmp_path):
     np.savez(tmp_path / "bad.npz", x_train=np.zeros((2, 8, 8, 3), np.uint8), y_train=np.zeros(2))
     with pytest.raises(DataError, match="x_test"):
         load_dataset(f"npz:{tmp_path / 'bad.npz'}")
-    np.savez(tmp_path / "f.npz", x_train=np.zeros((2, 8, 8, 3)), y_train=np.zeros(2), x_test=np.zeros((2, 8, 8, 3)), y_test=np.zeros(2))
+    np.savez(tmp_path / "f.npz", x_train=np.zeros((2, 8, 8, 3)), y_train=np.zeros(2), x_test=np.zeros((2, 8, 8, 3)),
+             y_test=np.zeros(2))
     with pytest.raises(DataError, match="uint8"):
         load_dataset(f"npz:{tmp_path / 'f.npz'}")
 

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 import landscape
 from dnq.models import build_model
+from landscape.engines import RevRev
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -104,7 +105,7 @@ def test_products_stay_float32_exact_whatever_the_users_tf32_and_autocast_settin
 
     def unprotected():  # the same product, outside the instruments' scope
         with eval_mode(model):
-            return op._to_block(op._batch_product("rev-rev", x, y, op.unflatten(V32), op._frozen())[0]).double()
+            return op.to_block(RevRev().products(op, 0, x, y, op.unflatten(V32), op.frozen())[0]).double()
 
     state = _snapshot()
     try:

@@ -8,8 +8,16 @@ import torch
 import torch.nn as nn
 from torch.func import functional_call
 
-from landscape import (HessianOperator, block_traces, hessian_trace, noise_weighted_trace, power_iteration,
-                       predicted_loss_increase, spectral_density, top_eigenvalues)
+from landscape import (
+    HessianOperator,
+    block_traces,
+    hessian_trace,
+    noise_weighted_trace,
+    power_iteration,
+    predicted_loss_increase,
+    spectral_density,
+    top_eigenvalues,
+)
 from landscape.density import quadrature
 from landscape.lanczos import lanczos
 
@@ -104,7 +112,8 @@ def test_parameter_subset_by_glob_is_the_diagonal_block(case):
     op = HessianOperator(model, CE, data, params=["*.weight"])
     names = [n for n, _ in model.named_parameters()]
     sizes = [p.numel() for _, p in model.named_parameters()]
-    idx = torch.cat([torch.arange(sum(sizes[:i]), sum(sizes[:i + 1])) for i, n in enumerate(names) if n.endswith("weight")])
+    idx = torch.cat([torch.arange(sum(sizes[:i]), sum(sizes[:i + 1]))
+                     for i, n in enumerate(names) if n.endswith("weight")])
     Hsub = H[idx][:, idx]
     assert op.names == [n for n in names if n.endswith("weight")] and op.dim == len(idx)
     V = torch.randn(op.dim, 3, dtype=torch.float64)
@@ -214,7 +223,8 @@ def test_lanczos_top3_match_eigvalsh(case):
         assert abs(got - want) <= 1e-6 * abs(want)
     for val, vec, r in zip(eig.eigenvalues, eig.eigenvectors, eig.residual_norms):
         v = op.flatten(vec)
-        assert abs(v.norm().item() - 1) < 1e-10 and (H @ v - val * v).norm().item() == pytest.approx(r, rel=1e-4, abs=1e-12)
+        assert abs(v.norm().item() - 1) < 1e-10
+        assert (H @ v - val * v).norm().item() == pytest.approx(r, rel=1e-4, abs=1e-12)
         assert vec.keys() == dict(model.named_parameters()).keys()
     sa = top_eigenvalues(op, k=2, tol=1e-8, which="SA", seed=1)
     assert all(abs(a - b) <= 1e-6 * max(abs(b), 1e-3) for a, b in zip(sa.eigenvalues, exact[:2].tolist()))
@@ -330,7 +340,8 @@ def test_cross_check_against_pyhessian():
     ours = top_eigenvalues(ours_op, k=2, tol=1e-6, seed=0, which="LM").eigenvalues
     ours_tr = hessian_trace(ours_op, num_matvecs=300, method="hutchinson", seed=0)
     torch.manual_seed(0)  # PyHessian draws from the global generator, puts the model in eval mode
-    top, _ = pyhessian.hessian(copy.deepcopy(model), CE, data=(x, y), cuda=False).eigenvalues(maxIter=500, tol=1e-6, top_n=2)
+    top, _ = pyhessian.hessian(copy.deepcopy(model), CE, data=(x, y), cuda=False).eigenvalues(
+        maxIter=500, tol=1e-6, top_n=2)
     for a, b in zip(ours, top):
         assert abs(a - b) < 1e-3 * abs(a)
     samples = pyhessian.hessian(copy.deepcopy(model), CE, data=(x, y), cuda=False).trace(maxIter=300, tol=1e-9)

@@ -200,12 +200,13 @@ def _study_loss(model, data):
 
 
 def _study_measurement(model, data):
-    from landscape.study import Measure
+    from landscape.study import AccuracyKey, Measure
 
     rec = {"train_key": "k", "measurements": {}}
     fake = SimpleNamespace(rec=rec, s=SimpleNamespace(_save=lambda r: None))
     x, y = data[0]
-    Measure._do(fake, "m", {}, lambda: float(F.cross_entropy(model(x), y).detach()))  # any measurement
+    # any measurement
+    Measure._do(fake, "m", AccuracyKey(splits=("val",)), lambda: float(F.cross_entropy(model(x), y).detach()))
     return torch.tensor(rec["measurements"]["m"]["value"])
 
 
@@ -349,7 +350,6 @@ def test_timings_on_the_cpu_do_not_synchronize(sync_spy):
 
 def test_the_instruments_time_their_choices_through_the_helper(monkeypatch):
     """Every timed choice (products, quadratic forms, surface batching) goes through the one helper."""
-    monkeypatch.setattr(landscape.hessian, "_CHOICES", {})  # no choice reused from an earlier test
     devices = []
     real = _timing.synchronize
     monkeypatch.setattr(_timing, "synchronize", lambda d: (devices.append(torch.device(d)), real(d)))

@@ -326,3 +326,342 @@ def test_training_by_ptq_grid_mean_std_over_seeds_and_the_best_per_column(tmp_pa
     # sharpness against PTQ accuracy per PTQ method: qdrop has its own correlation family
     assert [(f["bits"], f["variant"]) for f in summary["families"]] == [
         (b, v) for b in BITS for v in ("rtn", "rtn+bn", "qdrop")]
+
+
+# ------------------------------------------------------------- figures: one builder each, static copies
+def _plain(fig) -> str:
+    """The figure's JSON with ``<`` and ``>`` as they are (``to_json`` writes them as \\u003c)."""
+    return json.dumps(json.loads(fig.to_json()))
+
+
+def _density():
+    import torch
+
+    from landscape import DensityResult
+
+    grid = torch.linspace(-1.0, 5.0, 60, dtype=torch.float64)
+    density = torch.exp(-grid ** 2) + 0.3 * torch.exp(-(grid - 4) ** 2 / 0.1)
+    density[-5:] = 0.0  # below the log axis' floor
+    return DensityResult(nodes=torch.zeros(1, 2), weights=torch.zeros(1, 2), grid=grid, density=density, sigma=0.1,
+                         num_matvecs=8, seed=0)
+
+
+def _surface_2d():
+    from landscape import SurfaceResult
+
+    a, b = np.linspace(-1, 1, 5), np.linspace(-0.5, 0.5, 4)
+    loss = a[:, None] ** 2 + 3 * b[None, :] ** 2 + 0.2 * a[:, None]  # indexed [alpha, beta]
+    loss[0, 0] = np.inf  # not finite: left out
+    return SurfaceResult(alphas=a, betas=b, loss=loss, accuracy=np.full_like(loss, np.nan), directions=[],
+                         center_loss=0.0, num_points=20)
+
+
+def _slices():
+    a = np.linspace(-0.5, 1.5, 9)
+    return {"W4A4": {"alphas": a.tolist(), "loss": (0.1 + a ** 2).tolist(), "ptq_alpha": 1.0},
+            f"{EVIL}": {"alphas": a.tolist(), "loss": (0.2 + 2 * a ** 2).tolist(), "ptq_alpha": 0.5}}
+
+
+MIXED = {"methods": ["rtn+bn"], "uniform_bits": [2, 4], "budgets": [2.5, 3.0], "objectives": ["hawq", "measured"],
+         "kind": "avg-bits", "abits": 4, "bits": [2, 4]}
+
+
+def _mixed_rows():
+    rows = []
+    for c, shift in (("sgd", 0.0), (EVIL, 0.05)):
+        for seed in (0, 1):
+            for b in (2, 4):
+                rows.append({"config": c, "ptq": "rtn+bn", "point": "uniform", "budget": float(b), "avg_bits": float(b),
+                             "test_acc": 0.5 + 0.1 * b + shift + 0.01 * seed, "seed": seed})
+            for budget in (2.5, 3.0):
+                for k, obj in enumerate(MIXED["objectives"]):
+                    rows.append({"config": c, "ptq": "rtn+bn", "point": obj, "budget": budget, "seed": seed,
+                                 "avg_bits": budget - 0.1 * k - 0.05 * seed,
+                                 "test_acc": 0.6 + 0.1 * budget + 0.02 * seed})
+    return rows
+
+
+def _mixed_measurements(measured_sign=1.0):
+    layers = ["0", "3", "7", "10", "12"]
+    sens = {"layers": [{"name": n, "order": i} for i, n in enumerate(layers)], "bits": [2, 4],
+            "hawq": {n: {"2": 0.1 * (i + 1), "4": 0.01} for i, n in enumerate(layers)},
+            "measured": {n: {"2": measured_sign * 0.05 * (i + 1), "4": 0.0} for i, n in enumerate(layers)}}
+    meas = {"sensitivity:minmax": {"value": sens}}
+    for budget in MIXED["budgets"]:
+        for obj in MIXED["objectives"]:
+            bits = {n: 2 + (i + int(budget)) % 3 for i, n in enumerate(layers[1:-1])}
+            meas[f"mixed+rtn+bn:avg-bits={budget:g}:{obj}"] = {"value": {"allocation": {
+                "bits": bits, "fixed": {"0": 8, "12": 8}, "avg_bits": budget - 0.1, "avg_bits_all": budget + 1},
+                "test_acc": 0.8, "val_acc": 0.79}}
+    return layers, meas
+
+
+def _sharpness_fits(rows):
+    from landscape.plot import measure_column
+    from landscape.regress import fit
+
+    fits = []
+    for b in BITS:
+        for sfx in ("", "_bn"):
+            for m in ("trace", "top_eigenvalue", "trace_h_sigma"):
+                x, y = measure_column(m, b), f"acc_drop_{b}{sfx}"
+                fits.append(fit(report._values(rows, x), report._values(rows, y), x_name=x, y_name=y, n_boot=20))
+    return fits
+
+
+def _report_figures():
+    """One figure of every kind the report emits, built as the report builds it."""
+    from landscape import plot
+    from landscape.regress import fit
+
+    rows = _rows()
+    vars_ = [("rtn", "", ""), ("rtn+bn", "_bn", "")]
+    pfits = {b: fit(report._values(rows, f"predicted_{b}"), report._values(rows, f"measured_{b}"), n_boot=20)
+             for b in BITS}
+    cfg = {"mixed": MIXED}
+    _, meas = _mixed_measurements()
+    return {"density": plot.plot_density(_density().to_dict(), name=EVIL),
+            "surface": plot.plot_surface_2d(_surface_2d().to_dict(), "surface", name=EVIL),
+            "contour": plot.plot_surface_2d(_surface_2d().to_dict(), "contour", name=EVIL),
+            "slices": plot.plot_quantization_slices(_slices(), name=EVIL),
+            "sharpness": plot.plot_sharpness(rows, _sharpness_fits(rows), "W4A4", vars_, adjusted={}),
+            "prediction": plot.plot_prediction(rows, BITS, pfits),
+            "pareto": plot.plot_pareto(_mixed_rows(), cfg, "rtn+bn", "sgd"),
+            "pareto_overlay": plot.plot_pareto(_mixed_rows(), cfg, "rtn+bn"),
+            "bits": plot.plot_mixed_bits({"id": "m0", "name": EVIL, "measurements": meas}, cfg)}
+
+
+def test_density_figure_is_the_results_density_from_the_object_or_its_dict():
+    from landscape.plot import plot_density
+
+    d = _density()
+    grid, dens = d.grid.numpy(), d.density.numpy()
+    for form in (d, d.to_dict()):
+        lin = plot_density(form, log=False)
+        np.testing.assert_array_equal(lin.data[0].x, grid)
+        np.testing.assert_array_equal(lin.data[0].y, dens)
+        log = plot_density(form)
+        assert log.layout.yaxis.type == "log" and lin.layout.yaxis.type == "linear"
+        np.testing.assert_array_equal(log.data[0].y, np.maximum(dens, dens.max() * 1e-6))
+    assert plot_density(d, name=EVIL).layout.title.text.endswith("&lt;b&gt;x&amp;y&lt;/b&gt;")
+
+
+def test_surface_figures_are_the_loss_grid_transposed():
+    from landscape.plot import plot_surface_2d
+
+    s = _surface_2d()
+    want = np.where(np.isfinite(s.loss), s.loss, np.nan).T  # plotly's rows are beta
+    for form in (s, s.to_dict()):
+        for kind, trace in (("surface", "surface"), ("contour", "contour")):
+            fig = plot_surface_2d(form, kind)
+            t = fig.data[0]
+            assert t.type == trace
+            np.testing.assert_array_equal(np.array(t.z, dtype=float), want)
+            np.testing.assert_array_equal(t.x, s.alphas)
+            np.testing.assert_array_equal(t.y, s.betas)
+    with pytest.raises(ValueError, match="kind"):
+        plot_surface_2d(s, "wireframe")
+
+
+def test_slice_trace_eigen_and_1d_figures_carry_their_numbers():
+    from landscape.plot import plot_eigenvalues, plot_quantization_slices, plot_surface_1d, plot_trace
+
+    sl = _slices()
+    fig = plot_quantization_slices(sl)
+    for k, (_b, s) in enumerate(sl.items()):
+        line, mark = fig.data[2 * k], fig.data[2 * k + 1]
+        assert list(line.y) == s["loss"] and list(line.x) == s["alphas"]
+        at = int(np.argmin(np.abs(np.array(s["alphas"]) - s["ptq_alpha"])))
+        assert list(mark.x) == [s["alphas"][at]] and list(mark.y) == [s["loss"][at]]
+    assert EVIL not in _plain(fig) and "&lt;b&gt;" in fig.data[2].name
+    one = {"alphas": [-1.0, 0.0, 1.0], "loss": [2.0, 1.0, 3.0], "accuracy": [0.5, 0.9, 0.4]}
+    fig = plot_surface_1d(one, mark=1.0)
+    assert list(fig.data[0].y) == one["loss"] and list(fig.data[1].y) == one["accuracy"]
+    assert len(plot_surface_1d({**one, "accuracy": [float("nan")] * 3}).data) == 1
+    tr = {"samples": [3.0, 4.0, 8.0], "value": 5.0, "std_error": 1.5, "method": "hutchinson"}
+    fig = plot_trace(tr)
+    assert list(fig.data[0].x) == tr["samples"] and fig.layout.shapes[0].x0 == 5.0
+    eig = {"eigenvalues": [9.0, 4.0], "residual_norms": [0.1, 0.3], "method": "lanczos", "num_matvecs": 12}
+    fig = plot_eigenvalues(eig)
+    assert list(fig.data[0].y) == eig["eigenvalues"] and list(fig.data[0].error_y.array) == eig["residual_norms"]
+
+
+def test_sharpness_and_prediction_figures_carry_the_rows_and_the_fits():
+    from landscape.plot import plot_prediction, plot_sharpness
+
+    rows = _rows()
+    fits = _sharpness_fits(rows)
+    vars_ = [("rtn", "", ""), ("rtn+bn", "_bn", "")]
+    for form in (fits, [f.to_dict() for f in fits]):
+        fig = plot_sharpness(rows, form, "W3A3", vars_)
+        pts = [t for t in fig.data if t.mode == "markers"]
+        assert len(pts) == 2 * 3 * 2  # variants x measures x methods
+        sgd_trace_rtn = next(t for t in pts if t.name == "sgd" and t.xaxis == "x")
+        mine = [r for r in rows if r["method"] == "sgd"]
+        np.testing.assert_allclose(sgd_trace_rtn.x, [r["trace"] for r in mine])
+        np.testing.assert_allclose(sgd_trace_rtn.y, [100 * r["acc_drop_W3A3"] for r in mine])
+        bn = next(t for t in pts if t.name == "sgd" and t.xaxis == "x6")  # rtn+bn, Tr(H Sigma)
+        np.testing.assert_allclose(bn.x, [r["trace_h_sigma_W3A3"] for r in mine])
+        np.testing.assert_allclose(bn.y, [100 * r["acc_drop_W3A3_bn"] for r in mine])
+        f = next(f for f in fits if f.x_name == "trace" and f.y_name == "acc_drop_W3A3")
+        line = next(t for t in fig.data if t.mode == "lines" and t.xaxis == "x")
+        np.testing.assert_allclose(line.y, 100 * f.predict(np.asarray(line.x)))
+        assert f"rho={f.spearman_rho:.2f}" in fig.layout.annotations[0].text
+    assert EVIL not in _plain(fig) and "&lt;b&gt;x&amp;y&lt;/b&gt; c0" in _plain(fig)  # hover text, escaped
+    fig = plot_prediction(rows, BITS)
+    for j, b in enumerate(BITS):
+        t = fig.data[2 * j]
+        np.testing.assert_allclose(t.x, [r[f"predicted_{b}"] for r in rows])
+        np.testing.assert_allclose(t.y, [r[f"measured_{b}"] for r in rows])
+
+
+def test_mixed_figures_carry_means_over_seeds_and_the_chosen_bits():
+    import statistics
+
+    from landscape.plot import plot_mixed_bits, plot_pareto
+
+    mrows = _mixed_rows()
+    cfg = {"mixed": MIXED}
+    fig = plot_pareto(mrows, cfg, "rtn+bn", "sgd")
+    uni = fig.data[0]
+    for b, y, e in zip(uni.x, uni.y, uni.error_y.array):
+        accs = [r["test_acc"] for r in mrows if r["config"] == "sgd" and r["point"] == "uniform" and r["budget"] == b]
+        assert y == pytest.approx(100 * statistics.mean(accs)) and e == pytest.approx(100 * statistics.stdev(accs))
+    hawq = next(t for t in fig.data if t.name == "hawq")
+    sel = [r for r in mrows if r["config"] == "sgd" and r["point"] == "hawq" and r["budget"] == 2.5]
+    assert hawq.x[0] == pytest.approx(statistics.mean(r["avg_bits"] for r in sel))
+    assert hawq.y[0] == pytest.approx(100 * statistics.mean(r["test_acc"] for r in sel))
+    overlay = plot_pareto(mrows, cfg, "rtn+bn")
+    assert len(overlay.data) == 2 * (1 + len(MIXED["objectives"])) and EVIL not in _plain(overlay)
+    assert plot_pareto(mrows, cfg, "qdrop") is None
+    layers, meas = _mixed_measurements()
+    fig = plot_mixed_bits({"id": "m0", "name": EVIL, "measurements": meas}, cfg)
+    bars = [t for t in fig.data if t.type == "bar"]
+    assert len(bars) == len(MIXED["budgets"]) * len(MIXED["objectives"])
+    alloc = meas["mixed+rtn+bn:avg-bits=2.5:hawq"]["value"]["allocation"]
+    assert list(bars[0].x) == layers and list(bars[0].y) == [{**alloc["fixed"], **alloc["bits"]}[n] for n in layers]
+    hawq = next(t for t in fig.data if t.name == "hawq at W2")
+    assert list(hawq.y) == [meas["sensitivity:minmax"]["value"]["hawq"][n]["2"] for n in layers]
+    assert fig.layout.yaxis2.type == "log" and EVIL not in _plain(fig)
+    _, neg = _mixed_measurements(measured_sign=-1.0)  # a negative sensitivity: no log axis
+    assert plot_mixed_bits({"id": "m0", "measurements": neg}, cfg).layout.yaxis2.type is None
+    assert plot_mixed_bits({"id": "m1", "measurements": {}}, cfg) is None
+
+
+def _png_pixels(data: bytes) -> np.ndarray:
+    import io
+
+    import matplotlib.image
+
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    return matplotlib.image.imread(io.BytesIO(data), format="png")
+
+
+@pytest.mark.parametrize("kind", ["density", "surface", "contour", "slices", "sharpness", "prediction", "pareto",
+                                  "pareto_overlay", "bits"])
+def test_every_report_figure_renders_to_png_and_pdf(kind):
+    from landscape.plot_static import render, to_bytes
+
+    fig = _report_figures()[kind]
+    px = _png_pixels(to_bytes(fig, "png"))
+    assert px.shape[0] > 200 and px.shape[1] > 200
+    assert px[..., :3].std() > 0.02 and len(np.unique(px[..., :3].reshape(-1, 3), axis=0)) > 10
+    pdf = to_bytes(fig, "pdf")
+    assert pdf.startswith(b"%PDF") and len(pdf) > 1000
+    # the drawing carries the figure's numbers
+    mfig = render(fig)
+    axes = [a for a in mfig.axes if a.get_label() != "<colorbar>"]
+    if kind == "density":
+        np.testing.assert_allclose(axes[0].lines[0].get_ydata(), fig.data[0].y)
+        assert axes[0].get_yscale() == "log"
+    elif kind in ("surface", "contour"):
+        from matplotlib.contour import QuadContourSet
+
+        filled = [c for c in axes[0].get_children() if isinstance(c, QuadContourSet) and c.filled]
+        z = np.array(fig.data[0].z, dtype=float)
+        assert filled and filled[0].levels[0] <= np.nanmin(z) and filled[0].levels[-1] >= np.nanmax(z)
+        assert axes[0].get_xlabel() == "alpha" and axes[0].get_ylabel() == "beta"
+    elif kind == "bits":
+        heights = [p.get_height() for p in axes[0].patches]
+        assert heights == [v for t in fig.data if t.type == "bar" for v in t.y]
+        assert axes[1].get_yscale() == "log"
+        assert [t.get_text() for t in axes[1].get_xticklabels()] == list(fig.data[0].x)
+    else:  # every point and line is drawn (the bands are polygons)
+        drawn = {round(float(v), 9) for a in axes for line in a.lines for v in line.get_ydata()}
+        assert {round(float(v), 9) for t in fig.data if t.fill is None for v in t.y} <= drawn
+        if kind == "sharpness":
+            assert len(axes) == 6 and axes[0].get_title().startswith("rtn: Hessian trace: rho=")
+            assert [len(a.patches) for a in axes] == [1] * 6  # each panel's confidence band
+    assert EVIL not in _plain(fig)
+
+
+def test_static_export_composes_figures_and_refuses_what_it_cannot_draw(tmp_path):
+    import plotly.graph_objects as go
+
+    from landscape.plot_static import render, save
+
+    figs = _report_figures()
+    written = save([figs["contour"], figs["slices"]], tmp_path / "model_a.b")
+    assert [p.name for p in written] == ["model_a.b.png", "model_a.b.pdf"]
+    assert _png_pixels(written[0].read_bytes()).std() > 0.02 and written[1].read_bytes().startswith(b"%PDF")
+    assert len(render([figs["pareto"], figs["pareto_overlay"], figs["density"]]).subfigs) == 3
+    title = render(figs["density"]).get_suptitle()
+    assert title.endswith(EVIL)  # escaped for plotly, plain text on paper
+    with pytest.raises(ValueError, match="pie"):
+        render(go.Figure(go.Pie(values=[1, 2])))
+    with pytest.raises(ValueError, match="fill"):
+        render(go.Figure(go.Scatter(x=[0, 1], y=[0, 1], fill="tozeroy")))
+
+
+def test_the_report_draws_its_static_files_from_the_html_figures(tmp_path, monkeypatch):
+    import landscape.plot_static as plot_static
+
+    rows = _rows(n_configs=3, seeds=(0, 1))
+    path = _write_study(tmp_path / "study", rows)
+    meta = json.loads((path / "study.json").read_text())
+    meta["config"]["mixed"] = {**MIXED, "uniform_bits": []}
+    meta["config"]["ptq"] = {**PTQ, "variants": ["rtn", "rtn+bn"]}
+    (path / "study.json").write_text(json.dumps(meta))
+    _, mixed = _mixed_measurements()
+    for i in (0, 1):
+        f = path / "models" / f"m{i:02d}.json"
+        rec = json.loads(f.read_text())
+        rec["measurements"] = {"density": {"value": _density().to_dict()},
+                               "surface": {"value": _surface_2d().to_dict()},
+                               **{f"slice:{b}": {"value": s} for b, s in zip(BITS, _slices().values())}, **mixed}
+        f.write_text(json.dumps(rec))
+    calls, real = [], plot_static.save
+
+    def save(figs, stem, **kw):
+        calls.append((stem.name, figs))
+        return real(figs, stem, **kw)
+
+    monkeypatch.setattr(plot_static, "save", save)
+    text = report.build(path, n_boot=30).read_text()
+    figures = json.loads(re.search(r"<script type='application/json' id='figures-data'>(.*?)</script>", text,
+                                   re.S).group(1))
+    assert EVIL not in json.dumps(figures) and "&lt;b&gt;x&amp;y&lt;/b&gt;" in json.dumps(figures)
+    stems = [c[0] for c in calls]
+    assert stems == ["mixed_pareto_rtn_bn", "sharpness_vs_ptq_W4A4", "sharpness_vs_ptq_W3A3", "measured_vs_predicted",
+                     "model_m00", "mixed_bits_m00", "model_m01", "mixed_bits_m01"]
+    in_html = [json.dumps(f, sort_keys=True) for f in figures.values()]
+    for stem, figs in calls:  # every static copy is a figure of the HTML, not a figure of its own
+        for fig in figs:
+            assert json.dumps(json.loads(fig.to_json()), sort_keys=True) in in_html, stem
+        for ext in ("png", "pdf"):
+            assert (path / "figures" / f"{stem}.{ext}").stat().st_size > 1000
+    assert [len(figs) for _, figs in calls][-4:] == [2, 1, 2, 1]  # model_*: the contour beside the slices
+    dens = next(f for f in figures.values() if f["layout"]["title"]["text"].startswith("Spectral density"))
+    np.testing.assert_allclose(dens["data"][0]["x"], _density().grid.numpy())
+    assert len(figures) == 3 + 2 * 5 + 3  # sharpness x2, prediction; per model 5; pareto 2 configs + overlay
+
+
+def test_plot_examples_run():
+    import doctest
+
+    import landscape.plot
+    import landscape.plot_static
+
+    for mod in (landscape.plot, landscape.plot_static):
+        r = doctest.testmod(mod, raise_on_error=False)
+        assert r.attempted > 0 and r.failed == 0, mod.__name__

@@ -50,7 +50,8 @@ def test_every_model_has_every_measurement_and_they_agree_with_each_other(study)
         # both PTQ variants on both splits; the model's validation split is the trainer's (20% of digits)
         for b in cfg.bits:
             assert m[f"ptq:{b}"]["value"]["variant"] == "rtn" and m[f"ptq+bn:{b}"]["value"]["variant"] == "rtn+bn"
-            assert all(0 <= m[k]["value"][f"{s}_acc"] <= 1 for k in (f"ptq:{b}", f"ptq+bn:{b}") for s in ("val", "test"))
+            assert all(0 <= m[k]["value"][f"{s}_acc"] <= 1
+                       for k in (f"ptq:{b}", f"ptq+bn:{b}") for s in ("val", "test"))
         assert (out / rec["run_dir"] / "model.pt").is_file()
         for b in cfg.bits:
             noise, sl = m[f"noise:{b}"]["value"], m[f"slice:{b}"]["value"]
@@ -82,7 +83,8 @@ def test_rerun_skips_finished_work_and_a_changed_budget_redoes_only_its_measurem
     changed = {r["id"]: r for r in load_records(out)}
     for rid, rec in changed.items():
         for name, m in rec["measurements"].items():
-            same = m["at"] == before[rid]["measurements"][name]["at"] and m["key"] == before[rid]["measurements"][name]["key"]
+            old = before[rid]["measurements"][name]
+            same = m["at"] == old["at"] and m["key"] == old["key"]
             assert same == (name != "eigen"), (rid, name)
         assert len(rec["measurements"]["eigen"]["value"]["eigenvalues"]) == 1
 
@@ -108,7 +110,8 @@ def test_a_killed_study_loses_nothing_it_had_finished(tmp_path):
                     first = rec
                     break
             time.sleep(0.05)
-        assert first is not None, f"the study never finished a trace: {proc.stderr.read().decode()[-2000:] if proc.poll() is not None else ''}"
+        assert first is not None, ("the study never finished a trace: "
+                                   f"{proc.stderr.read().decode()[-2000:] if proc.poll() is not None else ''}")
         os.killpg(proc.pid, signal.SIGKILL)
     finally:
         if proc.poll() is None:
@@ -141,7 +144,8 @@ def test_configs_are_validated_with_the_fix_named(tmp_path):
     with pytest.raises(StudyError, match="unknown preset"):
         load_config("imagenet")
     toml = tmp_path / "s.toml"
-    toml.write_text('name = "t"\nseeds = [0, 1]\n[train]\nepochs = 3\n[[runs]]\nmethod = "sam"\nsam_rho = [0.05, 0.1]\n')
+    toml.write_text('name = "t"\nseeds = [0, 1]\n[train]\nepochs = 3\n'
+                    '[[runs]]\nmethod = "sam"\nsam_rho = [0.05, 0.1]\n')
     cfg = load_config(config=toml)
     assert [e["id"] for e in cfg.expand()] == ["sam-rho0.05-s0", "sam-rho0.05-s1", "sam-rho0.1-s0", "sam-rho0.1-s1"]
     assert cfg.expand()[0]["settings"]["epochs"] == 3
@@ -337,3 +341,247 @@ def test_bad_ptq_methods_are_refused_with_the_valid_ones():
     with pytest.raises(StudyError, match="recon_range must be one of"):
         StudyConfig.from_dict({**TINY, "ptq": {"recon_range": "max"}})
     assert StudyConfig.from_dict({**TINY, "ptq": {"methods": ["qdrop"]}}).ptq["variants"] == ["qdrop"]
+
+
+# ---------------------------------------------------------------- measurement keys (issue 13)
+def _other(v):
+    """A value of the same kind as ``v`` that differs from it."""
+    import dataclasses
+
+    if dataclasses.is_dataclass(v):
+        f = dataclasses.fields(v)[0]
+        return dataclasses.replace(v, **{f.name: _other(getattr(v, f.name))})
+    if isinstance(v, bool):
+        return not v
+    if isinstance(v, int):
+        return v + 1
+    if isinstance(v, float):
+        return v * 2 + 1
+    if isinstance(v, str):
+        return v + "x"
+    if v is None:
+        return 1
+    if isinstance(v, tuple):
+        return v + (("x", 1),)
+    raise AssertionError(f"no other value for {v!r}")
+
+
+def _every_key():
+    from landscape.study import MixedKey, SensitivityKey, measurement_keys, ptq_key
+
+    cfg = StudyConfig.from_dict({**TINY, "ptq": ["rtn", "rtn+bn", "qdrop"], "mixed": {},
+                                 "instruments": {**TINY["instruments"], "replicates": 2}})
+    keys = dict(measurement_keys(cfg))
+    keys["sensitivity:minmax"] = SensitivityKey(samples=128, batch=64, seed=0, bits=(2, 4), matvecs=8, range="minmax")
+    for method in ("rtn+bn", "qdrop"):
+        keys[f"mixed+{method}"] = MixedKey(ptq=ptq_key(cfg, "W8A4", method, "cpu", bits_by_layer={"1": 2, "3": 4}),
+                                           sensitivity="abc", budget=2.5, kind="avg-bits", objective="hawq",
+                                           tied=(("1", "2"),))
+    return cfg, keys
+
+
+def test_a_measurement_key_changes_with_every_field_and_is_frozen():
+    import dataclasses
+
+    _, keys = _every_key()
+    assert {type(k).__name__ for k in keys.values()} >= {
+        "AccuracyKey", "RoundingPTQKey", "ReconPTQKey", "TraceKey", "EigenKey", "SamplingKey", "DensityKey",
+        "BlockTraceKey", "NoiseKey", "SurfaceKey", "SliceKey", "SensitivityKey", "MixedKey"}
+    for name, key in keys.items():
+        base = key.digest("train", name)
+        assert base != key.digest("train2", name) and base != key.digest("train", name + "x")
+        assert base == dataclasses.replace(key).digest("train", name)  # deterministic
+        for f in dataclasses.fields(key):
+            changed = dataclasses.replace(key, **{f.name: _other(getattr(key, f.name))})
+            assert changed.digest("train", name) != base, (name, f.name)
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(key, dataclasses.fields(key)[0].name, None)
+        hash(key)  # hashable: every field frozen
+
+
+def test_keys_hold_the_inputs_their_measurements_read():
+    from landscape.study import measurement_keys
+
+    cfg, keys = _every_key()
+    d = cfg.to_dict()
+    d["instruments"]["seed"] = 1
+    other_seed = measurement_keys(StudyConfig.from_dict(d))
+    for name in ("ptq:W4A4", "ptq+bn:W4A4", "ptq+qdrop:W4A4", "trace", "eigen", "sampling", "noise:W4A4", "surface"):
+        assert keys[name].seed == 0 and other_seed[name].seed == 1
+        assert other_seed[name].digest("t", name) != keys[name].digest("t", name), name
+    d = cfg.to_dict()
+    d["ptq"]["first_last_bits"] = 6
+    other_flb = measurement_keys(StudyConfig.from_dict(d))
+    for name in ("ptq:W4A4", "ptq+qdrop:W4A4", "noise:W4A4", "slice:W4A4"):
+        assert other_flb[name] != keys[name], name
+    assert other_flb["trace"] == keys["trace"]  # the trace does not read first_last_bits
+    # replicates is a field of the sampling measurement's key only
+    d = cfg.to_dict()
+    d["instruments"]["replicates"] = 3
+    more = measurement_keys(StudyConfig.from_dict(d))
+    assert [n for n in keys if n in more and more[n] != keys[n]] == ["sampling"]
+    assert "sampling" not in measurement_keys(StudyConfig.from_dict(TINY))
+
+
+def test_a_hand_written_key_is_refused():
+    from types import SimpleNamespace
+
+    from landscape.study import Measure
+
+    fake = SimpleNamespace(rec={"train_key": "k", "measurements": {}}, s=SimpleNamespace(_save=lambda r: None))
+    with pytest.raises(TypeError, match="must be a MeasurementKey"):
+        Measure._do(fake, "trace", {"m": "hutch++"}, lambda: 1.0)
+
+
+# ---------------------------------------------------------------- sampling error (issue 13)
+def test_replicates_are_validated_with_the_fix_named(tmp_path):
+    for bad in (0, -1, 1.5, "2", True, None):
+        with pytest.raises(StudyError, match="instruments.replicates must be an integer >= 1"):
+            StudyConfig.from_dict({**TINY, "instruments": {**TINY["instruments"], "replicates": bad}})
+    assert StudyConfig.from_dict(TINY).instruments.replicates == 1
+    cfg = StudyConfig.from_dict({**TINY, "runs": [{"method": "sgd"}],
+                                 "instruments": {**TINY["instruments"], "hessian_samples": 512, "replicates": 3}})
+    with pytest.raises(StudyError, match=r"replicates 3 disjoint subsets .* need 1536 training images, but digits has "
+                                         r"1150; lower replicates to at most 2 or hessian_samples to at most 383"):
+        Study(cfg, tmp_path / "s", device="cpu", progress=False).check()
+    assert not (tmp_path / "s").exists()
+
+
+def test_training_subsets_are_disjoint_and_the_first_is_the_study_images():
+    from dnq.data import load_dataset
+    from landscape.sensitivity_run import training_batches
+    from landscape.study import training_subsets
+
+    ds = load_dataset("digits", val_size=287, val_seed=0)
+    subsets = training_subsets(ds, 200, 5, 3, 64)
+    sets = [set(idx.tolist()) for idx, _ in subsets]
+    assert [len(s) for s in sets] == [200] * 5
+    for a in range(5):
+        for b in range(a + 1, 5):
+            assert not sets[a] & sets[b], (a, b)
+    for idx, batches in subsets:
+        x = torch.cat([xb for xb, _ in batches])
+        assert torch.equal(x, ds.normalize(ds.x_train[idx])) and [len(xb) for xb, _ in batches] == [64, 64, 64, 8]
+    study_images = training_batches(ds, 200, 3, 64)
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(subsets[0][1], study_images))
+    with pytest.raises(ValueError, match="need 1200 training images, but digits has 1150"):
+        training_subsets(ds, 400, 3, 0, 64)
+
+
+@pytest.fixture(scope="module")
+def sampled(tmp_path_factory):
+    torch.set_num_threads(2)
+    out = tmp_path_factory.mktemp("sampled") / "s"
+    cfg = StudyConfig.from_dict({**TINY, "name": "sampled", "runs": [{"method": "sgd"}], "seeds": [0, 1],
+                                 "bits": ["W4A4"], "instruments": {**TINY["instruments"], "replicates": 3,
+                                                                   "surface_steps": 2, "slice_steps": 3}})
+    records = Study(cfg, out, device="cpu", progress=False).run()
+    return cfg, out, records
+
+
+def test_the_sampling_measurement_recomputes_the_curvature_on_each_subset(sampled):
+    import statistics
+
+    cfg, out, records = sampled
+    for rec in records:
+        m = rec["measurements"]
+        s = m["sampling"]["value"]
+        reps = s["replicates"]
+        assert [r["replicate"] for r in reps] == [0, 1, 2] and all(r["images"] == 128 for r in reps)
+        # subset 0 is the study's own images and settings: its trace and eigen measurements are reused
+        assert reps[0]["reused"] == ["trace", "eigen"] and reps[1]["reused"] == reps[2]["reused"] == []
+        assert reps[0]["trace"]["value"] == m["trace"]["value"]["value"]
+        assert reps[0]["top_eigenvalue"]["value"] == m["eigen"]["value"]["eigenvalues"][0]
+        assert reps[0]["trace"]["engines"] == m["trace"]["value"]["engines"]
+        assert [r["trace"]["seed"] for r in reps] == [0, 1, 2]
+        traces = [r["trace"]["value"] for r in reps]
+        assert len(set(traces)) == 3 and all(t > 0 for t in traces)
+        for r in reps:
+            assert r["trace"]["std_error"] > 0 and r["trace"]["num_matvecs"] == cfg.instruments.trace_matvecs
+            # the operator's engines ({name: vectors}) of each subset's own computation (subset 0: the study's)
+            assert r["trace"]["engines"] and r["top_eigenvalue"]["engines"]
+            assert all(isinstance(n, int) and n > 0 for n in r["trace"]["engines"].values())
+            assert r["top_eigenvalue"]["residual_norm"] >= 0
+        t = s["trace"]
+        assert t["mean"] == pytest.approx(statistics.fmean(traces))
+        assert t["std"] == pytest.approx(statistics.stdev(traces))
+        assert t["relative_spread"] == pytest.approx(statistics.stdev(traces) / statistics.fmean(traces))
+        assert t["min_max_ratio"] == pytest.approx(min(traces) / max(traces))
+        ses = [r["trace"]["std_error"] for r in reps]
+        assert t["mean_estimator_error"] == pytest.approx(statistics.fmean(ses))
+        assert t["spread_to_error"] == pytest.approx(statistics.stdev(traces) / statistics.fmean(ses))
+        eig = [r["top_eigenvalue"]["value"] for r in reps]
+        assert s["top_eigenvalue"]["std"] == pytest.approx(statistics.stdev(eig))
+
+
+def test_changing_replicates_redoes_only_the_sampling_measurement(sampled, tmp_path):
+    cfg, out, records = sampled
+    other = shutil.copytree(out, tmp_path / "copy")
+    d = cfg.to_dict()
+    d["instruments"]["replicates"] = 2
+    Study(StudyConfig.from_dict(d), other, device="cpu", progress=False).run()
+    for before, after in zip(records, load_records(other)):
+        for name, m in after["measurements"].items():
+            assert (m["at"] == before["measurements"][name]["at"]) == (name != "sampling"), name
+        assert len(after["measurements"]["sampling"]["value"]["replicates"]) == 2
+        # the same images and seeds give the same numbers
+        assert after["measurements"]["sampling"]["value"]["replicates"][1]["trace"]["value"] == pytest.approx(
+            before["measurements"]["sampling"]["value"]["replicates"][1]["trace"]["value"], rel=1e-6)
+
+
+def _fake_record(rid, config, seed, traces, ses, eigs, res):
+    reps = [{"replicate": i, "images": 64, "trace": {"value": t, "std_error": s},
+             "top_eigenvalue": {"value": e, "residual_norm": r}}
+            for i, (t, s, e, r) in enumerate(zip(traces, ses, eigs, res))]
+    return {"id": rid, "name": rid, "config": config, "settings": {"seed": seed},
+            "measurements": {"sampling": {"key": "k", "value": {"replicates": reps}}}}
+
+
+def test_the_sampling_section_pools_subsets_per_configuration(tmp_path):
+    import statistics
+
+    from landscape.report_sampling import COLUMNS, config_rows, section
+
+    a = ([10.0, 12.0, 11.0], [0.5, 0.7, 0.6], [3.0, 3.5, 3.2], [0.01, 0.02, 0.03])
+    b = ([14.0, 13.0, 16.0], [0.4, 0.5, 0.9], [4.0, 3.0, 3.7], [0.02, 0.02, 0.05])
+    c = ([5.0, 6.0, 5.5], [0.1, 0.2, 0.3], [1.0, 1.1, 1.2], [0.0, 0.01, 0.02])
+    records = [_fake_record("x-s0", "x", 0, *a), _fake_record("x-s1", "x", 1, *b), _fake_record("y-s0", "y", 0, *c),
+               {"id": "z-s0", "config": "z", "settings": {}, "measurements": {"trace": {"value": {}}}}]
+    rows = config_rows(records)
+    assert [r["config"] for r in rows] == ["x", "y"]  # z has no sampling measurement
+    x, y = rows
+    mean_x = statistics.fmean([statistics.fmean(a[0]), statistics.fmean(b[0])])
+    pooled_x = ((statistics.variance(a[0]) + statistics.variance(b[0])) / 2) ** 0.5
+    se_x = statistics.fmean(a[1] + b[1])
+    assert x["models"] == 2 and x["subsets"] == 3 and x["images"] == 64
+    assert x["trace_mean"] == pytest.approx(mean_x) and x["trace_between_std"] == pytest.approx(pooled_x)
+    assert x["trace_relative_spread_pct"] == pytest.approx(100 * pooled_x / mean_x)
+    assert x["trace_mean_se"] == pytest.approx(se_x) and x["trace_std_to_se"] == pytest.approx(pooled_x / se_x)
+    assert x["trace_seed_std"] == pytest.approx(statistics.stdev([statistics.fmean(a[0]), statistics.fmean(b[0])]))
+    pooled_e = ((statistics.variance(a[2]) + statistics.variance(b[2])) / 2) ** 0.5
+    assert x["eig_between_std"] == pytest.approx(pooled_e)
+    assert x["eig_mean_residual"] == pytest.approx(statistics.fmean(a[3] + b[3]))
+    assert y["trace_between_std"] == pytest.approx(statistics.stdev(c[0])) and y["trace_seed_std"] is None
+    assert y["eig_std_to_residual"] == pytest.approx(statistics.stdev(c[2]) / statistics.fmean(c[3]))
+    parts = section(records, tmp_path)
+    assert "id='sampling'" in parts[0] and "<td class='l'>x</td>" in parts[-1]
+    with open(tmp_path / "sampling.csv") as f:
+        got = list(csv.DictReader(f))
+    assert list(got[0]) == [c for c, _ in COLUMNS] and [r["config"] for r in got] == ["x", "y"]
+    assert float(got[0]["trace_between_std"]) == pytest.approx(pooled_x)
+    assert section(records[3:], tmp_path / "none") == [] and not (tmp_path / "none").exists()
+
+
+def test_the_report_has_the_sampling_section_only_with_replicates(sampled, report, tmp_path):
+    from landscape.report import build
+    from landscape.report_sampling import config_rows
+
+    _, out, records = sampled
+    assert "id='sampling'" not in report.read_text() and not (report.parent / "sampling.csv").exists()
+    text = build(out, tmp_path / "r.html", static=False, n_boot=50).read_text()
+    assert "id='sampling'" in text
+    with open(out / "sampling.csv") as f:
+        got = list(csv.DictReader(f))
+    want = config_rows(load_records(out))
+    assert len(got) == len(want) == 1 and got[0]["models"] == "2"
+    assert float(got[0]["trace_mean"]) == pytest.approx(want[0]["trace_mean"])

@@ -7,8 +7,16 @@ import pytest
 import torch
 import torch.nn as nn
 
-from landscape import (eigenvector_directions, interpolation_direction, quantization_direction, random_directions,
-                       surface_1d, surface_2d, top_eigenvalues, HessianOperator)
+from landscape import (
+    HessianOperator,
+    eigenvector_directions,
+    interpolation_direction,
+    quantization_direction,
+    random_directions,
+    surface_1d,
+    surface_2d,
+    top_eigenvalues,
+)
 
 CE = nn.functional.cross_entropy
 
@@ -129,7 +137,8 @@ def test_interpolation_quantization_and_eigen_directions():
             p.copy_(torch.round(p * 4) / 4)
     qd = quantization_direction(a, q)
     assert qd.meta["kind"] == "quantization"
-    assert surface_1d(a, CE, batches, qd, span=(0, 1), steps=2).loss[1] == pytest.approx(full_loss(q, batches)[0], rel=1e-5)
+    assert (surface_1d(a, CE, batches, qd, span=(0, 1), steps=2).loss[1]
+            == pytest.approx(full_loss(q, batches)[0], rel=1e-5))
     eig = top_eigenvalues(HessianOperator(a, CE, batches), k=2, tol=1e-3)
     ed = eigenvector_directions(eig)
     assert len(ed) == 2 and ed[0].norm() == pytest.approx(1.0, rel=1e-4)
@@ -168,3 +177,135 @@ def test_plot_helpers_build_figures():
     fig = plot_surface_2d(s2)
     assert fig.data[0].type == "surface" and np.asarray(fig.data[0].z).shape == (4, 4)
     assert plot_surface_2d(s2, kind="contour").data[0].type == "contour"
+
+
+# -- engines (issue 13): folded BatchNorm, channels_last, torch.compile, vmap -------------------------
+def bn_net():
+    """Conv + BatchNorm twice (one conv without bias), linear + BatchNorm1d, running statistics
+    and BatchNorm affine parameters away from their defaults."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                      nn.Conv2d(4, 5, 3, bias=False), nn.BatchNorm2d(5), nn.ReLU(), nn.Flatten(),
+                      nn.Linear(5 * 4 * 4, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 3))
+    m.train()
+    with torch.no_grad():
+        m(torch.randn(64, 1, 6, 6) * 2 + 0.5)
+        for mod in m.modules():
+            if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+                mod.weight.uniform_(0.5, 1.5)
+                mod.bias.uniform_(-0.3, 0.3)
+    return m.eval()
+
+
+def test_folded_batchnorm_surfaces_equal_the_unfolded_ones_when_directions_move_batchnorm():
+    model = bn_net()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    batches = data()
+    dirs = random_directions(model, 2, seed=3, include_1d=True)
+    assert dirs[0]["1.weight"].abs().sum() > 0 and dirs[1]["8.bias"].abs().sum() > 0  # BatchNorm moves too
+    folded = surface_2d(model, CE, batches, dirs, span=(-1.5, 1.5), steps=4, compile=False)
+    plain = surface_2d(model, CE, batches, dirs, span=(-1.5, 1.5), steps=4, chunk_size=1)
+    assert folded.engine["surface"]["engine"] == "folded" and plain.engine["surface"]["engine"] == "copy"
+    assert folded.engine["surface"]["reason"].startswith("3 BatchNorm layer(s) folded, channels_last")
+    np.testing.assert_allclose(folded.loss, plain.loss, rtol=1e-5)
+    np.testing.assert_allclose(folded.accuracy, plain.accuracy)
+    assert folded.center_loss == pytest.approx(full_loss(model, batches)[0], rel=1e-5)
+    off = surface_1d(model, CE, batches, dirs[0], span=(0.5, 1.0), steps=2, compile=False)  # origin not on the grid
+    assert off.center_loss == pytest.approx(full_loss(model, batches)[0], rel=1e-5)
+    assert np.ptp(plain.loss) > 0.1  # the points differ: moving BatchNorm without refolding would show
+    assert not model.training and all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+
+
+def test_folding_is_refused_for_hooks_and_the_copy_engine_keeps_them():
+    model = bn_net()
+    calls = []
+    h = model[3].register_forward_hook(lambda *a: calls.append(1))
+    try:
+        s = surface_1d(model, CE, data(), random_directions(model, 1, seed=0)[0], steps=3)
+    finally:
+        h.remove()
+    assert s.engine["surface"]["engine"] == "copy" and "forward hooks" in s.engine["surface"]["reason"]
+    assert len(calls) >= 3 * len(data())
+
+
+def test_vmapped_chunks_equal_the_copy_and_the_engine_is_recorded():
+    model = bn_net()
+    dirs = random_directions(model, 2, seed=1, include_1d=True)
+    v = surface_2d(model, CE, data(), dirs, steps=3, chunk_size=4)
+    c = surface_2d(model, CE, data(), dirs, steps=3, chunk_size=1)
+    assert v.engine["surface"]["engine"] == "vmap" and v.engine["surface"]["block"] == 4
+    assert v.engine["surface"]["how"] == "requested" and v.engine["compile"]["engine"] == "none"
+    np.testing.assert_allclose(v.loss, c.loss, rtol=1e-5)
+    assert set(c.engine) == {"surface", "batching", "compile"} and "engine" in c.to_dict()
+    from landscape.surface import SurfaceResult
+
+    assert SurfaceResult(np.zeros(1), None, np.zeros(1), np.zeros(1), [], 0.0, 1).engine == {}  # positional still works
+
+
+def test_compiled_surface_equals_eager_and_compiles_once():
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    model = bn_net()
+    g = torch.Generator().manual_seed(2)
+    batches = [(torch.randn(12, 1, 6, 6, generator=g), torch.randint(0, 3, (12,), generator=g)) for _ in range(2)]
+    dirs = random_directions(model, 2, seed=4, include_1d=True)
+    before = counters["stats"]["unique_graphs"]
+    comp = surface_2d(model, CE, batches, dirs, steps=5, compile=True, max_batch=0)
+    assert counters["stats"]["unique_graphs"] - before == 1  # one graph for 25 points and 2 batches each
+    assert comp.engine["surface"]["engine"] == "compiled" and comp.engine["compile"]["how"] == "requested"
+    assert comp.engine["compile"]["timings"]["graphs"] == 1 and comp.engine["compile"]["timings"]["compile_s"] > 0
+    eager = surface_2d(model, CE, batches, dirs, steps=5, chunk_size=1, max_batch=0)
+    np.testing.assert_allclose(comp.loss, eager.loss, rtol=1e-5)
+    np.testing.assert_allclose(comp.accuracy, eager.accuracy)
+
+
+def test_auto_compiles_only_past_the_threshold_and_once_per_surface(monkeypatch):
+    from torch._dynamo.testing import CompileCounter
+
+    import landscape.surface as surface
+
+    model = bn_net()
+    dirs = random_directions(model, 2, seed=0)
+    batches = [(x[:7], y[:7]) for x, y in data()]  # equal batches: one input shape
+    monkeypatch.setattr(surface, "_COMPILE_PAYS_S", float("inf"))
+    never = surface_2d(model, CE, batches, dirs, steps=5, max_batch=0)
+    assert never.engine["compile"]["engine"] == "none" and never.engine["compile"]["how"] == "rule"
+    assert never.engine["surface"]["engine"] == "folded"
+    counter = CompileCounter()  # dynamo's tracing without inductor: fast
+    monkeypatch.setattr(surface, "_COMPILE_BACKEND", counter)
+    monkeypatch.setattr(surface, "_COMPILE_PAYS_S", 0.0)
+    s = surface_2d(model, CE, batches, dirs, steps=5, max_batch=0)
+    assert counter.frame_count == 1  # 25 points, 3 batches each, the two timing points: one compile
+    assert s.engine["compile"]["how"] == "rule" and "compile_s" in s.engine["compile"]["timings"]
+    assert s.engine["surface"]["how"] == "timing" and set(s.engine["surface"]["timings"]) == {"folded", "compiled"}
+    np.testing.assert_allclose(s.loss, never.loss, rtol=1e-5)
+
+
+def test_bad_engine_arguments():
+    model = bn_net()
+    d = random_directions(model, 1)[0]
+    with pytest.raises(ValueError, match="compile must be True, False or 'auto'"):
+        surface_1d(model, CE, data(), d, steps=2, compile="yes")
+    with pytest.raises(ValueError, match="chunk_size must be 'auto' or 1"):
+        surface_1d(model, CE, data(), d, steps=2, compile=True, chunk_size=4)
+    with pytest.raises(ValueError, match="chunk_size must be 'auto' or a positive integer"):
+        surface_1d(model, CE, data(), d, steps=2, chunk_size=0)
+    with pytest.raises(ValueError, match="max_batch must be None or an integer >= 0"):
+        surface_1d(model, CE, data(), d, steps=2, max_batch=-1)
+    with pytest.raises(ValueError, match="data is empty"):
+        surface_1d(model, CE, [], d, steps=2)
+
+
+def test_the_planner_times_vmapped_chunks_against_the_folded_graph(monkeypatch):
+    import landscape.surface as surface
+
+    monkeypatch.setattr(surface, "_VMAP_ON_CPU", True)  # as on accelerators
+    model = bn_net()
+    dirs = random_directions(model, 2, seed=2)
+    s = surface_2d(model, CE, data(), dirs, steps=5, compile=False, max_batch=0)
+    c = s.engine["surface"]
+    assert c["how"] == "timing" and set(c["timings"]) == {"folded", "vmap@8"}
+    assert c["engine"] in ("folded", "vmap") and (c["block"] == 8) == (c["engine"] == "vmap")
+    ref = surface_2d(model, CE, data(), dirs, steps=5, chunk_size=1, max_batch=0)
+    np.testing.assert_allclose(s.loss, ref.loss, rtol=1e-5)

@@ -13,13 +13,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+from conftest import run_dnq
 from torch.func import functional_call, hessian
 
 from dnq.mixed import InfeasibleBudgetError, allocate, count_macs, parse_budget, parse_budgets, shared_input_groups
 from landscape import HessianOperator
 from landscape.sensitivity import error_moments, layer_sensitivity
-
-from conftest import run_dnq
 
 
 # -- the integer program against an independent brute force -----------------------------------------
@@ -40,8 +39,9 @@ def _enumerate(costs, sizes, cap_of, fixed=(), tied=()):
 
 def _table(rng, n=6, bits=(2, 3, 4, 8)):
     layers = [f"l{i}" for i in range(n)]
-    costs = {l: {b: float(rng.exponential() * 4.0 ** (-b) * rng.uniform(0.1, 10)) for b in bits} for l in layers}
-    sizes = {l: int(rng.integers(16, 5000)) for l in layers}
+    costs = {name: {b: float(rng.exponential() * 4.0 ** (-b) * rng.uniform(0.1, 10)) for b in bits}
+             for name in layers}
+    sizes = {name: int(rng.integers(16, 5000)) for name in layers}
     return layers, costs, sizes
 
 
@@ -54,7 +54,7 @@ def test_allocate_matches_brute_force_and_respects_the_budget_exactly(seed):
         a = allocate(costs, sizes, budget)
         used = sum(Fraction(sizes[n] * a.bits[n]) for n in layers)
         assert used <= Fraction(budget) * total  # exact, not up to a tolerance
-        best = _enumerate(costs, sizes, lambda bits: sum(sizes[n] * b for n, b in bits.items())
+        best = _enumerate(costs, sizes, lambda bits, budget=budget: sum(sizes[n] * b for n, b in bits.items())
                           <= Fraction(budget) * total)
         assert a.objective == pytest.approx(best, rel=1e-12, abs=1e-15)
         assert a.objective == pytest.approx(sum(costs[n][a.bits[n]] for n in layers), rel=1e-12)
@@ -77,8 +77,8 @@ def test_bytes_and_bops_budgets_count_fixed_layers_and_match_brute_force():
         a = allocate(costs, sizes, budget, fixed, kind="bytes")
         assert Fraction(a.bytes) <= Fraction(budget)
         assert a.bytes == float(fixed_bytes + sum(Fraction(sizes[n] * a.bits[n], 8) for n in layers))
-        best = _enumerate(costs, sizes, lambda bits: fixed_bytes + sum(Fraction(sizes[n] * b, 8)
-                                                                      for n, b in bits.items()) <= Fraction(budget))
+        best = _enumerate(costs, sizes, lambda bits, budget=budget: (
+            fixed_bytes + sum(Fraction(sizes[n] * b, 8) for n, b in bits.items()) <= Fraction(budget)))
         assert a.objective == pytest.approx(best, rel=1e-12)
         lo_b = fixed_bops + sum(Fraction(macs[n] * 2 * 4) for n in layers)
         hi_b = fixed_bops + sum(Fraction(macs[n] * 8 * 4) for n in layers)
@@ -86,8 +86,8 @@ def test_bytes_and_bops_budgets_count_fixed_layers_and_match_brute_force():
         b = allocate(costs, sizes, budget_b, fixed, kind="bops", macs=macs, abits=abits)
         used = fixed_bops + sum(Fraction(macs[n] * b.bits[n] * 4) for n in layers)
         assert used <= Fraction(budget_b) and b.bops == pytest.approx(float(used))
-        best = _enumerate(costs, sizes, lambda bits: fixed_bops + sum(Fraction(macs[n] * v * 4)
-                                                                     for n, v in bits.items()) <= Fraction(budget_b))
+        best = _enumerate(costs, sizes, lambda bits, budget_b=budget_b: (
+            fixed_bops + sum(Fraction(macs[n] * v * 4) for n, v in bits.items()) <= Fraction(budget_b)))
         assert b.objective == pytest.approx(best, rel=1e-12)
         assert set(b.bits) == set(layers) and b.fixed == fixed
 
@@ -103,8 +103,8 @@ def test_fixed_and_tied_layers_are_honoured():
         free = [n for n in layers if n != "l0"]
         total = sum(sizes[n] for n in free)
         sub = {n: costs[n] for n in free}
-        best = _enumerate(sub, sizes, lambda bits: sum(sizes[n] * b for n, b in bits.items())
-                          <= Fraction(budget) * total, tied=tied)
+        best = _enumerate(sub, sizes, lambda bits, budget=budget, total=total: (
+            sum(sizes[n] * b for n, b in bits.items()) <= Fraction(budget) * total), tied=tied)
         assert a.objective == pytest.approx(best, rel=1e-12)
     with pytest.raises(ValueError, match="fixed"):
         allocate(costs, sizes, 3.0, fixed={"l1": 8}, tied=[["l1", "l2"]])

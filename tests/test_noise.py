@@ -54,7 +54,7 @@ def test_gradient_is_taken_at_the_perturbed_weights(tiny_cnn):
     expected = torch.autograd.grad(loss, list(params.values()))
     model.zero_grad()
     method.step(model, x, y, nn.CrossEntropyLoss(), _null)
-    for (n, p), g in zip(model.named_parameters(), expected):
+    for (_n, p), g in zip(model.named_parameters(), expected):
         torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-7)
     clean = [torch.autograd.grad(nn.functional.cross_entropy(model(x), y), p)[0] for p in method.noise.params[:1]]
     assert not torch.allclose(clean[0], method.noise.params[0].grad)  # the noise did change the gradient
@@ -220,7 +220,7 @@ def test_fair_gaussian_draws_and_clean_weights(tiny_cnn, name):
     from dnq.quant import quantize_weight
     gen = torch.Generator().manual_seed(1)
     n_draws = 4000
-    for (lname, layer), p in zip(noise.layers, noise.params):
+    for (lname, layer), _p in zip(noise.layers, noise.params):
         w = layer.weight.detach().double()
         err = (quantize_weight(w, 3) - w).reshape(w.shape[0], -1)
         target = err.var(dim=1, unbiased=False)

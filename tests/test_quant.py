@@ -4,13 +4,21 @@ import warnings
 import pytest
 import torch
 import torch.nn as nn
-
 from conftest import UntraceableConvBN
 
 from dnq.models import build_model
 from dnq.noise import weight_error_stats
-from dnq.quant import (ActObserver, act_qparams, fake_quantize, fold_batchnorm, parse_bits, quant_layers, quantize,
-                       quantize_weight, weight_qparams)
+from dnq.quant import (
+    ActObserver,
+    act_qparams,
+    fake_quantize,
+    fold_batchnorm,
+    parse_bits,
+    quant_layers,
+    quantize,
+    quantize_weight,
+    weight_qparams,
+)
 
 
 def test_symmetric_weight_quantizer_hand_example():

@@ -27,8 +27,15 @@ import dnq.recon as recon
 from dnq.models import build_model
 from dnq.models.resnet import BasicBlock
 from dnq.quant import fake_quantize, quantize, quantize_weight, weight_qparams
-from dnq.recon import (LSQActQuantizer, ReconstructionError, check_methods, find_units, lsq_fake_quantize,
-                       reconstruct, rectified_sigmoid)
+from dnq.recon import (
+    LSQActQuantizer,
+    ReconstructionError,
+    check_methods,
+    find_units,
+    lsq_fake_quantize,
+    reconstruct,
+    rectified_sigmoid,
+)
 
 
 def _linear_problem(seed=0, n=512, d_in=24, d_out=12):

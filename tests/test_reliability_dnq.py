@@ -5,7 +5,6 @@ only what the toolkit wrote, after every check, and a failed replacement keeps t
 import io
 import json
 import os
-import pickle
 import signal
 import subprocess
 import sys
@@ -15,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import ROOT, run_dnq
+
 from dnq.cli import main
 
 FAST = ["--data", "digits", "--model", "cnn-digits", "--quiet"]
@@ -60,8 +59,10 @@ def _bad_files(d: Path) -> dict:
     files["2d_labels"] = _npz(d / "2d.npz", y_train=np.zeros((64, 3), np.int64))
     files["float_labels"] = _npz(d / "float.npz", y_train=np.full(64, 0.5))
     files["huge_label"] = _npz(d / "huge.npz", y_train=np.r_[np.zeros(63, np.int64), [100000]])
-    files["empty_arrays"] = _npz(d / "emptyarr.npz", x_train=np.zeros((0, 8, 8, 3), np.uint8), y_train=np.zeros(0, np.int64))
-    files["empty_test"] = _npz(d / "emptytest.npz", x_test=np.zeros((0, 8, 8, 3), np.uint8), y_test=np.zeros(0, np.int64))
+    files["empty_arrays"] = _npz(d / "emptyarr.npz", x_train=np.zeros((0, 8, 8, 3), np.uint8),
+                                 y_train=np.zeros(0, np.int64))
+    files["empty_test"] = _npz(d / "emptytest.npz", x_test=np.zeros((0, 8, 8, 3), np.uint8),
+                               y_test=np.zeros(0, np.int64))
     files["float_images"] = _npz(d / "floatimg.npz", x_train=np.zeros((64, 8, 8, 3), np.float32))
     files["missing_array"] = _npz(d / "missing.npz", y_test=None)
     return files
@@ -167,8 +168,8 @@ def test_a_damaged_checkpoint_names_the_file_and_the_way_out(tmp_path, monkeypat
     ck.write_bytes({"truncate": data[: len(data) // 2], "zero": b"", "evil": _evil_pickle(),
                     "foreign": _tensor_file({"w": torch.zeros(3)})}[damage])
     monkeypatch.chdir(tmp_path)
-    bad, err = _one_line_refusal(capsys, ["train", *FAST, "--epochs", "2", "--out", str(run), "--resume"], [needle, "checkpoint.pt"],
-                            tmp_path)
+    bad, err = _one_line_refusal(capsys, ["train", *FAST, "--epochs", "2", "--out", str(run), "--resume"],
+                                 [needle, "checkpoint.pt"], tmp_path)
     assert not bad, (bad, err)
     assert "weights_only=False" not in err and "--overwrite" in err
     assert not (tmp_path / "PWNED").exists()
@@ -219,29 +220,32 @@ def test_overwrite_refuses_foreign_folders_the_cwd_and_home(tmp_path, monkeypatc
     (p / "src").mkdir(parents=True)
     (p / "config.json").write_text("{}")
     (p / "notes.txt").write_text("k")
-    bad, err = _one_line_refusal(capsys, ["train", *FAST, "--epochs", "1", "--out", str(p), "--overwrite"], ["not written by dnq train"],
-                      tmp_path)
+    bad, err = _one_line_refusal(capsys, ["train", *FAST, "--epochs", "1", "--out", str(p), "--overwrite"],
+                                 ["not written by dnq train"], tmp_path)
     assert not bad, (bad, err)
     # a real run folder holding a file of the user's: untouched
     run = _copy_run(finished, tmp_path / "run")
     (run / "my-notes.txt").write_text("mine")
-    bad, err = _one_line_refusal(capsys, ["train", *FAST, "--epochs", "1", "--out", str(run), "--overwrite"], ["my-notes.txt"], tmp_path)
+    bad, err = _one_line_refusal(capsys, ["train", *FAST, "--epochs", "1", "--out", str(run), "--overwrite"],
+                                 ["my-notes.txt"], tmp_path)
     assert not bad, (bad, err)
     # the current folder, even when it is a run folder
     (run / "my-notes.txt").unlink()
     monkeypatch.chdir(run)
-    bad, err = _one_line_refusal(capsys, ["train", *FAST, "--epochs", "1", "--out", ".", "--overwrite"], ["current folder"], tmp_path)
+    bad, err = _one_line_refusal(capsys, ["train", *FAST, "--epochs", "1", "--out", ".", "--overwrite"],
+                                 ["current folder"], tmp_path)
     assert not bad, (bad, err)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HOME", str(run))
-    bad, err = _one_line_refusal(capsys, ["train", *FAST, "--epochs", "1", "--out", str(run), "--overwrite"], ["$HOME"], tmp_path)
+    bad, err = _one_line_refusal(capsys, ["train", *FAST, "--epochs", "1", "--out", str(run), "--overwrite"],
+                                 ["$HOME"], tmp_path)
     assert not bad, (bad, err)
 
 
 def test_out_under_a_regular_file_is_refused(tmp_path, capsys):
     (tmp_path / "file").write_text("x")
-    bad, err = _one_line_refusal(capsys, ["train", *FAST, "--epochs", "1", "--out", str(tmp_path / "file" / "run")], ["is a file"],
-                      tmp_path)
+    bad, err = _one_line_refusal(capsys, ["train", *FAST, "--epochs", "1", "--out", str(tmp_path / "file" / "run")],
+                                 ["is a file"], tmp_path)
     assert not bad, (bad, err)
 
 

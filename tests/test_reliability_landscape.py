@@ -24,9 +24,20 @@ import pytest
 import torch
 import torch.nn as nn
 
-from landscape import (HessianOperator, NonFiniteError, block_traces, hessian_trace, noise_weighted_trace,
-                       power_iteration, predicted_loss_increase, random_directions, spectral_density, surface_1d,
-                       surface_2d, top_eigenvalues)
+from landscape import (
+    HessianOperator,
+    NonFiniteError,
+    block_traces,
+    hessian_trace,
+    noise_weighted_trace,
+    power_iteration,
+    predicted_loss_increase,
+    random_directions,
+    spectral_density,
+    surface_1d,
+    surface_2d,
+    top_eigenvalues,
+)
 from landscape.cli import main
 from landscape.study import Study, StudyConfig, StudyError
 

@@ -8,8 +8,8 @@ import time
 
 import pytest
 import torch
-
 from conftest import ROOT, run_dnq
+
 from dnq import train as train_mod
 from dnq.cli import main
 from dnq.methods import METHODS
@@ -68,7 +68,8 @@ def test_run_folder_contents(tmp_path):
     assert cfg["method"] == "dnq" and cfg["wbits"] == 4 and cfg["environment"]["torch"] == torch.__version__
     assert "git_commit" in cfg["environment"] and cfg["world_size"] == 1
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in lines] == [0, 1, 2, 2] and [r.get("final", False) for r in lines] == [False] * 3 + [True]
+    assert [r["epoch"] for r in lines] == [0, 1, 2, 2]
+    assert [r.get("final", False) for r in lines] == [False] * 3 + [True]
     # per-epoch numbers on the validation split; test only in the final line
     assert {"train_loss", "train_acc", "val_loss", "val_acc", "lambda", "lr"} <= set(lines[0])
     assert not any(k.startswith("test") for r in lines[:3] for k in r)
@@ -179,7 +180,8 @@ def test_ptq_cli_errors(tmp_path, capsys):
 def test_amp_and_channels_last_forced_on_the_cpu(tmp_path, capsys):
     """``--amp --channels-last`` run the CUDA settings on the CPU; resuming with others is refused."""
     out = tmp_path / "run"
-    assert main(["train", *FAST, "--method", "dnq", "--epochs", "2", "--amp", "--channels-last", "--out", str(out)]) == 0
+    assert main(["train", *FAST, "--method", "dnq", "--epochs", "2", "--amp", "--channels-last",
+                 "--out", str(out)]) == 0
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["amp"] is True and cfg["channels_last"] is True and cfg["resolved_device"] == "cpu"
     res = json.loads((out / "result.json").read_text())

@@ -4,7 +4,8 @@ stage at stride 1 (as in the common CIFAR variant), so the last feature map is 4
 import torch.nn as nn
 import torchvision
 
-CIFAR_SETTING = [[1, 16, 1, 1], [6, 24, 2, 1], [6, 32, 3, 2], [6, 64, 4, 2], [6, 96, 3, 1], [6, 160, 3, 2], [6, 320, 1, 1]]
+CIFAR_SETTING = [[1, 16, 1, 1], [6, 24, 2, 1], [6, 32, 3, 2], [6, 64, 4, 2], [6, 96, 3, 1], [6, 160, 3, 2],
+                 [6, 320, 1, 1]]
 
 
 def mobilenetv2(num_classes: int = 10, in_channels: int = 3, image_size: int = 32) -> nn.Module:
