@@ -358,7 +358,11 @@ def _draw(fig: dict, target, width_in: float) -> None:
                 labels += lab
             if handles:  # on the top-most axes, so that no line is drawn over it
                 top = list(p.twins.values())[-1] if p.twins else p.ax
-                top.legend(handles, labels, fontsize=6 if len(handles) > 6 else 7)
+                if len(handles) <= 12:
+                    top.legend(handles, labels, fontsize=6 if len(handles) > 6 else 7)
+                else:  # a long legend goes right of the axes (the layout makes room for it)
+                    top.legend(handles, labels, fontsize=5, loc="upper left", bbox_to_anchor=(1.02, 1.0),
+                               ncols=math.ceil(len(handles) / 24))
     title = _title(layout.get("title"))
     if title:
         target.suptitle(_wrap(title, width_in))
@@ -414,7 +418,7 @@ def _bytes(fig, fmt: str, dpi: int) -> bytes:
 
     buf = io.BytesIO()
     with rc_context(_RC):  # tick labels are made when drawn
-        fig.savefig(buf, format=fmt, dpi=dpi)
+        fig.savefig(buf, format=fmt, dpi=dpi, bbox_inches="tight")
     return buf.getvalue()
 
 
