@@ -54,22 +54,19 @@ import contextlib
 from collections.abc import Callable
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 
 from ._timing import best_of, timed
 from .engines import PRODUCT_ENGINES, CachedGraph, FwdRev, ProductForms, RevRev, TaylorForms
 from .errors import NonFiniteError, check_policy
-from .operator import BaseOperator, DataChangedError, as_batches, eval_mode, finite_pair, select_params, take
-from .planner import Choice, distributed, short_error
+from .operator import BaseOperator, DataChangedError, eval_mode, finite_pair, select_params, take
+from .planner import Choice, short_error
 from .precision import full_precision
 
 METHODS = ("auto", "fwd-rev", "rev-rev", "cached")
 QUADRATIC = ("auto", "taylor", "hvp")
 ENGINES = METHODS[1:] + QUADRATIC[1:]
 
-# names kept for the modules that import them from here
-_as_batches = as_batches
 __all__ = ["HessianOperator", "METHODS", "QUADRATIC", "ENGINES", "eval_mode", "select_params", "measuring",
            "nonfinite_policy", "DataChangedError"]
 
@@ -405,12 +402,8 @@ class HessianOperator(BaseOperator):
         if how == "timing":
             self.planner.decide("quadratic", {"taylor": lambda: timings["taylor"], "hvp": lambda: timings["hvp"]},
                                 names=("taylor", "hvp"))
-        else:
-            if distributed():  # every rank must run the same collectives: rank 0 decides
-                pick = torch.tensor([QUADRATIC.index(choice)], dtype=torch.int64,
-                                    device=self.device if self.device.type != "cpu" else "cpu")
-                dist.broadcast(pick, 0)
-                choice = QUADRATIC[int(pick[0])]
+        else:  # every rank must run the same collectives: rank 0's choice
+            choice = self.planner.agree(choice, QUADRATIC)
             self.planner.record(Choice("quadratic", choice, how, timings, errors, reason))
         if self.quadratic == "taylor" and self._forms is None:
             with eval_mode(self.model):

@@ -290,10 +290,7 @@ class BaseOperator:
                     else:
                         reason = ("the first batch's loss is neither the mean nor the sum of its halves': "
                                   "taken as a mean")
-        if distributed():
-            pick = torch.tensor([REDUCTIONS.index(red)], device=self.device if self.device.type != "cpu" else "cpu")
-            dist.broadcast(pick, 0)
-            red = REDUCTIONS[int(pick[0])]
+        red = self.planner.agree(red, REDUCTIONS)
         self.reduction = red
         self.planner.record(Choice("reduction", red, "rule", reason=reason))
 

@@ -112,15 +112,20 @@ class Planner:
                 errors[name] = short_error(e)
         if not timings:
             raise RuntimeError(f"no engine can compute the {what} for this model: {errors}")
-        best = min(timings, key=timings.get)
-        if distributed():  # every rank must run the same engine: rank 0 decides
-            order = list(names or candidates)
-            pick = torch.tensor([order.index(best)], dtype=torch.int64,
-                                device=self.device if self.device.type != "cpu" else "cpu")
-            dist.broadcast(pick, 0)
-            best = order[int(pick[0])]
+        best = self.agree(min(timings, key=timings.get), tuple(names or candidates))
         engine, _, block = best.partition("@")
         return self.record(Choice(what, engine, "timing", timings, errors, "", int(block) if block else None))
+
+    def agree(self, name: str, names: tuple[str, ...]) -> str:
+        """Rank 0's ``name`` (one of ``names``, the same tuple on every rank) under
+        ``torch.distributed``, so that every rank runs the same engines and collectives; ``name``
+        itself otherwise."""
+        if not distributed():
+            return name
+        pick = torch.tensor([names.index(name)], dtype=torch.int64,
+                            device=self.device if self.device.type != "cpu" else "cpu")
+        dist.broadcast(pick, 0)
+        return names[int(pick[0])]
 
     def to_dict(self) -> dict:
         """Every choice, JSON-ready, by ``what``."""

@@ -70,7 +70,7 @@ from tqdm.auto import tqdm
 
 from . import _timing
 from .errors import NonFiniteError, check_policy
-from .hessian import _as_batches, eval_mode
+from .operator import as_batches, eval_mode
 from .planner import Choice, Planner, distributed, short_error
 from .precision import full_precision
 from .results import Result
@@ -647,7 +647,7 @@ def _surface(model, loss_fn, data, dirs, grids, chunk, progress, max_batch, on_n
     t0 = time.perf_counter()
     if not (compile is True or compile is False or compile == "auto"):
         raise ValueError(f"compile must be True, False or 'auto', got {compile!r}")
-    data = _as_batches(data)
+    data = as_batches(data)
     params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
     for i, d in enumerate(dirs):
         _check_direction(params, d, i)
