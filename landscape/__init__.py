@@ -10,9 +10,9 @@ from .directions import (
                          random_directions,
 )
 from .eigen import EigenResult, power_iteration, top_eigenvalues
-from .errors import NonFiniteError
+from .errors import ConvergenceError, ConvergenceWarning, NonFiniteError
 from .hessian import HessianOperator
-from .operator import BaseOperator, DataChangedError
+from .operator import BaseOperator, DataChangedError, ReductionWarning
 from .planner import Choice, Planner
 from .precision import full_precision
 from .sensitivity import LayerSensitivityResult, error_moments, layer_sensitivity
@@ -35,4 +35,20 @@ __all__ = ["HessianOperator", "BaseOperator", "DataChangedError", "Planner", "Ch
            "random_directions", "interpolation_direction", "quantization_direction", "eigenvector_directions",
            "Direction", "surface_1d", "surface_2d", "SurfaceResult", "TraceResult", "BlockTraceResult",
            "LossIncreasePrediction", "EigenResult", "DensityResult", "full_precision", "NonFiniteError",
-           "layer_sensitivity", "error_moments", "LayerSensitivityResult"]
+           "layer_sensitivity", "error_moments", "LayerSensitivityResult", "ConvergenceWarning", "ConvergenceError",
+           "ReductionWarning",
+           "plot"]
+
+#: submodules reachable as attributes after ``import landscape`` (imported on first use: plotly and
+#: matplotlib are not loaded for users who only measure)
+_LAZY = ("plot", "plot_static", "regress")
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        module = importlib.import_module(f".{name}", __name__)
+        globals()[name] = module
+        return module
+    raise AttributeError(f"module 'landscape' has no attribute {name!r}")

@@ -57,3 +57,20 @@ def check_policy(on_nonfinite: str, name: str = "on_nonfinite") -> str:
     if on_nonfinite not in ON_NONFINITE:
         raise ValueError(f"{name} must be 'raise' or 'nan', got {on_nonfinite!r}")
     return on_nonfinite
+
+
+class ConvergenceWarning(UserWarning):
+    """An iterative instrument stopped before reaching its tolerance (its result says how far it got)."""
+
+
+class ConvergenceError(RuntimeError):
+    """An iterative instrument called with ``strict=True`` stopped before reaching its tolerance."""
+
+
+def not_converged(message: str, strict: bool) -> None:
+    """Raise :class:`ConvergenceError` (``strict``) or warn with :class:`ConvergenceWarning`."""
+    import warnings
+
+    if strict:
+        raise ConvergenceError(message)
+    warnings.warn(message, ConvergenceWarning, stacklevel=3)

@@ -59,6 +59,7 @@ import torch.nn as nn
 from ._timing import best_of, timed
 from .engines import PRODUCT_ENGINES, CachedGraph, FwdRev, ProductForms, RevRev, TaylorForms
 from .errors import NonFiniteError, check_policy
+from .fp64 import dots, norms
 from .operator import BaseOperator, DataChangedError, eval_mode, finite_pair, select_params, take
 from .planner import Choice, short_error
 from .precision import full_precision
@@ -330,7 +331,7 @@ class HessianOperator(BaseOperator):
             else:
                 self._choose_quadratic(Z[:, : self.quadratic_block])
         if self.quadratic == "hvp":
-            return (Z * self._matmat(Z, "quadratic")).sum(0)
+            return dots(Z, self._matmat(Z, "quadratic")).to(self.dtype)
         return torch.cat([self._taylor_block(B) for B in Z.split(self.quadratic_block, dim=1)])
 
     def _taylor_block(self, B: torch.Tensor) -> torch.Tensor:
@@ -386,8 +387,8 @@ class HessianOperator(BaseOperator):
                     t_taylor = min(t_taylor, t)
                     HV, t = timed(lambda: self.to_block(rev.products(self, 0, x, y, V, frozen)[0]), self.device)
                     t_hvp = min(t_hvp, t)
-                q_h = (Z * HV).sum(0)
-                scale = Z.norm(dim=0) * HV.norm(dim=0)
+                q_h = dots(Z, HV).to(q_t.dtype)
+                scale = (norms(Z) * norms(HV)).to(q_t.dtype)
                 timings = {"taylor": t_taylor / Z.shape[1], "hvp": t_hvp / Z.shape[1]}
                 if bool(((q_t - q_h).abs() > 1e-4 * scale + 1e-12).any()):
                     errors["taylor"] = (f"Taylor-mode forms disagree with Hessian-vector products ({q_t.tolist()} vs "

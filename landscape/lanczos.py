@@ -1,10 +1,30 @@
-"""Symmetric Lanczos with full reorthogonalization, for several independent start vectors at
-once (their products share one :meth:`HessianOperator.matmat` per step).
+"""Symmetric Lanczos within a memory budget: full reorthogonalization where the basis fits,
+thick restarts (top eigenpairs) or the plain three-term recurrence (quadrature) where it does
+not.
 
-Full reorthogonalization (classical Gram-Schmidt, twice) against every stored Lanczos vector
-keeps the basis orthonormal to working precision, so no ghost copies of converged eigenvalues
-appear; its memory is ``steps x dim`` per run, fine for the tens to hundreds of steps these
-estimators take.
+Every inner product, norm and Gram-Schmidt coefficient is accumulated in float64
+(:mod:`landscape.fp64`) whatever the vectors' dtype, so the answers do not degrade with the
+number of parameters (float32 ``norm`` on the CPU does: pytorch/pytorch#169237).
+
+**Memory.** A Lanczos vector has the operator's ``dim`` entries (44.7 MB in float32 for
+torchvision's resnet18, 11.18M parameters). The basis grows one vector per step (nothing is
+allocated up front), and ``memory_budget`` bytes bound it:
+
+* :func:`lanczos` (spectral density, several runs at once) keeps every vector and
+  reorthogonalizes fully when ``runs x steps`` vectors fit the budget (``reorth="full"``);
+  otherwise it keeps only the last two vectors of each run (``reorth="local"``: the three-term
+  recurrence, reorthogonalized locally). Gauss quadrature from the finite-precision recurrence
+  stays accurate without global orthogonality (Paige 1976; Greenbaum 1989; Ubaru, Chen & Saad,
+  SIAM J. Matrix Anal. Appl. 2017, who analyse SLQ in exactly this form): lost orthogonality
+  shows up as copies of converged Ritz values whose weights split the true weight.
+* :func:`thick_restart_lanczos` (top eigenpairs) keeps at most ``window`` vectors; when the
+  basis is full it restarts from the best Ritz vectors (thick restart: Wu & Simon, SIAM J.
+  Matrix Anal. Appl. 2000; Stewart's Krylov-Schur, 2001), with full reorthogonalization inside
+  the window. When every step fits (the usual case) it is plain full-reorthogonalization
+  Lanczos.
+
+:func:`default_budget` is 2 GiB for host memory and a quarter of the free memory of an
+accelerator; the instruments take ``memory_budget=`` to change it.
 """
 
 from __future__ import annotations
@@ -13,9 +33,111 @@ from collections.abc import Callable
 
 import torch
 
+from ._progress import bar as _bar
+from .fp64 import chunk_rows, combine, dots, normalize
+
+#: host memory the Lanczos basis may take by default (bytes)
+HOST_BUDGET = 2 << 30
+REORTH = ("auto", "full", "local")
+
+
+def default_budget(device) -> int:
+    """Bytes a Lanczos basis may take on ``device`` by default: 2 GiB of host memory, or a
+    quarter of the free memory of a CUDA device."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free // 4)
+    return HOST_BUDGET
+
+
+def check_budget(memory_budget) -> None:
+    """Raise ``ValueError`` unless ``memory_budget`` is ``None`` or a positive number of bytes."""
+    if memory_budget is None:
+        return
+    if isinstance(memory_budget, bool) or not isinstance(memory_budget, (int, float)) or not memory_budget > 0:
+        raise ValueError(f"memory_budget must be a positive number of bytes (or None for the default), "
+                         f"got {memory_budget!r}")
+
+
+def vectors_in(budget: int | None, dim: int, dtype: torch.dtype, device) -> int:
+    """How many vectors of ``dim`` entries of ``dtype`` fit in ``budget`` bytes (default:
+    :func:`default_budget`)."""
+    budget = default_budget(device) if budget is None else int(budget)
+    return int(budget // (dim * torch.empty((), dtype=dtype).element_size()))
+
+
+def gib(nbytes: float) -> str:
+    """``nbytes`` as a short human string (``"1.2 GiB"``, ``"340 MiB"``)."""
+    return f"{nbytes / 2 ** 30:.2f} GiB" if nbytes >= 2 ** 30 else f"{nbytes / 2 ** 20:.0f} MiB"
+
+
+class Basis:
+    """Orthonormal vectors kept in the operator's dtype, one tensor per vector (the basis grows
+    as steps are taken); projections accumulated in float64, chunk by chunk."""
+
+    def __init__(self):
+        self.vectors: list[torch.Tensor] = []
+
+    def __len__(self) -> int:
+        return len(self.vectors)
+
+    def append(self, v: torch.Tensor) -> None:
+        self.vectors.append(v)
+
+    def drop_oldest(self, keep: int) -> None:
+        """Keep only the last ``keep`` vectors."""
+        del self.vectors[: max(0, len(self.vectors) - keep)]
+
+    def coefficients(self, w: torch.Tensor) -> torch.Tensor:
+        """``V^T w`` (float64, one entry per vector)."""
+        n, j = w.shape[0], len(self.vectors)
+        c = torch.zeros(j, dtype=torch.float64, device=w.device)
+        step = chunk_rows(j + 1, w.device)
+        for s in range(0, n, step):
+            X = torch.stack([v[s:s + step] for v in self.vectors]).double()  # (j, rows)
+            c += X @ w[s:s + step].double()
+        return c
+
+    def subtract(self, w: torch.Tensor, c: torch.Tensor) -> None:
+        """``w -= V c`` in place (the combination formed in float64)."""
+        step = chunk_rows(len(self.vectors) + 1, w.device)
+        for s in range(0, w.shape[0], step):
+            X = torch.stack([v[s:s + step] for v in self.vectors], 1).double()  # (rows, j)
+            w[s:s + step] = (w[s:s + step].double() - X @ c).to(w.dtype)
+
+    def orthogonalize(self, w: torch.Tensor, passes: int = 2) -> torch.Tensor:
+        """Classical Gram-Schmidt of ``w`` against the basis, ``passes`` times, in place;
+        returns the summed coefficients (float64)."""
+        total = torch.zeros(len(self.vectors), dtype=torch.float64, device=w.device)
+        for _ in range(passes):
+            c = self.coefficients(w)
+            self.subtract(w, c)
+            total += c
+        return total
+
+    def rotate(self, S: torch.Tensor) -> None:
+        """Replace the basis by ``V S`` (S: (j, l) float64, orthonormal columns), in place: no
+        second copy of the basis is made (each chunk is combined from a float64 copy)."""
+        j, cols = S.shape
+        S = S.to(device=self.vectors[0].device)
+        step = chunk_rows(j + cols, self.vectors[0].device)
+        n = self.vectors[0].shape[0]
+        for s in range(0, n, step):
+            X = torch.stack([v[s:s + step] for v in self.vectors], 1).double()  # (rows, j)
+            Y = X @ S
+            for i in range(cols):
+                self.vectors[i][s:s + step] = Y[:, i].to(self.vectors[i].dtype)
+        del self.vectors[cols:]
+
+    def combination(self, S: torch.Tensor) -> torch.Tensor:
+        """``V S`` as a new (n, l) block (float64 sums)."""
+        return combine(self.vectors, S)
+
 
 def lanczos(matmat: Callable[[torch.Tensor], torch.Tensor], V0: torch.Tensor, steps: int,
-            stop: Callable[[int, torch.Tensor, torch.Tensor], bool] | None = None):
+            stop: Callable[[int, torch.Tensor, torch.Tensor], bool] | None = None, *, reorth: str = "full",
+            progress: bool = False, desc: str = "lanczos"):
     """Run ``steps`` Lanczos iterations from each column of ``V0`` (dim, r).
 
     Args:
@@ -24,47 +146,60 @@ def lanczos(matmat: Callable[[torch.Tensor], torch.Tensor], V0: torch.Tensor, st
         steps: maximum number of iterations (Krylov dimension).
         stop: optional ``stop(j, alphas, betas) -> bool`` called after iteration ``j`` (1-based
             count) with the coefficients so far; returning True ends the run early.
+        reorth: ``"full"``: every vector is kept and each new one is orthogonalized against all
+            of them (twice); ``"local"``: only the last two vectors are kept (the three-term
+            recurrence; see the module doc). ``"auto"`` is not resolved here (the instruments
+            choose by memory budget).
+        progress: a progress bar over the steps (shown after 2 s).
 
     Returns:
-        ``(alphas (r, m), betas (r, m), Q (r, m, dim), lengths (r,))``: ``betas[:, j]`` couples
+        ``(alphas (r, m), betas (r, m), lengths (r,))`` in float64: ``betas[:, j]`` couples
         vectors ``j`` and ``j + 1`` (the last one is the residual norm). A run whose Krylov space
         is exhausted (``beta ~ 0``: an invariant subspace) stops there; its ``lengths`` entry is
         its number of valid steps and its later coefficients are zero.
     """
+    if reorth not in ("full", "local"):
+        raise ValueError(f"reorth must be 'full' or 'local', got {reorth!r}")
     dim, r = V0.shape
     steps = min(steps, dim)
-    Q = torch.zeros(r, steps, dim, dtype=V0.dtype, device=V0.device)
     alphas = torch.zeros(r, steps, dtype=torch.float64)
     betas = torch.zeros(r, steps, dtype=torch.float64)
     lengths = torch.full((r,), steps, dtype=torch.long)
     active = torch.ones(r, dtype=torch.bool)
-    q = V0 / V0.norm(dim=0, keepdim=True)
+    bases = [Basis() for _ in range(r)]
+    q, _ = normalize(V0)
     scale = torch.zeros(r, dtype=torch.float64)
     m = 0
-    for j in range(steps):
-        Q[:, j] = q.T
-        w = matmat(q)  # (dim, r)
-        a = (q * w).sum(0)
-        alphas[:, j] = a.double().cpu() * active
-        basis = Q[:, : j + 1]  # (r, j+1, dim)
-        wt = w.T.unsqueeze(-1)  # (r, dim, 1)
-        for _ in range(2):  # full reorthogonalization, twice
-            wt = wt - basis.transpose(1, 2) @ (basis @ wt)
-        w = wt.squeeze(-1).T
-        b = w.norm(dim=0).double().cpu()
-        betas[:, j] = b * active
-        m = j + 1
-        scale = torch.maximum(scale, alphas[:, j].abs())
-        done = active & (b <= 1e-10 * scale.clamp_min(1e-300))
-        if done.any():
-            lengths[done] = m
-            active &= ~done
-        if not active.any() or (stop is not None and stop(m, alphas[:, :m], betas[:, :m])):
-            lengths[active] = m
-            break
-        q = w / b.clamp_min(1e-300).to(device=w.device, dtype=w.dtype)
-        q[:, ~active.to(q.device)] = 0  # finished runs idle on zero vectors
-    return alphas[:, :m], betas[:, :m], Q[:, :m], lengths
+    with _bar(progress, steps, desc) as pbar:
+        for j in range(steps):
+            for i in range(r):
+                if reorth == "local":
+                    bases[i].drop_oldest(1)
+                bases[i].append(q[:, i].clone())
+            w = matmat(q)  # (dim, r)
+            a = torch.zeros(r, dtype=torch.float64)
+            for i in range(r):
+                if bool(active[i]):
+                    a[i] = bases[i].orthogonalize(w[:, i])[-1].cpu()
+                else:
+                    w[:, i] = 0
+            alphas[:, j] = a * active
+            w, b = normalize(w)
+            b = b.cpu()
+            betas[:, j] = b * active
+            m = j + 1
+            pbar.update(1)
+            scale = torch.maximum(scale, alphas[:, j].abs())
+            done = active & (b <= 1e-10 * scale.clamp_min(1e-300))
+            if done.any():
+                lengths[done] = m
+                active &= ~done
+            if not active.any() or (stop is not None and stop(m, alphas[:, :m], betas[:, :m])):
+                lengths[active] = m
+                break
+            q = w
+            q[:, ~active.to(q.device)] = 0  # finished runs idle on zero vectors
+    return alphas[:, :m], betas[:, :m], lengths
 
 
 def tridiagonal(alphas: torch.Tensor, betas: torch.Tensor) -> torch.Tensor:
@@ -75,3 +210,102 @@ def tridiagonal(alphas: torch.Tensor, betas: torch.Tensor) -> torch.Tensor:
         off = betas[: m - 1]
         T = T + torch.diag(off, 1) + torch.diag(off, -1)
     return T
+
+
+def order(theta: torch.Tensor, which: str) -> torch.Tensor:
+    """Indices of ``theta`` from the most wanted: ``"LA"`` largest algebraic, ``"SA"`` smallest,
+    ``"LM"`` largest magnitude."""
+    if which == "LA":
+        return torch.argsort(theta, descending=True)
+    if which == "SA":
+        return torch.argsort(theta)
+    return torch.argsort(theta.abs(), descending=True)
+
+
+def thick_restart_lanczos(matvec: Callable[[torch.Tensor], torch.Tensor], v0: torch.Tensor, k: int, *,
+                          which: str = "LA", tol: float = 1e-4, max_steps: int = 200, window: int | None = None,
+                          check_every: int = 1, progress: bool = False, desc: str = "lanczos") -> dict:
+    """The ``k`` wanted Ritz pairs of a symmetric operator by Lanczos with full
+    reorthogonalization and, when the basis reaches ``window`` vectors, thick restarts.
+
+    The projected matrix ``T = V^T H V`` is kept dense (float64): column ``j`` is the
+    Gram-Schmidt coefficients of ``H v_j``. At a restart the basis becomes the ``l`` best Ritz
+    vectors (``V <- V S_l``, computed in place) and ``T`` their Ritz values; the next vector is the
+    current residual, and the coupling to it reappears in its own coefficients. A Ritz pair
+    ``(theta, V s)`` has residual norm ``beta * |s_last|`` (``beta`` the norm of the last
+    residual), the estimate used to stop.
+
+    Args:
+        matvec: ``v (dim,) -> H v``.
+        v0: the start vector.
+        k: pairs wanted.
+        which: ``"LA"``, ``"SA"`` or ``"LM"`` (:func:`order`).
+        tol: stop when every wanted pair has estimated residual ``<= tol * |theta|``.
+        max_steps: products at most.
+        window: basis vectors at most (``None``: no restart before ``max_steps``); at least
+            ``k + 2``.
+        check_every: test convergence every this many steps.
+        progress: a progress bar over the steps (shown after 2 s).
+
+    Returns:
+        a dict with ``theta`` (k,) and ``vectors`` (dim, k) (the wanted Ritz pairs, in order),
+        ``estimates`` (their residual estimates), ``steps``, ``restarts``, ``converged`` (by the
+        estimates) and ``peak_vectors`` (the most basis vectors held).
+    """
+    dim = v0.shape[0]
+    max_steps = min(max_steps, dim)
+    window = min(window or max_steps + 1, dim + 1)
+    if window < k + 2:
+        raise ValueError(f"a basis of {window} vectors cannot hold {k} Ritz vectors and a new direction: "
+                         f"it needs at least {k + 2}")
+    basis = Basis()
+    T = torch.zeros(window, window, dtype=torch.float64)
+    q, _ = normalize(v0)
+    steps, restarts, peak = 0, 0, 0
+    theta = S = res = None
+    converged = False
+    beta = torch.zeros((), dtype=torch.float64)
+    with _bar(progress, max_steps, desc) as pbar:
+        while steps < max_steps:
+            basis.append(q)
+            j = len(basis)
+            peak = max(peak, j)
+            w = matvec(q)
+            steps += 1
+            pbar.update(1)
+            c = basis.orthogonalize(w).cpu()
+            T[:j, j - 1] = c
+            T[j - 1, :j] = c
+            w, beta = normalize(w)
+            beta = beta.cpu()
+            theta, S = torch.linalg.eigh(T[:j, :j])
+            idx = order(theta, which)[: min(k, j)]
+            res = beta * S[j - 1, idx].abs()
+            exhausted = bool(beta <= 1e-10 * theta.abs().max().clamp_min(1e-300))
+            if j >= k and (steps % check_every == 0 or exhausted or steps == max_steps):
+                converged = bool((res <= tol * theta[idx].abs().clamp_min(1e-30)).all())
+                worst = float((res / theta[idx].abs().clamp_min(1e-30)).max())
+                pbar.set_postfix(residual=f"{worst:.1e}", refresh=False)  # no refresh: the bar's delay holds
+                if converged:
+                    break
+            if exhausted:  # an invariant subspace: its Ritz pairs are exact
+                converged = j >= k
+                break
+            if steps == max_steps:
+                break
+            if j == window:  # thick restart: keep the best Ritz vectors
+                keep_n = min(window - 2, k + max(1, (window - k) // 2))
+                keep = order(theta, which)[:keep_n]
+                basis.rotate(S[:, keep])
+                T.zero_()
+                T[:keep_n, :keep_n] = torch.diag(theta[keep])
+                restarts += 1
+            q = w
+    idx = order(theta, which)[: min(k, len(theta))]
+    vectors = basis.combination(S[:, idx])
+    return {"theta": theta[idx], "vectors": vectors, "estimates": res, "steps": steps, "restarts": restarts,
+            "converged": converged, "peak_vectors": peak, "residual_norm": float(beta)}
+
+
+__all__ = ["Basis", "lanczos", "tridiagonal", "order", "thick_restart_lanczos", "default_budget", "vectors_in",
+           "check_budget", "dots", "REORTH", "gib"]

@@ -18,10 +18,13 @@ sample count is ``len(targets)``.
   the Hessian of the mean over all ``N`` samples;
 * ``reduction="sum"``: ``H = sum_b Hess(L_b)`` with ``L_b`` the batch's summed loss, the Hessian
   of the summed loss (as curvlinops defines it);
-* ``reduction="auto"`` (default): the loss module's ``reduction`` attribute when it has one,
-  else a test on the first batch: the loss of the whole batch against the losses of its two
-  halves (a mean satisfies ``L = (h L_1 + (n - h) L_2) / n``, a sum ``L = L_1 + L_2``). A loss
-  that satisfies neither (or a batch of one sample) is taken as a mean; the decision and its
+* ``reduction="auto"`` (default): what the loss declares (an ``nn.Module``'s ``reduction``
+  attribute, a ``functools.partial``'s ``reduction`` keyword, or the default of a function's
+  ``reduction`` parameter, as for ``torch.nn.functional.cross_entropy``); else a test on the
+  first batch of two samples or more: the loss of the whole batch against the losses of its two
+  halves (a mean satisfies ``L = (h L_1 + (n - h) L_2) / n``, a sum ``L = L_1 + L_2``). The
+  inference warns (:class:`ReductionWarning`) with its reason; a loss that satisfies neither, or
+  data of one-sample batches only, is an error asking for ``reduction=``. The decision and its
   reason are recorded in :attr:`BaseOperator.planner` under ``"reduction"``.
 
 **The same data on every pass.** A product is a pass over the data, and an operator is only
@@ -45,6 +48,9 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import functools
+import inspect
+import warnings
 from collections.abc import Callable, Iterator
 
 import torch
@@ -63,6 +69,31 @@ REDUCTIONS = ("auto", "mean", "sum")
 
 class DataChangedError(RuntimeError):
     """The data yielded different batches on two passes of one operator."""
+
+
+class ReductionWarning(UserWarning):
+    """``reduction="auto"`` inferred whether the loss is a mean or a sum from the data."""
+
+
+def declared_reduction(loss_fn) -> tuple[str | None, str]:
+    """The reduction a loss declares, and where it says so: an ``nn.Module``'s ``reduction``
+    attribute, a ``functools.partial``'s ``reduction`` keyword, or the default of a function's
+    ``reduction`` parameter (``torch.nn.functional.cross_entropy``: ``"mean"``); ``(None, "")``
+    when it declares none (a lambda, a function without that parameter)."""
+    if isinstance(loss_fn, nn.Module):
+        red = getattr(loss_fn, "reduction", None)
+        return (red, "the loss module") if isinstance(red, str) else (None, "")
+    if isinstance(loss_fn, functools.partial):
+        if "reduction" in loss_fn.keywords:
+            return loss_fn.keywords["reduction"], "the loss partial"
+        loss_fn = loss_fn.func
+    try:
+        param = inspect.signature(loss_fn).parameters.get("reduction")
+    except (TypeError, ValueError):
+        return None, ""
+    if param is not None and isinstance(param.default, str):
+        return param.default, f"{getattr(loss_fn, '__name__', 'the loss')}'s default"
+    return None, ""
 
 
 @contextlib.contextmanager
@@ -124,6 +155,12 @@ def take(x, n: int, size: int):
     return tree_map(lambda t: t[:size] if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == n else t, x)
 
 
+def drop(x, n: int, size: int):
+    """All but the first ``size`` samples of a pytree whose tensors have ``n`` samples on
+    dimension 0 (tensors of another leading size are kept whole)."""
+    return tree_map(lambda t: t[size:] if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == n else t, x)
+
+
 def checksum(*trees) -> torch.Tensor:
     """The float64 sum of every tensor in the pytrees, as a 0-d tensor where the first lies."""
     leaves = [t for tree in trees for t in tree_flatten(tree)[0] if isinstance(t, torch.Tensor)]
@@ -177,12 +214,12 @@ class BaseOperator:
             raise TypeError("loss_fn must be callable as loss_fn(outputs, targets)")
         if reduction not in REDUCTIONS:
             raise ValueError(f"unknown reduction {reduction!r}; valid: {', '.join(REDUCTIONS)}")
-        own = getattr(loss_fn, "reduction", None) if isinstance(loss_fn, nn.Module) else None
+        own, source = declared_reduction(loss_fn)
         if own is not None and own not in ("mean", "sum"):
-            raise ValueError(f"the loss module has reduction={own!r}: the operator needs a scalar loss, "
+            raise ValueError(f"{source} has reduction={own!r}: the operator needs a scalar loss, "
                              "use reduction='mean' or 'sum'")
         if own is not None and reduction != "auto" and own != reduction:
-            raise ValueError(f"reduction={reduction!r} contradicts the loss module's reduction={own!r}; "
+            raise ValueError(f"reduction={reduction!r} contradicts {source}'s reduction={own!r}; "
                              "leave reduction='auto' or make them agree")
         if isinstance(data, (str, bytes)) or not (isinstance(data, tuple) or hasattr(data, "__iter__")):
             raise TypeError(f"data must be an (inputs, targets) pair or an iterable of them, got {type(data).__name__}")
@@ -210,7 +247,7 @@ class BaseOperator:
             self.reduction = own or reduction
             how = "requested" if reduction != "auto" else "rule"
             self.planner.record(Choice("reduction", self.reduction, how,
-                                       reason="given" if how == "requested" else "the loss module's reduction"))
+                                       reason="given" if how == "requested" else f"{source}'s reduction"))
 
     # -- vector helpers ---------------------------------------------------------------------
     def flatten(self, tensors) -> torch.Tensor:
@@ -265,34 +302,52 @@ class BaseOperator:
         return list(p.values()), g, loss.detach()
 
     def _detect_reduction(self) -> None:
-        x, y = self.first_batch()
-        n = len(y)
-        reason, red = "a batch of one sample cannot tell: taken as a mean", "mean"
-        if n >= 2:
+        red, reason = None, None
+        seen = 0
+        for i, (x, y) in enumerate(self._batches_for_detection()):
+            seen += 1
+            n = len(y)
+            if n < 2:  # one sample is both its mean and its sum: look further
+                continue
             with torch.no_grad(), eval_mode(self.model):
                 out = functional_call(self.model, {**self.frozen(), **self.params}, (x,))
                 h = n // 2
                 try:
-                    whole = float(self.loss_fn(out, y))
-                    a = float(self.loss_fn(take(out, n, h), y[:h]))
-                    b = float(self.loss_fn(tree_map(lambda t: t[h:] if isinstance(t, torch.Tensor) and t.dim()
-                                                    and t.shape[0] == n else t, out), y[h:]))
-                except Exception as e:  # noqa: BLE001 - a loss that cannot be split is taken as a mean
-                    reason = f"the loss of a half batch failed ({type(e).__name__}): taken as a mean"
-                else:
-                    tol = 1e-4 * max(abs(whole), 1e-12)
-                    is_mean = abs(whole - (h * a + (n - h) * b) / n) <= tol
-                    is_sum = abs(whole - (a + b)) <= tol
-                    if is_sum and not is_mean:
-                        red, reason = "sum", f"the first batch's loss is the sum of its halves' ({whole:.6g})"
-                    elif is_mean:
-                        reason = "the first batch's loss is the sample-weighted mean of its halves'"
-                    else:
-                        reason = ("the first batch's loss is neither the mean nor the sum of its halves': "
-                                  "taken as a mean")
+                    whole = float(self.loss_fn(out, y).detach())
+                    a = float(self.loss_fn(take(out, n, h), y[:h]).detach())
+                    b = float(self.loss_fn(drop(out, n, h), y[h:]).detach())
+                except Exception as e:  # noqa: BLE001 - a loss that cannot be split cannot tell
+                    raise ValueError(f"reduction='auto' could not tell whether the loss is a mean or a sum: the "
+                                     f"loss of half of batch {i} failed ({type(e).__name__}: {e}); pass "
+                                     "reduction='mean' or reduction='sum'") from e
+            tol = 1e-4 * max(abs(whole), 1e-12)
+            is_mean = abs(whole - (h * a + (n - h) * b) / n) <= tol
+            is_sum = abs(whole - (a + b)) <= tol
+            if is_sum and not is_mean:
+                red, reason = "sum", f"batch {i}'s loss is the sum of its halves' ({whole:.6g})"
+            elif is_mean:
+                red, reason = "mean", f"batch {i}'s loss is the sample-weighted mean of its halves'"
+            else:
+                raise ValueError(f"reduction='auto' could not tell whether the loss is a mean or a sum: batch {i}'s "
+                                 f"loss ({whole:.6g}) is neither the mean nor the sum of its halves' ({a:.6g}, "
+                                 f"{b:.6g}); pass reduction='mean' or reduction='sum'")
+            break
+        if red is None:
+            raise ValueError("reduction='auto' cannot tell a mean from a sum on batches of one sample "
+                             f"({seen} batch(es) seen); pass reduction='mean' or reduction='sum'")
         red = self.planner.agree(red, REDUCTIONS)
         self.reduction = red
         self.planner.record(Choice("reduction", red, "rule", reason=reason))
+        warnings.warn(f"landscape: the loss was taken as a {red} ({reason}); pass reduction={red!r} to say so "
+                      "(and silence this warning)", ReductionWarning, stacklevel=2)
+
+    def _batches_for_detection(self):
+        """The batches the reduction test may look at, on the device (not a pass: nothing is
+        checked); at most 64, so that a long run of one-sample batches ends the search."""
+        for i, b in enumerate(self.data):
+            if i >= 64:
+                return
+            yield to_device(b[0], self.device), b[1].to(self.device)
 
     def prepare(self) -> None:
         """Decide what must be decided before a pass (the reduction)."""

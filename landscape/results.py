@@ -23,7 +23,9 @@ def _plain(v):
     return v
 
 
-def _short(v) -> str:
+def _short(v, depth: int = 0) -> str:
+    """A short description of a field: small arrays and numbers as values, anything large (a
+    tensor, a parameter dict, a long list) by its shape or length, never its contents."""
     if isinstance(v, (torch.Tensor, np.ndarray)):
         if v.ndim == 0 or (v.ndim == 1 and v.shape[0] <= 4):
             return np.array2string(np.asarray(v.detach().cpu() if isinstance(v, torch.Tensor) else v), precision=5)
@@ -31,9 +33,15 @@ def _short(v) -> str:
     if isinstance(v, float):
         return f"{v:.6g}" if math.isfinite(v) else str(v)
     if isinstance(v, dict):
-        return f"<dict of {len(v)}>" if len(v) > 4 else "{" + ", ".join(f"{k}: {_short(x)}" for k, x in v.items()) + "}"
-    if isinstance(v, list) and len(v) > 4:
-        return f"<list of {len(v)}>"
+        if len(v) > 4 or depth >= 2:
+            return f"<dict of {len(v)}>"
+        return "{" + ", ".join(f"{k}: {_short(x, depth + 1)}" for k, x in v.items()) + "}"
+    if isinstance(v, (list, tuple)):
+        if len(v) > 4 or depth >= 2:
+            return f"<{type(v).__name__} of {len(v)}>"
+        return "[" + ", ".join(_short(x, depth + 1) for x in v) + "]"
+    if isinstance(v, str) and len(v) > 80:
+        return repr(v[:77] + "...")
     return repr(v)
 
 

@@ -1429,19 +1429,19 @@ class Measure:
         return {**self._accuracy(q), "variant": key.method}
 
     def trace(self, key: TraceKey) -> dict:
-        return hessian_trace(self.op(), key.matvecs, key.method, seed=key.seed).to_dict()
+        return hessian_trace(self.op(), key.matvecs, key.method, seed=key.seed, progress=self.s.progress).to_dict()
 
     def eigen(self, key: EigenKey) -> dict:
-        res = top_eigenvalues(self.op(), k=key.k, tol=key.tol, seed=key.seed)
+        res = top_eigenvalues(self.op(), k=key.k, tol=key.tol, seed=key.seed, progress=self.s.progress)
         d = res.to_dict()
         d.pop("eigenvectors", None)
         return d
 
     def density(self, key: DensityKey) -> dict:
-        return spectral_density(self.op(), key.runs, key.steps, seed=key.seed).to_dict()
+        return spectral_density(self.op(), key.runs, key.steps, seed=key.seed, progress=self.s.progress).to_dict()
 
     def blocks(self, key: BlockTraceKey) -> dict:
-        return block_traces(self.op(), key.matvecs, seed=key.seed).to_dict()
+        return block_traces(self.op(), key.matvecs, seed=key.seed, progress=self.s.progress).to_dict()
 
     def sampling(self, key: SamplingKey) -> dict:
         """The trace and the top eigenvalue on ``key.replicates`` disjoint subsets of
@@ -1479,7 +1479,7 @@ class Measure:
                 rep["reused"].append("trace")
             else:
                 op = HessianOperator(self.model, self.loss_fn, self._shard(batches))
-                res = hessian_trace(op, key.trace_matvecs, key.trace_method, seed=seed)
+                res = hessian_trace(op, key.trace_matvecs, key.trace_method, seed=seed, progress=self.s.progress)
                 t, engines = res.to_dict(), getattr(res, "engines", {})
             rep["trace"] = {"value": t["value"], "std_error": t["std_error"], "num_matvecs": t["num_matvecs"],
                             "seed": t["seed"], "engines": dict(engines or {})}
@@ -1488,7 +1488,7 @@ class Measure:
                 rep["reused"].append("eigen")
             else:
                 op = op or HessianOperator(self.model, self.loss_fn, self._shard(batches))
-                res = top_eigenvalues(op, k=key.eig_k, tol=key.eig_tol, seed=seed)
+                res = top_eigenvalues(op, k=key.eig_k, tol=key.eig_tol, seed=seed, progress=self.s.progress)
                 e, engines = res.to_dict(), getattr(res, "engines", {})
             rep["top_eigenvalue"] = {"value": e["eigenvalues"][0], "residual_norm": e["residual_norms"][0],
                                      "converged": e["converged"], "num_matvecs": e["num_matvecs"], "seed": e["seed"],
@@ -1541,7 +1541,8 @@ class Measure:
             var[k] = err.var(dim=1, unbiased=False)
             mean[k] = err.mean(dim=1)
         op = self.op()
-        pred = predicted_loss_increase(op, var, mean=mean, num_matvecs=key.matvecs, seed=key.seed)
+        pred = predicted_loss_increase(op, var, mean=mean, num_matvecs=key.matvecs, seed=key.seed,
+                                       progress=self.s.progress)
         was = self.model.training
         self.model.eval()
         try:
@@ -1555,12 +1556,14 @@ class Measure:
 
     def surface(self, key: SurfaceKey) -> dict:
         dirs = _dirs.random_directions(self.model, 2, "filter", seed=key.seed)
-        s = surface_2d(self.model, self.loss_fn, self.hdata, dirs, span=(-key.span, key.span), steps=key.steps)
+        s = surface_2d(self.model, self.loss_fn, self.hdata, dirs, span=(-key.span, key.span), steps=key.steps,
+                       progress=self.s.progress)
         return s.to_dict()
 
     def slice(self, key: SliceKey) -> dict:
         d = _dirs.quantization_direction(self.model, self._weight_quantized(key.bits, key.first_last_bits))
-        s = surface_1d(self.model, self.loss_fn, self.hdata, d, span=tuple(key.span), steps=key.steps)
+        s = surface_1d(self.model, self.loss_fn, self.hdata, d, span=tuple(key.span), steps=key.steps,
+                       progress=self.s.progress)
         out = s.to_dict()
         out["ptq_alpha"] = 1.0
         return out

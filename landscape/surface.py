@@ -66,11 +66,12 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.func import functional_call, vmap
-from tqdm.auto import tqdm
+from torch.utils._pytree import tree_flatten, tree_map
 
 from . import _timing
+from ._progress import bar as progress_bar
 from .errors import NonFiniteError, check_policy
-from .operator import as_batches, eval_mode
+from .operator import as_batches, eval_mode, take, to_device
 from .planner import Choice, Planner, distributed, short_error
 from .precision import full_precision
 from .results import Result
@@ -334,8 +335,10 @@ class _Evaluator:
         if self.fold_note:
             return False
         try:
-            x = data[0][0][:16].to(self.dev)
-            cl = x.dim() == 4 and self.dev.type == "cpu"  # measured on the CPU only; accelerators keep their layout
+            x0, y0 = data[0][0], data[0][1]
+            x = to_device(take(x0, len(y0), min(16, len(y0))), self.dev)
+            # channels_last: measured on the CPU only (accelerators keep their layout), for a 4-D tensor input
+            cl = isinstance(x, torch.Tensor) and x.dim() == 4 and self.dev.type == "cpu"
             f = _Folded(self.model, self.params, self.moving, channels_last=cl)
             with torch.inference_mode():
                 ref = self.model(x)
@@ -377,10 +380,11 @@ class _Evaluator:
         key = (id(batches), cl)
         if key in self._inputs:
             return self._inputs[key][1]
-        xs = [b[0].to(self.dev) for b in batches]
+        xs = [to_device(b[0], self.dev) for b in batches]  # any pytree of tensors
         if cl:
-            xs = [_channels_last(x) for x in xs]
-        if sum(x.numel() * x.element_size() for x in xs) <= _INPUT_CACHE_BYTES:
+            xs = [tree_map(lambda t: _channels_last(t) if isinstance(t, torch.Tensor) else t, x) for x in xs]
+        size = sum(t.numel() * t.element_size() for x in xs for t in tree_flatten(x)[0] if isinstance(t, torch.Tensor))
+        if size <= _INPUT_CACHE_BYTES:
             self._inputs[key] = (batches, xs)  # the batches are kept alive with their key
         return xs
 
@@ -670,7 +674,8 @@ def _surface(model, loss_fn, data, dirs, grids, chunk, progress, max_batch, on_n
         engine, size, batches = _choose(ev, plan, planner, data, chunk, compile, max_batch, P // world, len(mine))
         key = (engine, size)
         todo = plan.todo(engine, batches, size)
-        bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc="surface", leave=False, disable=not progress)
+        bar = progress_bar(progress, len(mine), name, "point")
+        bar.update(len(mine) - len(todo))
         step = size if engine == "vmap" else 1
         for s in range(0, len(todo), step):
             plan.run(engine, todo[s:s + step], batches, size)
@@ -730,14 +735,15 @@ def _grid(span, steps, name):
 
 
 def surface_1d(model: nn.Module, loss_fn, data, direction: dict, span=(-1.0, 1.0), steps: int = 41, *,
-               chunk_size="auto", max_batch: int | None = None, progress: bool = False,
+               chunk_size="auto", max_batch: int | None = None, progress: bool = True,
                on_nonfinite: str = "nan", compile: bool | str = "auto") -> SurfaceResult:
     """Loss and accuracy along ``theta + alpha * direction`` for ``alpha`` in ``span``.
 
     Args:
         model: any ``nn.Module`` (evaluated in eval mode, never modified).
         loss_fn: ``loss_fn(outputs, targets)``, the mean loss of a batch.
-        data: one ``(inputs, targets)`` batch or a re-iterable of them.
+        data: one ``(inputs, targets)`` batch or a re-iterable of them; inputs may be any
+            pytree of tensors (a dict passed to ``forward(self, batch)``), as for the operator.
         direction: ``{parameter name: tensor}`` (a :class:`landscape.directions.Direction`).
         span, steps: the grid of ``alpha``.
         chunk_size: ``"auto"`` (default): the engine is chosen by the planner (the folded
@@ -755,6 +761,9 @@ def surface_1d(model: nn.Module, loss_fn, data, direction: dict, span=(-1.0, 1.0
             compile; ``"auto"`` (default): compile when the eager evaluation of the rest of the
             grid, estimated from its first points, would take at least 300 s, and keep the
             compiled engine if it is faster per point. Not with ``chunk_size`` above 1.
+        progress: a progress bar over the grid points (shown after 2 s; ``False`` silences it).
+            A 21 x 21 grid is 441 forward passes over ``data``: on a 2-core CPU, 33 s for
+            torchvision's resnet18 on 64 images.
 
     Returns:
         A :class:`SurfaceResult`; its ``engine`` says which engine computed the numbers.
@@ -771,7 +780,7 @@ def surface_1d(model: nn.Module, loss_fn, data, direction: dict, span=(-1.0, 1.0
 
 
 def surface_2d(model: nn.Module, loss_fn, data, dirs, span=(-1.0, 1.0), steps: int = 21, *,
-               chunk_size="auto", max_batch: int | None = None, progress: bool = False,
+               chunk_size="auto", max_batch: int | None = None, progress: bool = True,
                on_nonfinite: str = "nan", compile: bool | str = "auto") -> SurfaceResult:
     """Loss and accuracy on ``theta + alpha * d1 + beta * d2`` over ``span x span`` (``steps``
     points each way). ``dirs`` is a pair of directions; the result is indexed ``[alpha, beta]``.

@@ -309,3 +309,45 @@ def test_the_planner_times_vmapped_chunks_against_the_folded_graph(monkeypatch):
     assert c["engine"] in ("folded", "vmap") and (c["block"] == 8) == (c["engine"] == "vmap")
     ref = surface_2d(model, CE, data(), dirs, steps=5, chunk_size=1, max_batch=0)
     np.testing.assert_allclose(s.loss, ref.loss, rtol=1e-5)
+
+
+class DictInputNet(nn.Module):
+    """A model whose forward takes a dict (pytree) batch, with a BatchNorm the folded engine folds."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.bn, self.b = nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 3)
+
+    def forward(self, batch):
+        return self.b(torch.tanh(self.bn(self.a(batch["x"]))) * batch["scale"])
+
+
+@pytest.mark.parametrize("engine", ["auto", "copy", "vmap", "compiled"])
+def test_surfaces_take_dict_inputs_like_the_operator(engine):
+    torch.manual_seed(0)
+    model = DictInputNet().eval()
+    with torch.no_grad():
+        model.bn.running_mean.uniform_(-0.5, 0.5)
+        model.bn.running_var.uniform_(0.5, 2.0)
+    g = torch.Generator().manual_seed(1)
+    batches = [({"x": torch.randn(n, 4, generator=g), "scale": torch.rand(n, 1, generator=g)},
+                torch.randint(0, 3, (n,), generator=g)) for n in (16, 16, 5)]
+    dirs = random_directions(model, 2, seed=0)
+    kw = {"auto": {}, "copy": {"chunk_size": 1}, "vmap": {"chunk_size": 3}, "compiled": {"compile": True}}[engine]
+    s1 = surface_1d(model, CE, batches, dirs[0], steps=5, progress=False, **kw)
+    s2 = surface_2d(model, CE, batches, dirs, steps=3, progress=False, **kw)
+    base = {n: p.detach() for n, p in model.named_parameters()}
+    x = {k: torch.cat([b[0][k] for b in batches]) for k in ("x", "scale")}
+    y = torch.cat([b[1] for b in batches])
+
+    def loss_at(a, b=0.0):
+        p = {n: base[n] + a * dirs[0].get(n, 0) + b * dirs[1].get(n, 0) for n in base}
+        with torch.no_grad():
+            return float(CE(torch.func.functional_call(model, {**p, **dict(model.named_buffers())}, (x,)), y))
+
+    want1 = [loss_at(a) for a in s1.alphas]
+    np.testing.assert_allclose(s1.loss, want1, rtol=1e-5)
+    want2 = [[loss_at(a, b) for b in s2.betas] for a in s2.alphas]
+    np.testing.assert_allclose(s2.loss, want2, rtol=1e-5)
+    expected = {"auto": "folded", "copy": "copy", "vmap": "vmap", "compiled": "compiled"}[engine]
+    assert s1.engine["surface"]["engine"] == expected
