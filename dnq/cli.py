@@ -16,7 +16,13 @@ from .train import TrainConfig
 
 
 def _opt_bits(s: str) -> int | None:
-    return None if s.lower() in ("none", "same", "0") else int(s)
+    """A bit-width, or ``none``/``same``/``0`` for none."""
+    if s.lower() in ("none", "same", "0"):
+        return None
+    try:
+        return int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not a bit-width: give an integer 2..8, or 'none'") from None
 
 
 def _val_size(s: str):
@@ -137,7 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "get the same bits")
     q.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     q.add_argument("--seed", type=int, default=0)
-    q.add_argument("--data-root", default=None)
+    q.add_argument("--data", default=None, metavar="npz:PATH",
+                   help="the run's dataset at another place (a file that moved); its content is checked against "
+                        "the run's record")
+    q.add_argument("--data-root", default=None, help="folder of the torchvision datasets (default: the run's)")
     q.add_argument("--quiet", action="store_true")
     q.add_argument("--debug", action="store_true", help="show the traceback of an error (also: DNQ_DEBUG=1)")
     return p
@@ -168,7 +177,8 @@ def _run(args) -> int:
                          args.fold_bn, args.device, args.seed, args.data_root, args.quiet,
                          bn_reestimate=args.bn_reestimate, methods=args.methods, iters=args.iters,
                          recon_batch_size=args.recon_batch_size, mixed=args.mixed, objectives=args.objective,
-                         sensitivity=args.sensitivity, abits=args.abits, tie_shared_inputs=args.tie_shortcuts)
+                         sensitivity=args.sensitivity, abits=args.abits, tie_shared_inputs=args.tie_shortcuts,
+                         data=args.data)
         if report["fp"]["val_acc"] is not None:
             print(f"validation accuracy ({report['data']['val_size']} images):")
             print(format_table(report, "val_acc"))

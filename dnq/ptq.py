@@ -38,12 +38,13 @@ from tqdm.auto import tqdm
 
 from landscape.precision import full_precision
 
-from .data import BatchLoader, load_dataset
+from .data import BatchLoader
 from .io import atomic_write_json
 from .quant import RANGE_METHODS, WEIGHT_MODES, check_bits, parse_bits, ptq_variant, quantize
 from .recon import DESCRIPTIONS, PAPER_CALIB_SIZE, RECON_METHODS, check_methods, default_iters, reconstruct
+from .run import run_dataset
 from .rundir import folder_lock
-from .train import evaluate, load_model
+from .train import check_run_folder, evaluate, load_model
 
 DEFAULT_BITS = "W8A8,W6A6,W4A4,W3A3,W2A4"
 METRICS = ("test_acc", "val_acc", "test_loss", "val_loss")
@@ -75,7 +76,7 @@ def run_ptq(run_dir, bits: str | None = None, ranges: str = ",".join(RANGE_METHO
             device: str = "auto", seed: int = 0, data_root: str | None = None, quiet: bool = False,
             write: bool = True, bn_reestimate: bool = False, methods: str | list | None = None,
             iters: int | None = None, recon_batch_size: int = 32, mixed=None, objectives: str | list = "predicted",
-            sensitivity=None, abits: int = 4, tie_shared_inputs: bool = False) -> dict:
+            sensitivity=None, abits: int = 4, tie_shared_inputs: bool = False, data: str | None = None) -> dict:
     """Quantize the final model of ``run_dir`` for every (method, bits, range method) and evaluate it.
 
     Args:
@@ -115,6 +116,8 @@ def run_ptq(run_dir, bits: str | None = None, ranges: str = ",".join(RANGE_METHO
         abits: activation bits of the allocated layers (``mixed``).
         tie_shared_inputs: give layers that read the same input (a residual block's shortcut
             convolution and its first convolution) the same bits.
+        data: the run's dataset at another place (``npz:NEWPATH``, for a file that moved); its
+            content is checked against the run's record first (:func:`dnq.run.run_dataset`).
 
     Returns:
         The report (also written to ``ptq.json``): ``fp`` (``val_acc``, ``val_loss``,
@@ -158,9 +161,7 @@ def run_ptq(run_dir, bits: str | None = None, ranges: str = ",".join(RANGE_METHO
         variants.insert(variants.index("rtn") + 1 if "rtn" in variants else 0, "rtn+bn")
     run_dir = Path(run_dir)
     dev = _device(device)
-    if not (run_dir / "model.pt").is_file():
-        raise FileNotFoundError(f"no model.pt in {run_dir}; is the training finished? "
-                                "(dnq train ... --resume continues it)")
+    check_run_folder(run_dir)
     loaded = load_model(run_dir, dev)  # a damaged model.pt is refused before anything is written
     if not fold_bn and any(v in RECON_METHODS for v in variants):
         raise ValueError("the reconstruction methods fold BatchNorm first (as the papers do); drop --no-fold-bn or "
@@ -180,8 +181,9 @@ def run_ptq(run_dir, bits: str | None = None, ranges: str = ",".join(RANGE_METHO
             from landscape.sensitivity_run import model_hash, read_sensitivity
 
             read_sensitivity(sensitivity, model_hash(loaded[0]))
+    ds = run_dataset(loaded[1], data, data_root)  # a missing or foreign dataset is refused before any work
     args = (run_dir, loaded, settings, range_list, variants, weight_mode, first_last_bits, calib_size, fold_bn, seed,
-            data_root, quiet, recon, mix)
+            data_root, quiet, recon, mix, ds)
     if not write:
         return _run_ptq(*args)
     _check_writable(run_dir)  # before the work, not after it
@@ -230,11 +232,11 @@ def _sensitivity_entry(run_dir: Path, model, mix: dict, range_method: str, quiet
 
 
 def _run_ptq(run_dir, loaded, settings, range_list, variants, weight_mode, first_last_bits, calib_size, fold_bn, seed,
-             data_root, quiet, recon, mix=None) -> dict:
+             data_root, quiet, recon, mix, ds) -> dict:
     model, meta = loaded
     dev = next(model.parameters()).device
-    val_size, val_seed = int(meta.get("val_size") or 0), int(meta.get("val_seed") or 0)
-    ds = load_dataset(meta["data"], data_root, val_size=val_size, val_seed=val_seed).to(dev)
+    val_seed = int(meta.get("val_seed") or 0)
+    ds = ds.to(dev)
     test = BatchLoader(ds, 1024, False)
     val = BatchLoader(ds, 1024, False, split="val") if ds.val_size else None
     sizes = {v: calib_size or (PAPER_CALIB_SIZE if v in RECON_METHODS else RTN_CALIB_SIZE) for v in variants}

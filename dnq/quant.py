@@ -300,6 +300,37 @@ def weight_error(w: torch.Tensor, bits: int, mode: str = "symmetric", method: st
     return quantize_weight(wf, bits, mode, method) - wf
 
 
+def weight_quantized(model: nn.Module, wbits_by_layer: dict[str, int]) -> nn.Module:
+    """A copy of ``model`` (eval mode) whose named Conv/Linear weights are replaced by ``Q(W)``:
+    the symmetric per-channel min-max quantizer of :func:`weight_error`, no BatchNorm folding,
+    activations in float. The original is not touched."""
+    import copy
+
+    q = copy.deepcopy(model).eval()
+    mods = dict(q.named_modules())
+    with torch.no_grad():
+        for name, b in wbits_by_layer.items():
+            layer = mods[name]
+            layer.weight.copy_(quantize_weight(layer.weight.float(), b, "symmetric", "minmax").to(layer.weight))
+    return q
+
+
+def weight_error_moments(model: nn.Module, wbits_by_layer: dict[str, int]) -> tuple[dict, dict]:
+    """``(mean, variance)`` of the weight quantization error ``Q(W) - W`` per output channel, by
+    weight name (``"layers.0.conv1.weight"``: a float64 ``(C,)`` tensor each), for the layers of
+    ``wbits_by_layer`` at their bits (:func:`weight_error`'s quantizer). This is the noise DNQ
+    models, in the form :func:`landscape.predicted_loss_increase` takes as ``mean`` and
+    ``variances``."""
+    mods = dict(model.named_modules())
+    mean, var = {}, {}
+    for name, b in wbits_by_layer.items():
+        w = mods[name].weight
+        err = weight_error(w, b).reshape(w.shape[0], -1).double()
+        mean[f"{name}.weight"] = err.mean(dim=1)
+        var[f"{name}.weight"] = err.var(dim=1, unbiased=False)
+    return mean, var
+
+
 def _conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
     """(conv, bn) module names where the BN reads only the conv's output, found with torch.fx."""
     import torch.fx

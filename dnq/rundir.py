@@ -314,6 +314,9 @@ def load_file(path: Path, fix: str, map_location="cpu"):
             raise CheckpointError(f"{path} holds objects other than tensors and numbers (unsafe to unpickle); it was "
                                   f"not loaded, and should not be: {fix}") from None
         raise CheckpointError(f"{path} is corrupt ({type(e).__name__}); {fix}") from None
+    except PermissionError:
+        raise CheckpointError(f"{path} cannot be read: permission denied; make it readable (chmod u+r {path}) or run "
+                              "as its owner") from None
     except (EOFError, RuntimeError, zipfile.BadZipFile, ValueError, KeyError, OSError) as e:
         reason = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
         raise CheckpointError(f"{path} cannot be read ({type(e).__name__}: {reason}); "

@@ -55,7 +55,7 @@ from landscape.precision import full_precision
 
 from . import __version__
 from .batchnorm import batchnorm_layers, recompute_bn
-from .data import DATASET_NAMES, BatchLoader, load_dataset
+from .data import DATASET_NAMES, NAMED_DATASETS, BatchLoader, load_dataset
 from .io import atomic_write_json
 from .methods import METHODS, make_method, upcast
 from .models import MODELS, build_model
@@ -145,7 +145,7 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"unknown model {cfg.model!r}; valid models: {', '.join(MODELS)}")
     if cfg.method not in METHODS:
         raise ConfigError(f"unknown method {cfg.method!r}; valid methods: {', '.join(METHODS)}")
-    if not (cfg.data in ("digits", "cifar10", "cifar100") or cfg.data.startswith(("npz:", "synthetic:"))):
+    if not (cfg.data in NAMED_DATASETS or cfg.data.startswith(("npz:", "synthetic:"))):
         raise ConfigError(f"unknown dataset {cfg.data!r}; valid datasets: {', '.join(DATASET_NAMES)}")
     for key in ("wbits", "abits") + tuple(k for k in ("first_last_bits", "noise_first_last_bits")
                                           if getattr(cfg, k) is not None):
@@ -331,7 +331,25 @@ def model_meta(cfg: TrainConfig, ds) -> dict:
     data = f"npz:{os.path.abspath(os.path.expanduser(cfg.data[4:]))}" if cfg.data.startswith("npz:") else cfg.data
     return {"arch": cfg.model, "num_classes": ds.num_classes, "in_channels": ds.in_channels,
             "image_size": ds.image_size, "data": data, "mean": list(ds.mean), "std": list(ds.std),
-            "max_value": ds.max_value, "val_size": ds.val_size, "val_seed": ds.val_seed or 0}
+            "max_value": ds.max_value, "val_size": ds.val_size, "val_seed": ds.val_seed or 0,
+            "data_root": os.path.abspath(os.path.expanduser(cfg.data_root or "data")),
+            "data_sha256": ds.fingerprint()}
+
+
+def check_run_folder(run_dir: str | os.PathLike) -> None:
+    """Raise ``FileNotFoundError`` naming what is missing: the folder itself, or its ``model.pt``
+    (a training that did not finish)."""
+    run_dir = Path(run_dir)
+    if not run_dir.exists():
+        raise FileNotFoundError(f"{run_dir} does not exist; give the folder of a trained run (the --out of "
+                                "`dnq train`)")
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"{run_dir} is a file, not a run folder; give the --out of `dnq train`")
+    if not (run_dir / "model.pt").is_file():
+        if (run_dir / "checkpoint.pt").is_file():
+            raise FileNotFoundError(f"{run_dir} has a checkpoint but no model.pt: its training did not finish; "
+                                    "continue it with `dnq train ... --resume`")
+        raise FileNotFoundError(f"{run_dir} holds no model.pt: it is not a finished `dnq train` run")
 
 
 def load_model(run_dir: str | os.PathLike, device="cpu") -> tuple[nn.Module, dict]:
@@ -340,9 +358,7 @@ def load_model(run_dir: str | os.PathLike, device="cpu") -> tuple[nn.Module, dic
     Returns ``(model in eval mode, metadata)``.
     """
     path = Path(run_dir) / "model.pt"
-    if not path.is_file():
-        raise FileNotFoundError(f"no model.pt in {run_dir}; is the training finished? "
-                                "(dnq train ... --resume continues it)")
+    check_run_folder(run_dir)
     fix = "train the run again (dnq train ... --overwrite)"
     blob = load_file(path, fix, map_location=device)
     try:

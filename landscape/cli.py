@@ -16,6 +16,7 @@ exits with code 130 and resumes when the same command is run again.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -76,12 +77,28 @@ def one_line(e: BaseException) -> str:
     return text
 
 
+@contextlib.contextmanager
+def one_line_warnings(command: str):
+    """A context in which every warning prints as one line, ``<command>: warning: ...`` on stderr
+    (no file, line number or source line: those are for developers, ``--debug`` keeps them)."""
+    import warnings
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(f"{command}: warning: {' '.join(str(message).split())}", file=file or sys.stderr)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = show
+        yield
+
+
 def guarded(command: str, fn, debug: bool = False) -> int:
     """Run ``fn()`` and return its exit code; an expected error (:func:`_expected_errors`)
     becomes one line ``<command>: error: ...`` on stderr and exit code 2 (``debug``: raised, with
-    its traceback); Ctrl-C exits with 130."""
+    its traceback); Ctrl-C exits with 130. Warnings print as one line each
+    (:func:`one_line_warnings`; ``debug`` keeps Python's format)."""
     try:
-        return fn()
+        with contextlib.nullcontext() if debug else one_line_warnings(command):
+            return fn()
     except UsageError as e:
         print(f"{e.prog}: error: {e}", file=sys.stderr)
         return 2

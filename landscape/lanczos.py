@@ -72,44 +72,82 @@ def gib(nbytes: float) -> str:
     return f"{nbytes / 2 ** 30:.2f} GiB" if nbytes >= 2 ** 30 else f"{nbytes / 2 ** 20:.0f} MiB"
 
 
-class Basis:
-    """Orthonormal vectors kept in the operator's dtype, one tensor per vector (the basis grows
-    as steps are taken); projections accumulated in float64, chunk by chunk."""
+#: a basis whose float64 copy would take at most this many bytes is kept in float64 outright
+#: (batched float64 products, no per-pass conversion); larger ones in the operator's dtype
+SMALL_BASIS_BYTES = 64 << 20
 
-    def __init__(self):
+
+class Basis:
+    """Orthonormal vectors for ``r`` independent runs, added one step at a time (the basis grows
+    as steps are taken); projections accumulated in float64 for all runs at once.
+
+    Args:
+        max_steps: the most steps the basis will hold (sizes the float64 fast path).
+        like: a (dim, r) tensor of the vectors' dtype and device.
+
+    A basis whose float64 copy fits :data:`SMALL_BASIS_BYTES` lives in one float64 buffer
+    (batched matrix products in float64); a larger one keeps one tensor per step in the vectors'
+    own dtype, converted to float64 chunk by chunk for every projection.
+    """
+
+    def __init__(self, max_steps: int, like: torch.Tensor):
+        dim, r = like.shape
+        self.dtype, self.device, self.r, self.n = like.dtype, like.device, r, 0
+        self.small = max_steps * dim * r * 8 <= SMALL_BASIS_BYTES
+        self.buf = torch.empty(r, max_steps, dim, dtype=torch.float64, device=like.device) if self.small else None
         self.vectors: list[torch.Tensor] = []
 
     def __len__(self) -> int:
-        return len(self.vectors)
+        return self.n
 
     def append(self, v: torch.Tensor) -> None:
-        self.vectors.append(v)
+        """Add a step's vectors: (dim, r), or (dim,) for one run."""
+        v = v if v.dim() == 2 else v[:, None]
+        if self.small:
+            self.buf[:, self.n] = v.T
+        else:
+            self.vectors.append(v.clone())
+        self.n += 1
 
     def drop_oldest(self, keep: int) -> None:
-        """Keep only the last ``keep`` vectors."""
-        del self.vectors[: max(0, len(self.vectors) - keep)]
+        """Keep only the last ``keep`` steps."""
+        drop = max(0, self.n - keep)
+        if not drop:
+            return
+        if self.small:
+            self.buf[:, :keep] = self.buf[:, drop:self.n].clone()
+        else:
+            del self.vectors[:drop]
+        self.n -= drop
+
+    def _chunk(self, s: int, step: int) -> torch.Tensor:
+        return torch.stack([v[s:s + step] for v in self.vectors]).double()  # (j, rows, r)
 
     def coefficients(self, w: torch.Tensor) -> torch.Tensor:
-        """``V^T w`` (float64, one entry per vector)."""
-        n, j = w.shape[0], len(self.vectors)
-        c = torch.zeros(j, dtype=torch.float64, device=w.device)
-        step = chunk_rows(j + 1, w.device)
+        """``V_r^T w_r`` for each run: (j, r) float64 (w: (dim, r))."""
+        if self.small:
+            return torch.bmm(self.buf[:, :self.n], w.T.double().unsqueeze(-1))[:, :, 0].T
+        n, r = w.shape
+        c = torch.zeros(self.n, r, dtype=torch.float64, device=w.device)
+        step = chunk_rows((self.n + 1) * r, w.device)
         for s in range(0, n, step):
-            X = torch.stack([v[s:s + step] for v in self.vectors]).double()  # (j, rows)
-            c += X @ w[s:s + step].double()
+            c += (self._chunk(s, step) * w[s:s + step].double()).sum(1)
         return c
 
     def subtract(self, w: torch.Tensor, c: torch.Tensor) -> None:
-        """``w -= V c`` in place (the combination formed in float64)."""
-        step = chunk_rows(len(self.vectors) + 1, w.device)
+        """``w_r -= V_r c_r`` in place for each run (the combination formed in float64)."""
+        if self.small:
+            w.copy_((w.double() - torch.bmm(self.buf[:, :self.n].transpose(1, 2), c.T.unsqueeze(-1))[:, :, 0].T)
+                    .to(w.dtype))
+            return
+        step = chunk_rows((self.n + 1) * w.shape[1], w.device)
         for s in range(0, w.shape[0], step):
-            X = torch.stack([v[s:s + step] for v in self.vectors], 1).double()  # (rows, j)
-            w[s:s + step] = (w[s:s + step].double() - X @ c).to(w.dtype)
+            w[s:s + step] = (w[s:s + step].double() - (self._chunk(s, step) * c[:, None, :]).sum(0)).to(w.dtype)
 
     def orthogonalize(self, w: torch.Tensor, passes: int = 2) -> torch.Tensor:
-        """Classical Gram-Schmidt of ``w`` against the basis, ``passes`` times, in place;
-        returns the summed coefficients (float64)."""
-        total = torch.zeros(len(self.vectors), dtype=torch.float64, device=w.device)
+        """Classical Gram-Schmidt of each column of ``w`` (dim, r) against its run's basis,
+        ``passes`` times, in place; returns the summed coefficients (j, r) in float64."""
+        total = torch.zeros(self.n, w.shape[1], dtype=torch.float64, device=w.device)
         for _ in range(passes):
             c = self.coefficients(w)
             self.subtract(w, c)
@@ -117,22 +155,27 @@ class Basis:
         return total
 
     def rotate(self, S: torch.Tensor) -> None:
-        """Replace the basis by ``V S`` (S: (j, l) float64, orthonormal columns), in place: no
-        second copy of the basis is made (each chunk is combined from a float64 copy)."""
+        """Replace a one-run basis by ``V S`` (S: (j, l) float64, orthonormal columns), in place:
+        no second copy of the basis is made (each chunk is combined from a float64 copy)."""
         j, cols = S.shape
-        S = S.to(device=self.vectors[0].device)
-        step = chunk_rows(j + cols, self.vectors[0].device)
-        n = self.vectors[0].shape[0]
-        for s in range(0, n, step):
-            X = torch.stack([v[s:s + step] for v in self.vectors], 1).double()  # (rows, j)
-            Y = X @ S
+        S = S.to(device=self.device)
+        if self.small:
+            self.buf[0, :cols] = S.T @ self.buf[0, :j]
+            self.n = cols
+            return
+        step = chunk_rows(j + cols, self.device)
+        for s in range(0, self.vectors[0].shape[0], step):
+            Y = self._chunk(s, step)[:, :, 0].T @ S  # (rows, cols)
             for i in range(cols):
-                self.vectors[i][s:s + step] = Y[:, i].to(self.vectors[i].dtype)
+                self.vectors[i][s:s + step, 0] = Y[:, i].to(self.dtype)
         del self.vectors[cols:]
+        self.n = cols
 
     def combination(self, S: torch.Tensor) -> torch.Tensor:
-        """``V S`` as a new (n, l) block (float64 sums)."""
-        return combine(self.vectors, S)
+        """``V S`` of a one-run basis as a new (dim, l) block in the vectors' dtype (float64 sums)."""
+        if self.small:
+            return (self.buf[0, :self.n].T @ S.to(self.device)).to(self.dtype)
+        return combine([v[:, 0] for v in self.vectors], S)
 
 
 def lanczos(matmat: Callable[[torch.Tensor], torch.Tensor], V0: torch.Tensor, steps: int,
@@ -166,24 +209,18 @@ def lanczos(matmat: Callable[[torch.Tensor], torch.Tensor], V0: torch.Tensor, st
     betas = torch.zeros(r, steps, dtype=torch.float64)
     lengths = torch.full((r,), steps, dtype=torch.long)
     active = torch.ones(r, dtype=torch.bool)
-    bases = [Basis() for _ in range(r)]
+    basis = Basis(steps if reorth == "full" else 2, V0)
     q, _ = normalize(V0)
     scale = torch.zeros(r, dtype=torch.float64)
     m = 0
     with _bar(progress, steps, desc) as pbar:
         for j in range(steps):
-            for i in range(r):
-                if reorth == "local":
-                    bases[i].drop_oldest(1)
-                bases[i].append(q[:, i].clone())
+            if reorth == "local":
+                basis.drop_oldest(1)
+            basis.append(q)
             w = matmat(q)  # (dim, r)
-            a = torch.zeros(r, dtype=torch.float64)
-            for i in range(r):
-                if bool(active[i]):
-                    a[i] = bases[i].orthogonalize(w[:, i])[-1].cpu()
-                else:
-                    w[:, i] = 0
-            alphas[:, j] = a * active
+            w[:, ~active.to(w.device)] = 0
+            alphas[:, j] = basis.orthogonalize(w)[-1].cpu() * active
             w, b = normalize(w)
             b = b.cpu()
             betas[:, j] = b * active
@@ -258,7 +295,7 @@ def thick_restart_lanczos(matvec: Callable[[torch.Tensor], torch.Tensor], v0: to
     if window < k + 2:
         raise ValueError(f"a basis of {window} vectors cannot hold {k} Ritz vectors and a new direction: "
                          f"it needs at least {k + 2}")
-    basis = Basis()
+    basis = Basis(window, v0[:, None])
     T = torch.zeros(window, window, dtype=torch.float64)
     q, _ = normalize(v0)
     steps, restarts, peak = 0, 0, 0
@@ -273,7 +310,7 @@ def thick_restart_lanczos(matvec: Callable[[torch.Tensor], torch.Tensor], v0: to
             w = matvec(q)
             steps += 1
             pbar.update(1)
-            c = basis.orthogonalize(w).cpu()
+            c = basis.orthogonalize(w[:, None])[:, 0].cpu()
             T[:j, j - 1] = c
             T[j - 1, :j] = c
             w, beta = normalize(w)

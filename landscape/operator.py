@@ -50,6 +50,7 @@ import contextlib
 import fnmatch
 import functools
 import inspect
+import math
 import warnings
 from collections.abc import Callable, Iterator
 
@@ -303,7 +304,7 @@ class BaseOperator:
 
     def _detect_reduction(self) -> None:
         red, reason = None, None
-        seen = 0
+        seen, nonfinite = 0, None
         for i, (x, y) in enumerate(self._batches_for_detection()):
             seen += 1
             n = len(y)
@@ -320,6 +321,9 @@ class BaseOperator:
                     raise ValueError(f"reduction='auto' could not tell whether the loss is a mean or a sum: the "
                                      f"loss of half of batch {i} failed ({type(e).__name__}: {e}); pass "
                                      "reduction='mean' or reduction='sum'") from e
+            if not all(math.isfinite(v) for v in (whole, a, b)):  # the NaN/Inf checks name it; look further
+                nonfinite = i
+                continue
             tol = 1e-4 * max(abs(whole), 1e-12)
             is_mean = abs(whole - (h * a + (n - h) * b) / n) <= tol
             is_sum = abs(whole - (a + b)) <= tol
@@ -332,6 +336,8 @@ class BaseOperator:
                                  f"loss ({whole:.6g}) is neither the mean nor the sum of its halves' ({a:.6g}, "
                                  f"{b:.6g}); pass reduction='mean' or reduction='sum'")
             break
+        if red is None and nonfinite is not None:  # nothing to tell from: the products' checks will say why
+            red, reason = "mean", f"the loss is NaN or Inf on batch {nonfinite}: taken as a mean"
         if red is None:
             raise ValueError("reduction='auto' cannot tell a mean from a sum on batches of one sample "
                              f"({seen} batch(es) seen); pass reduction='mean' or reduction='sum'")

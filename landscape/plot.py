@@ -101,8 +101,10 @@ def plot_trace(result, title: str = "Hutchinson samples"):
     go = _go()
     value, se = _field(result, "value"), _field(result, "std_error")
     fig = go.Figure(go.Histogram(x=_floats(_field(result, "samples")), name="probes", nbinsx=30))
-    fig.add_vline(x=value, line_dash="dash",
-                  annotation_text=f"{_esc(_field(result, 'method'))}: {value:.4g} +- {se:.2g}")
+    fig.add_vline(x=value, line_dash="dash")
+    fig.add_annotation(x=value, y=0.98, xref="x", yref="y domain", showarrow=False, xanchor="left", yanchor="top",
+                       xshift=4, bgcolor="rgba(255,255,255,0.7)",
+                       text=f"{_esc(_field(result, 'method'))}: {value:.4g} +- {se:.2g}")  # inside: never clipped
     fig.update_layout(title=title, xaxis_title="z^T H z", yaxis_title="count")
     return fig
 
@@ -130,7 +132,7 @@ def plot_eigenvalues(result, title: str = "Top eigenvalues"):
                                error_y=dict(type="data", array=_floats(_field(result, "residual_norms")),
                                             visible=True)))
     fig.update_layout(title=f"{title} ({_esc(_field(result, 'method'))}, {_field(result, 'num_matvecs')} matvecs)",
-                      xaxis_title="index", yaxis_title="eigenvalue")
+                      xaxis=dict(title="index", tickmode="linear", tick0=1, dtick=1), yaxis_title="eigenvalue")
     return fig
 
 
@@ -229,8 +231,23 @@ def plot_quantization_slices(slices: dict, name=None):
     return fig
 
 
-def plot_surface_2d(result, kind: str = "surface", title: str = "Loss surface", name=None):
-    """A 2-D loss surface as an interactive 3-D surface or as a labelled filled contour.
+def _log_colors(z: np.ndarray) -> bool:
+    """Whether a loss grid spans two decades or more (then colours follow log10 of the loss)."""
+    finite = z[np.isfinite(z)]
+    return bool(finite.size and finite.min() > 0 and finite.max() / finite.min() >= 100)
+
+
+def _log_colorbar(z: np.ndarray, title: str) -> dict:
+    """A colorbar for colours given as log10 values, its ticks labelled with the values themselves."""
+    finite = z[np.isfinite(z)]
+    lo, hi = np.floor(np.log10(finite.min())), np.ceil(np.log10(finite.max()))
+    ticks = [m * 10.0 ** e for e in np.arange(lo, hi + 1) for m in (1, 2, 5)]
+    ticks = [t for t in ticks if finite.min() / 1.5 <= t <= finite.max() * 1.5]
+    return dict(title=title, tickvals=np.log10(ticks).tolist(), ticktext=[f"{t:g}" for t in ticks])
+
+
+def plot_surface_2d(result, kind: str = "surface", title: str = "Loss surface", name=None, log: bool | None = None):
+    """A 2-D loss surface as an interactive 3-D surface or as a filled contour, with a colorbar.
 
     Args:
         result: a 2-D :class:`landscape.SurfaceResult` or its dict form (``alphas``, ``betas`` and
@@ -238,10 +255,14 @@ def plot_surface_2d(result, kind: str = "surface", title: str = "Loss surface", 
         kind: ``"surface"`` or ``"contour"``.
         title: the figure's title.
         name: a model name appended to the title (escaped).
+        log: colour (and, for ``"surface"``, height) on a log scale; default: when the finite
+            losses span two decades or more (a basin from 2.3 to 270 is then not one colour).
+            The colorbar's ticks are labelled with the loss itself.
 
     Returns:
         A plotly figure with one trace whose ``z[j][i]`` is the loss at ``(alphas[i], betas[j])``
-        (plotly's rows are y, so ``z`` is ``loss`` transposed).
+        (plotly's rows are y, so ``z`` is ``loss`` transposed); on a log scale a contour's ``z``
+        holds log10 of the loss and a surface's ``surfacecolor`` does.
 
     Raises:
         ValueError: ``kind`` is neither.
@@ -256,17 +277,92 @@ def plot_surface_2d(result, kind: str = "surface", title: str = "Loss surface", 
         raise ValueError(f"kind must be 'surface' or 'contour', got {kind!r}")
     go = _go()
     z = np.array(_floats(_field(result, "loss")), dtype=float)
-    z = np.where(np.isfinite(z), z, np.nan).T.tolist()  # plotly: z[row = beta][column = alpha]
+    z = np.where(np.isfinite(z), z, np.nan).T  # plotly: z[row = beta][column = alpha]
+    if log is None:
+        log = _log_colors(z)
+    elif log and not (np.isfinite(z).any() and np.nanmin(z) > 0):
+        raise ValueError("log=True needs positive losses")
     x, y = _floats(_field(result, "alphas")), _floats(_field(result, "betas"))
+    cbar = _log_colorbar(z, "loss (log scale)") if log else dict(title="loss")
+    shown = np.log10(z) if log else z
     if kind == "surface":
-        fig = go.Figure(go.Surface(x=x, y=y, z=z, colorscale="Viridis", showscale=False))
+        fig = go.Figure(go.Surface(x=x, y=y, z=z.tolist(), surfacecolor=shown.tolist() if log else None,
+                                   colorscale="Viridis", colorbar=cbar))
         fig.update_layout(height=420, title=_named(title, name), margin=dict(l=0, r=0, t=50, b=0),
-                          scene=dict(xaxis_title="alpha", yaxis_title="beta", zaxis_title="loss"))
+                          scene=dict(xaxis_title="alpha", yaxis_title="beta", zaxis_title="loss",
+                                     zaxis_type="log" if log else "linear"))
     else:
-        fig = go.Figure(go.Contour(x=x, y=y, z=z, colorscale="Viridis", contours=dict(showlabels=True)))
+        fig = go.Figure(go.Contour(x=x, y=y, z=shown.tolist(), colorscale="Viridis", colorbar=cbar,
+                                   contours=dict(showlabels=not log)))
         fig.update_layout(height=420, title=_named(title, name), xaxis_title="alpha", yaxis_title="beta",
                           margin=dict(l=60, r=20, t=50, b=40))
     return fig
+
+
+def save(fig, path, *, dpi: int = 130):
+    """Write a figure of this module to ``path``, atomically, by its extension: ``.html`` (an
+    interactive page with plotly.js embedded: opens offline), or ``.png``, ``.pdf``, ``.svg``
+    (drawn by :mod:`landscape.plot_static` with matplotlib: no Kaleido or browser needed).
+
+    Args:
+        fig: a plotly figure from a builder here (or its ``to_dict()``).
+        path: the file to write; its folder must exist.
+        dpi: resolution of PNG files.
+
+    Returns:
+        The path written (a ``pathlib.Path``).
+
+    Raises:
+        ValueError: an extension other than those.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> from landscape.plot import plot_density, save
+        >>> fig = plot_density({"grid": [0.0, 1.0, 2.0], "density": [0.2, 1.0, 0.2]})
+        >>> save(fig, pathlib.Path(tempfile.mkdtemp()) / "density.png").suffix
+        '.png'
+    """
+    from pathlib import Path
+
+    from dnq.io import atomic_write_bytes, atomic_write_text
+
+    from .plot_static import to_bytes
+
+    path = Path(path)
+    fmt = path.suffix.lower().lstrip(".")
+    if fmt == "html":
+        if isinstance(fig, dict):
+            fig = _go().Figure(fig)
+        atomic_write_text(path, fig.to_html(include_plotlyjs=True, full_html=True))
+    elif fmt in ("png", "pdf", "svg"):
+        atomic_write_bytes(path, to_bytes(fig, fmt, dpi=dpi))
+    else:
+        raise ValueError(f"cannot save a figure as {path.suffix or 'a file without extension'!r}: use .html, .png, "
+                         ".pdf or .svg")
+    return path
+
+
+def show(fig, *, dpi: int = 110):
+    """Display a figure in a notebook as the interactive plotly figure *and* a static PNG of it
+    (drawn with matplotlib), so that it shows where plotly's JavaScript does not run: GitHub's
+    notebook viewer, nbconvert's HTML, a notebook opened without trust. Returns nothing."""
+    import base64
+    import json
+
+    from IPython.display import display
+    from plotly.utils import PlotlyJSONEncoder
+
+    from .plot_static import to_bytes
+
+    bundle = json.loads(json.dumps(fig if isinstance(fig, dict) else fig.to_plotly_json(), cls=PlotlyJSONEncoder))
+    display({"application/vnd.plotly.v1+json": {"data": bundle.get("data", []), "layout": bundle.get("layout", {})},
+             "image/png": base64.b64encode(to_bytes(fig, "png", dpi=dpi)).decode("ascii"),
+             "text/plain": f"<plotly figure: {_title_of(bundle)}>"}, raw=True)
+
+
+def _title_of(fig: dict) -> str:
+    t = (fig.get("layout") or {}).get("title")
+    return str((t or {}).get("text", "") if isinstance(t, dict) else (t or ""))
 
 
 # -- a study: flatness against PTQ degradation -------------------------------------------------------

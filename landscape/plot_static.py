@@ -206,9 +206,14 @@ def _bars(ax, bars: list[tuple[dict, str]], cats: dict, barmode: str) -> None:
                color=_color((t.get("marker") or {}).get("color") or default))
 
 
+def kind_of(t: dict) -> str:
+    return t.get("type", "scatter")
+
+
 def _grid_trace(fig, ax, t: dict, scene: dict | None) -> None:
     """Contour, heatmap or (as a filled contour) surface on ``ax``."""
-    z = np.ma.masked_invalid(np.asarray([[np.nan if v is None else v for v in row] for row in t["z"]], dtype=float))
+    colors = t.get("surfacecolor") if kind_of(t) == "surface" and t.get("surfacecolor") is not None else t["z"]
+    z = np.ma.masked_invalid(np.asarray([[np.nan if v is None else v for v in row] for row in colors], dtype=float))
     x = np.arange(z.shape[1]) if t.get("x") is None else np.asarray(t["x"], dtype=float)
     y = np.arange(z.shape[0]) if t.get("y") is None else np.asarray(t["y"], dtype=float)
     cmap, kind = _cmap(t.get("colorscale")), t.get("type")
@@ -225,8 +230,12 @@ def _grid_trace(fig, ax, t: dict, scene: dict | None) -> None:
     if kind == "contour" and contours.get("showlabels"):
         ax.clabel(ax.contour(x, y, z, levels=10, colors="k", linewidths=0.4), fontsize=6)
     if t.get("showscale", True) is not False:
-        label = _title(((scene or {}).get("zaxis") or {}).get("title")) if kind == "surface" else ""
-        fig.colorbar(mappable, ax=ax, label=label)
+        cb = t.get("colorbar") or {}
+        label = _title(cb.get("title")) or (_title(((scene or {}).get("zaxis") or {}).get("title"))
+                                            if kind == "surface" else "")
+        bar = fig.colorbar(mappable, ax=ax, label=label)
+        if cb.get("tickvals") is not None:  # e.g. log10 colours labelled with the values themselves
+            bar.set_ticks(list(cb["tickvals"]), labels=[_text(v) for v in cb.get("ticktext") or cb["tickvals"]])
     if kind == "surface":
         ax.set_xlabel(_title(((scene or {}).get("xaxis") or {}).get("title")))
         ax.set_ylabel(_title(((scene or {}).get("yaxis") or {}).get("title")))
@@ -319,6 +328,11 @@ def _draw(fig: dict, target, width_in: float) -> None:
         for axis, name, setter in ((xa, "x", p.ax.set_xscale), (ya, "y", p.ax.set_yscale)):
             if axis.get("type") == "log":
                 setter("log", nonpositive="mask")
+            elif axis.get("tickmode") == "linear" and axis.get("dtick"):  # e.g. integer ticks on an index axis
+                from matplotlib.ticker import MultipleLocator
+
+                loc = MultipleLocator(float(axis["dtick"]), offset=float(axis.get("tick0", 0)))
+                (p.ax.xaxis if name == "x" else p.ax.yaxis).set_major_locator(loc)
             if axis.get("showticklabels") is False:
                 p.ax.tick_params(axis=name, **{"labelbottom" if name == "x" else "labelleft": False})
         for yid, tax in p.twins.items():
@@ -346,7 +360,12 @@ def _draw(fig: dict, target, width_in: float) -> None:
         tr = transforms.blended_transform_factory(p.ax.transAxes if "domain" in xref else p.ax.transData,
                                                   p.ax.transAxes if "domain" in yref or yref == "paper"
                                                   else p.ax.transData)
-        p.ax.text(a.get("x", 0), a.get("y", 1), text, transform=tr, fontsize=7, ha="left", va="top")
+        ha = {"left": "left", "right": "right", "center": "center"}.get(a.get("xanchor"), "left")
+        va = {"top": "top", "bottom": "bottom", "middle": "center"}.get(a.get("yanchor"), "top")
+        p.ax.annotate(text, (a.get("x", 0), a.get("y", 1)), xycoords=tr, fontsize=7, ha=ha, va=va,
+                      xytext=(0.75 * a.get("xshift", 0), 0.75 * a.get("yshift", 0)), textcoords="offset points",
+                      bbox=dict(boxstyle="square,pad=0.1", fc="white", ec="none", alpha=0.7)
+                      if a.get("bgcolor") else None)
 
     entries = [t for t in data if _label(t) != "_nolegend_"]
     if layout.get("showlegend") is not False and (len(entries) > 1 or layout.get("showlegend")):

@@ -442,7 +442,8 @@ def build(path, out=None, *, static: bool = True, n_boot: int = 2000) -> Path:
 
     Args:
         path: the study directory.
-        out: the HTML file (default ``path / "report.html"``).
+        out: the HTML file (default ``path / "report.html"``); the tables and ``figures/`` go
+            beside it, so that a report written elsewhere leaves the study folder untouched.
         static: also write the PNG and PDF figures.
         n_boot: bootstrap resamples per fit.
 
@@ -451,8 +452,10 @@ def build(path, out=None, *, static: bool = True, n_boot: int = 2000) -> Path:
     """
     path = Path(path)
     records = load_records(path)
+    dest = Path(out).parent if out is not None else path  # every file of the report goes here
     if not records:
         raise StudyError(f"{path} has no model records yet; run the study first")
+    dest.mkdir(parents=True, exist_ok=True)
     meta = read_study_json(path / "study.json")
     cfg = meta["config"]
     bits = list(cfg.get("bits", []))
@@ -481,20 +484,20 @@ def build(path, out=None, *, static: bool = True, n_boot: int = 2000) -> Path:
     w = csv.DictWriter(buf, fieldnames=cols, restval="")
     w.writeheader()
     w.writerows(_csv_rows(rows))
-    _atomic_text(path / "summary.csv", buf.getvalue())
+    _atomic_text(dest / "summary.csv", buf.getvalue())
     buf = io.StringIO()
     if corr:
         w = csv.DictWriter(buf, fieldnames=list(dict.fromkeys(k for r in corr for k in r)), restval="")
         w.writeheader()
         w.writerows(_csv_rows(corr))
-    _atomic_text(path / "correlations.csv", buf.getvalue())
+    _atomic_text(dest / "correlations.csv", buf.getvalue())
     buf = io.StringIO()
     grows = grid_csv_rows(grid, vars_)
     w = csv.DictWriter(buf, fieldnames=["bits", "training", "method", "ptq", "test_acc_mean", "test_acc_std",
                                         "n_seeds", "best_in_column"], restval="")
     w.writeheader()
     w.writerows(_csv_rows(grows))
-    _atomic_text(path / "grid.csv", buf.getvalue())
+    _atomic_text(dest / "grid.csv", buf.getvalue())
     from . import report_mixed
 
     mrows = report_mixed.mixed_rows(records, cfg)
@@ -506,7 +509,7 @@ def build(path, out=None, *, static: bool = True, n_boot: int = 2000) -> Path:
         w = csv.DictWriter(buf, fieldnames=mcols, restval="", extrasaction="ignore")
         w.writeheader()
         w.writerows(_csv_rows(mrows))
-        _atomic_text(path / "mixed.csv", buf.getvalue())
+        _atomic_text(dest / "mixed.csv", buf.getvalue())
     summary = {"study": cfg.get("name"), "config_hash": meta.get("hash"), "ptq": cfg.get("ptq"),
                "splits": meta.get("splits"), "variants": [v[0] for v in vars_],
                "bootstrap": {"unit": "cluster" if clustered else "row",
@@ -530,7 +533,7 @@ def build(path, out=None, *, static: bool = True, n_boot: int = 2000) -> Path:
                               for k, f in pfits.items()},
                "prediction_holdout": {k: {"skipped": h} if isinstance(h, str) else h.to_dict()
                                       for k, h in holdouts.items()}}
-    _atomic_text(path / "summary.json", json.dumps(summary, indent=2, default=_default) + "\n")
+    _atomic_text(dest / "summary.json", json.dumps(summary, indent=2, default=_default) + "\n")
 
     figures: dict[str, dict] = {}
     static_figs: dict[str, list] = {}  # figures/<stem>.png and .pdf: the figures placed with that stem, side by side
@@ -561,7 +564,7 @@ def build(path, out=None, *, static: bool = True, n_boot: int = 2000) -> Path:
     parts += report_mixed.section(mrows, cfg, place)
     from . import report_sampling
 
-    parts += report_sampling.section(records, path)  # sampling.csv; [] without instruments.replicates
+    parts += report_sampling.section(records, dest)  # sampling.csv; [] without instruments.replicates
     parts.append("<h2 id='summary'>Summary of all models</h2>")
     scols = [("model", "model")] + ([("config", "config")] if any("config" in r for r in rows) else [])
     scols += [("method", "method"), ("lambda_max", "lambda"), ("sam_rho", "rho"), ("seed", "seed"),
@@ -712,7 +715,7 @@ def build(path, out=None, *, static: bool = True, n_boot: int = 2000) -> Path:
         from .plot_static import save
 
         for stem, figs in static_figs.items():
-            written += [f.name for f in save(figs, path / "figures" / stem)]
+            written += [f.name for f in save(figs, dest / "figures" / stem)]
     if written:
         parts.append("<h2 id='files'>Files</h2><p class='note'>Static figures (PNG, PDF) in figures/: "
                      + ", ".join(_esc(w) for w in written[:12]) + (" ..." if len(written) > 12 else "")

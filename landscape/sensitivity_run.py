@@ -289,10 +289,10 @@ def run_sensitivity(run_dir, bits=DEFAULT_BITS, samples: int = DEFAULT_SAMPLES, 
         SensitivityFileError: the file is corrupt or from another model.
         ValueError: a bad setting; FileNotFoundError: no ``model.pt``.
     """
-    from dnq.data import load_dataset
     from dnq.io import atomic_write_json
     from dnq.ptq import _device
     from dnq.quant import RANGE_METHODS
+    from dnq.run import run_dataset
     from dnq.rundir import folder_lock
     from dnq.train import load_model
 
@@ -314,8 +314,7 @@ def run_sensitivity(run_dir, bits=DEFAULT_BITS, samples: int = DEFAULT_SAMPLES, 
     key = settings_key(settings)
     if key in doc["entries"] and not recompute:
         return doc["entries"][key]
-    ds = load_dataset(meta["data"], data_root, val_size=int(meta.get("val_size") or 0),
-                      val_seed=int(meta.get("val_seed") or 0)).to(dev)
+    ds = run_dataset(meta, None, data_root).to(dev)
     data = training_batches(ds, samples, seed)
     import contextlib
 

@@ -589,7 +589,9 @@ PRESETS: dict[str, dict] = {
         "mixed": {"budgets": [2.5, 3.0], "methods": ["rtn+bn"]},
     },
     "cifar10-subset": {
-        "name": "cifar10-subset", "data": "npz:../shared/data/cifar10-subset.npz", "model": "resnet20",
+        # the seeded 10,000-image subset of torchvision's CIFAR-10 under data_root (dnq.data, "cifar10-subset"; fetch
+        # CIFAR-10 once with `dnq train --data cifar10 --download ...`), or --set data=npz:PATH for a file of it
+        "name": "cifar10-subset", "data": "cifar10-subset", "model": "resnet20",
         # one strength per method, each method's published CIFAR default (DNQ lambda 1, SAM rho 0.05; gaussian
         # at lambda 1 is the variance of DNQ's measured weight error), not tuned: see the README's caveats
         "runs": [{"method": "sgd"}, {"method": "dnq", "lambda_max": [1.0]}, {"method": "gaussian", "lambda_max": [1.0]},
@@ -648,7 +650,7 @@ def load_config(preset: str | None = None, config: str | os.PathLike | None = No
         if not isinstance(extra, dict):
             raise StudyError(f"{path} must hold a mapping of study keys (name, runs, ...), not a "
                              f"{type(extra).__name__}")
-        d = _merge(d, extra)
+        d = _merge(d, _relative_to(extra, path.parent))
     d = _merge(d, overrides)
     if isinstance(d.get("model"), list):  # a list of architectures: one sub-study each is the user's job here
         from_preset = preset is not None and d["model"] == PRESETS[preset].get("model")
@@ -656,6 +658,21 @@ def load_config(preset: str | None = None, config: str | os.PathLike | None = No
         raise StudyError(f"{where} lists several models {d['model']}; run one study per model with "
                          "--set model=NAME (or a config file with 'model')")
     return StudyConfig.from_dict(d)
+
+
+def _relative_to(extra: dict, folder: Path) -> dict:
+    """A config file's own relative paths (``data = "npz:PATH"``, ``data_root``) made absolute
+    against the file's folder, so that a study file means the same from any working directory."""
+    out = dict(extra)
+    data = out.get("data")
+    if isinstance(data, str) and data.startswith("npz:"):
+        p = Path(os.path.expanduser(data[4:]))
+        out["data"] = f"npz:{p if p.is_absolute() else (folder / p).resolve()}"
+    root = out.get("data_root")
+    if isinstance(root, str) and root:
+        p = Path(os.path.expanduser(root))
+        out["data_root"] = str(p if p.is_absolute() else (folder / p).resolve())
+    return out
 
 
 def _merge(a: dict, b: dict) -> dict:
@@ -894,18 +911,40 @@ class Study:
         """
         try:
             self.check()
-            with self._locked():
-                self.prepare()
-                runs = self.cfg.expand()
-                records = []
-                bar = tqdm(runs, desc=f"study {self.cfg.name}", disable=not self.progress or self.rank != 0)
-                for r in bar:
-                    bar.set_postfix_str(r["id"])
-                    records.append(self.run_one(r))
-                return records
+            fresh = not self.out.exists(), not (self.out / "study.json").exists()
+            try:
+                with self._locked():
+                    self.prepare()
+                    runs = self.cfg.expand()
+                    records = []
+                    bar = tqdm(runs, desc=f"study {self.cfg.name}", disable=not self.progress or self.rank != 0)
+                    for r in bar:
+                        bar.set_postfix_str(r["id"])
+                        records.append(self.run_one(r))
+                    return records
+            except BaseException:
+                if self.rank == 0:
+                    self._remove_if_empty(*fresh)
+                raise
         finally:
             if self.own_pg:
                 dist.destroy_process_group()
+
+    def _remove_if_empty(self, created_folder: bool, created_meta: bool) -> None:
+        """After a study that failed before it kept anything (no model record, no run folder):
+        remove what this invocation created (``study.json``, the empty ``models/`` and ``runs/``,
+        and the study folder itself when it made it), so that nothing half-made is left behind."""
+        if not created_meta:
+            return
+        models, runs = self.out / "models", self.out / "runs"
+        if any(models.iterdir() if models.is_dir() else ()) or any(runs.iterdir() if runs.is_dir() else ()):
+            return
+        for d in (models, runs):
+            if d.is_dir():
+                d.rmdir()
+        (self.out / "study.json").unlink(missing_ok=True)
+        if created_folder and self.out.is_dir() and not any(self.out.iterdir()):
+            self.out.rmdir()
 
     def _record_path(self, rid: str) -> Path:
         return self.out / "models" / f"{rid}.json"
@@ -1513,33 +1552,19 @@ class Measure:
         """A copy with every Conv/Linear weight replaced by Q(W) (no BatchNorm folding): the
         quantizer of :func:`dnq.quant.weight_error` (symmetric per-channel min-max), at the bits
         PTQ gives each layer."""
-        from dnq.quant import quantize_weight
+        from dnq.quant import weight_quantized
 
-        wbits = self._weight_bits(bits, first_last_bits)
-        q = copy.deepcopy(self.model).eval()
-        mods = dict(q.named_modules())
-        with torch.no_grad():
-            for name, b in wbits.items():
-                layer = mods[name]
-                layer.weight.copy_(quantize_weight(layer.weight.float(), b, "symmetric", "minmax").to(layer.weight))
-        return q
+        return weight_quantized(self.model, self._weight_bits(bits, first_last_bits))
 
     def _loss(self, model: nn.Module) -> float:
         return mean_loss(model, self.hdata, self.loss_fn)
 
     def noise(self, key: NoiseKey) -> dict:
-        from dnq.quant import parse_bits, quant_layers
+        from dnq.quant import parse_bits, weight_error_moments
 
         (w, _), = parse_bits(key.bits)
         q = self._weight_quantized(key.bits, key.first_last_bits)
-        layers = [n for n, _ in quant_layers(self.model)]
-        qp, mp = dict(q.named_parameters()), dict(self.model.named_parameters())
-        var, mean = {}, {}
-        for name in layers:
-            k = f"{name}.weight"
-            err = (qp[k] - mp[k]).detach().reshape(mp[k].shape[0], -1).double()
-            var[k] = err.var(dim=1, unbiased=False)
-            mean[k] = err.mean(dim=1)
+        mean, var = weight_error_moments(self.model, self._weight_bits(key.bits, key.first_last_bits))
         op = self.op()
         pred = predicted_loss_increase(op, var, mean=mean, num_matvecs=key.matvecs, seed=key.seed,
                                        progress=self.s.progress)
@@ -1588,7 +1613,7 @@ def load_records(path: str | os.PathLike, include_other: bool = False) -> list[d
                          "the study again with a valid configuration") from None
     recs = {}
     for p in sorted((path / "models").glob("*.json")):
-        fix = (f"delete it, or run `landscape study` on {path} again with the same configuration, which moves it aside "
+        fix = (f"run `landscape study --out {path}` again with the same configuration: it moves the file aside "
                "and measures that model again")
         rec = _read_json(p, "a model record", fix)
         why = _check_record(rec, p)

@@ -124,3 +124,41 @@ def test_validation_split_is_stratified_disjoint_and_seeded_by_its_own_seed():
     assert resolve_val_size(0.25, "digits", 1437) == 359 and resolve_val_size(None, "digits", 1437) == 0
     with pytest.raises(DataError, match="0..1436"):
         resolve_val_size(1437, "digits", 1437)
+
+
+def test_cifar10_subset_is_a_seeded_per_class_choice_from_torchvision(monkeypatch):
+    """torchvision's CIFAR-10 cannot be downloaded here: its loader is replaced by one of the same
+    shapes, and what the toolkit adds (the seeded per-class choice and shuffle) is checked."""
+    import dnq.data as data
+
+    rng = np.random.default_rng(1)
+    ytr, yte = np.repeat(np.arange(10), 1100), np.repeat(np.arange(10), 250)
+    xtr = rng.integers(0, 256, (len(ytr), 3, 32, 32), dtype=np.uint8)
+    xte = rng.integers(0, 256, (len(yte), 3, 32, 32), dtype=np.uint8)
+    calls = []
+
+    def fake(name, root, download):
+        calls.append((name, root, download))
+        return xtr, xte, ytr, yte
+
+    monkeypatch.setattr(data, "_load_torchvision", fake)
+    a = data.load_dataset("cifar10-subset", "somewhere")
+    b = data.load_dataset("cifar10-subset", "somewhere")
+    assert calls[0] == ("cifar10", "somewhere", False)
+    assert tuple(a.x_train.shape) == (10000, 3, 32, 32) and tuple(a.x_test.shape) == (2000, 3, 32, 32)
+    assert np.bincount(a.y_train.numpy()).tolist() == [1000] * 10 and np.bincount(a.y_test.numpy()).tolist() == [200] * 10
+    assert a.fingerprint() == b.fingerprint()  # the same subset every time
+    assert a.y_train[:20].tolist() != sorted(a.y_train[:20].tolist())  # shuffled
+    # every chosen image is one of the source's, with its own label
+    src = {xtr[i].tobytes(): ytr[i] for i in range(len(ytr))}
+    assert all(src[a.x_train[i].numpy().tobytes()] == a.y_train[i] for i in range(0, 10000, 97))
+    assert a.num_classes == 10 and a.augment
+
+
+def test_one_class_data_is_refused(tmp_path):
+    rng = np.random.default_rng(0)
+    path = tmp_path / "one.npz"
+    np.savez(path, x_train=rng.integers(0, 256, (32, 8, 8, 3), dtype=np.uint8), y_train=np.full(32, 3),
+             x_test=rng.integers(0, 256, (8, 8, 8, 3), dtype=np.uint8), y_test=np.arange(8) % 4)
+    with pytest.raises(DataError, match="every training label is 3: a classifier needs at least 2 classes"):
+        load_dataset(f"npz:{path}")

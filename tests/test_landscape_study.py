@@ -578,9 +578,11 @@ def test_the_report_has_the_sampling_section_only_with_replicates(sampled, repor
 
     _, out, records = sampled
     assert "id='sampling'" not in report.read_text() and not (report.parent / "sampling.csv").exists()
+    before = sorted((p, p.stat().st_mtime_ns) for p in out.rglob("*"))
     text = build(out, tmp_path / "r.html", static=False, n_boot=50).read_text()
     assert "id='sampling'" in text
-    with open(out / "sampling.csv") as f:
+    assert sorted((p, p.stat().st_mtime_ns) for p in out.rglob("*")) == before  # a report elsewhere: study untouched
+    with open(tmp_path / "sampling.csv") as f:
         got = list(csv.DictReader(f))
     want = config_rows(load_records(out))
     assert len(got) == len(want) == 1 and got[0]["models"] == "2"

@@ -5,6 +5,8 @@ only what the toolkit wrote, after every check, and a failed replacement keeps t
 import io
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -65,6 +67,7 @@ def _bad_files(d: Path) -> dict:
                                y_test=np.zeros(0, np.int64))
     files["float_images"] = _npz(d / "floatimg.npz", x_train=np.zeros((64, 8, 8, 3), np.float32))
     files["missing_array"] = _npz(d / "missing.npz", y_test=None)
+    files["one_class"] = _npz(d / "oneclass.npz", y_train=np.zeros(64, np.int64))
     return files
 
 
@@ -115,6 +118,9 @@ def _one_line_refusal(capsys, argv, needles, root) -> tuple[str, str]:
     if len(lines) != 1 or "Traceback" in err:
         problems.append(f"{len(lines)} lines")
     problems += [f"no {n!r}" for n in needles if n.lower() not in err.lower()]
+    internal = re.findall(r"(?<![\w/.-])_[a-z]\w*", err)  # a private name (a function's, a field's) means nothing to a user
+    if internal:
+        problems.append(f"internal names {internal}")
     if tree(root) != before:
         problems.append("the file system changed")
     return "; ".join(problems), err
@@ -130,7 +136,8 @@ def test_every_bad_train_input_is_one_line_and_writes_nothing(tmp_path, monkeypa
 
 NPZ_CASES = [("empty", "empty"), ("truncated", "cannot be read"), ("2d_labels", "one integer per image"),
              ("float_labels", "non-integer"), ("huge_label", "distinct labels"), ("empty_arrays", "empty"),
-             ("empty_test", "empty"), ("float_images", "uint8"), ("missing_array", "missing arrays")]
+             ("empty_test", "empty"), ("float_images", "uint8"), ("missing_array", "missing arrays"),
+             ("one_class", "at least 2 classes")]
 
 
 @pytest.mark.parametrize("kind, needle", NPZ_CASES, ids=[k for k, _ in NPZ_CASES])
@@ -140,6 +147,77 @@ def test_malformed_npz_files_are_refused_in_one_line(tmp_path, monkeypatch, caps
     bad, err = _one_line_refusal(capsys, ["train", "--data", f"npz:{files[kind]}", "--model", "cnn-digits", "--quiet",
                                "--batch-size", "8", "--out", str(tmp_path / "run")], [needle], tmp_path)
     assert not bad, (bad, err)
+
+
+def test_an_unreadable_model_is_named_a_permission_problem(tmp_path, capsys, finished, monkeypatch):
+    """Root reads any file, so the denial is simulated where the toolkit opens the file."""
+    import dnq.rundir
+
+    run = _copy_run(finished, tmp_path / "run")
+
+    def denied(path, map_location="cpu"):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(dnq.rundir, "safe_load", denied)
+    bad, err = _one_line_refusal(capsys, ["ptq", str(run), "--quiet"], ["model.pt", "permission denied", "chmod"],
+                                 tmp_path)
+    assert not bad, (bad, err)
+    assert "truncated" not in err and "--overwrite" not in err  # the wrong fix of before
+
+
+@pytest.fixture(scope="module")
+def npz_run(tmp_path_factory):
+    """A finished run trained on an npz file (which the tests then move)."""
+    d = tmp_path_factory.mktemp("npzrun")
+    data = _npz(d / "data.npz")
+    out = d / "run"
+    assert main(["train", "--data", f"npz:{data}", "--model", "cnn-digits", "--epochs", "1", "--batch-size", "16",
+                 "--quiet", "--out", str(out)]) == 0
+    return data, out
+
+
+def test_ptq_data_overrides_a_moved_dataset_after_checking_its_content(tmp_path, capsys, npz_run):
+    data, run0 = npz_run
+    run = _copy_run(run0, tmp_path / "run")
+    moved = tmp_path / "elsewhere.npz"
+    shutil.copy(data, moved)
+    gone = tmp_path / "gone"
+    meta_data = f"npz:{gone}"
+    blob = torch.load(run / "model.pt", weights_only=True)
+    blob["meta"]["data"] = meta_data  # the file the run was trained on is no longer there
+    torch.save(blob, run / "model.pt")
+    bad, err = _one_line_refusal(capsys, ["ptq", str(run), "--quiet"], ["cannot be loaded", "--data npz:"], tmp_path)
+    assert not bad, (bad, err)
+    other = _npz(tmp_path / "other.npz", y_test=np.r_[np.zeros(15, np.int64), [2]])
+    bad, err = _one_line_refusal(capsys, ["ptq", str(run), "--quiet", "--data", f"npz:{other}"],
+                                 ["other data than the run was trained on"], tmp_path)
+    assert not bad, (bad, err)
+    assert main(["ptq", str(run), "--quiet", "--data", f"npz:{moved}", "--bits", "W8A8", "--range", "minmax"]) == 0
+    report = json.loads((run / "ptq.json").read_text())
+    want = json.loads((run0 / "result.json").read_text())
+    assert report["fp"]["test_acc"] == pytest.approx(want["test_acc"], abs=1e-9)
+
+
+def test_run_folders_load_in_one_call(npz_run):
+    from dnq import load_run
+
+    data, run_dir = npz_run
+    run = load_run(run_dir)
+    batches = run.batches("train", samples=40, batch_size=16)
+    assert [len(y) for _, y in batches] == [16, 16, 8]
+    assert batches[0][0].dtype == torch.float32 and abs(float(batches[0][0].mean())) < 1.0  # normalized
+    with torch.no_grad():
+        out = run.model(batches[0][0])
+    assert out.shape == (16, run.meta["num_classes"]) and float(run.loss_fn(out, batches[0][1])) > 0
+    mean, var = run.weight_noise("W4A4")
+    mods = dict(run.model.named_modules())
+    for name, v in var.items():
+        w = mods[name.rsplit(".", 1)[0]].weight
+        assert v.shape == (w.shape[0],) and bool((v >= 0).all())
+    # the first and last layers at 8 bits: a smaller error than the 4-bit layers'
+    order = list(var)
+    assert float(var[order[0]].mean()) < float(var[order[1]].mean())
+    assert len(run.batches("test", samples=None)) == 1 and run.config.get("data", "").startswith("npz:")
 
 
 def _copy_run(src: Path, dst: Path) -> Path:
@@ -202,7 +280,18 @@ def test_every_bad_ptq_input_is_one_line_and_writes_nothing(tmp_path, capsys, fi
 
 
 def test_ptq_on_missing_or_damaged_models(tmp_path, capsys, finished):
-    bad, err = _one_line_refusal(capsys, ["ptq", str(tmp_path / "nothing"), "--quiet"], ["no model.pt"], tmp_path)
+    bad, err = _one_line_refusal(capsys, ["ptq", str(tmp_path / "nothing"), "--quiet"], ["nothing does not exist"],
+                                 tmp_path)
+    assert not bad, (bad, err)
+    (tmp_path / "empty").mkdir()
+    bad, err = _one_line_refusal(capsys, ["ptq", str(tmp_path / "empty"), "--quiet"],
+                                 ["holds no model.pt", "not a finished"], tmp_path)
+    assert not bad, (bad, err)
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    shutil.copy(finished / "checkpoint.pt", unfinished / "checkpoint.pt")
+    bad, err = _one_line_refusal(capsys, ["ptq", str(unfinished), "--quiet"], ["did not finish", "--resume"],
+                                 tmp_path)
     assert not bad, (bad, err)
     run = _copy_run(finished, tmp_path / "run")
     (run / "model.pt").write_bytes(_evil_pickle())
@@ -348,4 +437,7 @@ def test_a_lock_left_by_a_killed_process_is_taken_over(tmp_path):
     p = run_dnq("train", *FAST, "--epochs", "8", "--batch-size", "16", "--out", run, "--resume", check=False)
     assert p.returncode == 0, p.stderr
     assert "taking over the lock" in p.stderr and f"pid {a.pid}" in p.stderr
+    notice = [ln for ln in p.stderr.splitlines() if "taking over the lock" in ln]
+    assert len(notice) == 1 and notice[0].startswith("dnq train: warning: "), p.stderr  # one line, no file:line
+    assert "UserWarning" not in p.stderr and "warnings.warn" not in p.stderr
     assert not (run / ".dnq.lock").exists()

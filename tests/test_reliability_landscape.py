@@ -478,7 +478,8 @@ def test_a_corrupt_record_is_moved_aside_and_measured_again_not_retrained(mini, 
     before = snapshot(out)
     assert main(["report", str(out), "--no-static"]) == 2
     err = capsys.readouterr().err.strip()
-    assert f"{rec_path} is corrupt" in err and "delete it" in err and len(err.splitlines()) == 1
+    assert f"{rec_path} is corrupt" in err and "moves the file aside" in err and len(err.splitlines()) == 1
+    assert "delete" not in err  # one fix, not two
     assert snapshot(out) == before
     # the study moves it aside, says so, and measures that model again (its training is kept)
     Study(StudyConfig.from_dict(MINI), out, device="cpu", progress=False).run()
@@ -514,6 +515,39 @@ def test_a_non_finite_measurement_stops_the_study_naming_the_model_and_keeps_the
     kept = json.loads(rec_path.read_text())["measurements"]
     assert "trace" not in kept and "fp" in kept and "eigen" in kept
     assert not (out / ".dnq.lock").exists()  # the lock goes with the study
+
+
+def test_a_study_that_fails_at_once_leaves_nothing_behind(tmp_path, capsys):
+    """A NaN in the first training (a learning rate of 1e30) stops the study before it kept
+    anything: no study.json beside empty models/ and runs/, and no folder it made itself."""
+    out = tmp_path / "fresh"
+    code = main(_study(tmp_path, "--set", "train.lr=1e30", out="fresh"))
+    err = capsys.readouterr().err
+    assert code == 2 and "training failed" in err, err
+    assert not out.exists(), sorted(p.name for p in out.rglob("*"))
+    # a folder the user made is kept (empty, as it was)
+    out.mkdir()
+    assert main(_study(tmp_path, "--set", "train.lr=1e30", out="fresh")) == 2
+    assert out.is_dir() and not any(out.iterdir())
+
+
+def test_a_study_files_relative_paths_resolve_against_the_file(tmp_path, monkeypatch):
+    from landscape.study import load_config
+
+    (tmp_path / "cfgs").mkdir()
+    f = tmp_path / "cfgs" / "s.toml"
+    f.write_text('name = "x"\ndata = "npz:../data/d.npz"\ndata_root = "roots"\n')
+    monkeypatch.chdir(tmp_path / "cfgs")
+    for cwd in (tmp_path, tmp_path / "cfgs", Path("/")):
+        monkeypatch.chdir(cwd)
+        cfg = load_config(config=f)
+        assert cfg.data == f"npz:{(tmp_path / 'data' / 'd.npz').resolve()}"
+        assert cfg.data_root == str((tmp_path / "cfgs" / "roots").resolve())
+    # absolute paths and named datasets are left alone
+    f.write_text('name = "x"\ndata = "npz:/abs/d.npz"\n')
+    assert load_config(config=f).data == "npz:/abs/d.npz"
+    f.write_text('name = "x"\ndata = "cifar10-subset"\n')
+    assert load_config(config=f).data == "cifar10-subset"
 
 
 def test_a_second_study_on_a_folder_in_use_is_refused_naming_the_holder(mini, tmp_path):
