@@ -146,7 +146,8 @@ def test_cifar10_subset_is_a_seeded_per_class_choice_from_torchvision(monkeypatc
     b = data.load_dataset("cifar10-subset", "somewhere")
     assert calls[0] == ("cifar10", "somewhere", False)
     assert tuple(a.x_train.shape) == (10000, 3, 32, 32) and tuple(a.x_test.shape) == (2000, 3, 32, 32)
-    assert np.bincount(a.y_train.numpy()).tolist() == [1000] * 10 and np.bincount(a.y_test.numpy()).tolist() == [200] * 10
+    assert np.bincount(a.y_train.numpy()).tolist() == [1000] * 10
+    assert np.bincount(a.y_test.numpy()).tolist() == [200] * 10
     assert a.fingerprint() == b.fingerprint()  # the same subset every time
     assert a.y_train[:20].tolist() != sorted(a.y_train[:20].tolist())  # shuffled
     # every chosen image is one of the source's, with its own label

@@ -60,7 +60,8 @@ def test_top_eigenvalues_within_a_memory_budget_equals_the_unbounded_run(dense):
     assert small.basis_bytes <= 7 * op.dim * 8 < free.basis_bytes
     for res in (free, small):
         assert res.converged
-        torch.testing.assert_close(torch.tensor(res.eigenvalues, dtype=torch.float64), ev.flip(0)[:3], rtol=1e-10, atol=0)
+        got = torch.tensor(res.eigenvalues, dtype=torch.float64)
+        torch.testing.assert_close(got, ev.flip(0)[:3], rtol=1e-10, atol=0)
     with pytest.raises(ValueError, match="memory_budget.*needs at least 5"):
         top_eigenvalues(op, k=3, memory_budget=3 * op.dim * 8)
     with pytest.raises(ValueError, match="memory_budget must be a positive number"):

@@ -118,7 +118,8 @@ def _one_line_refusal(capsys, argv, needles, root) -> tuple[str, str]:
     if len(lines) != 1 or "Traceback" in err:
         problems.append(f"{len(lines)} lines")
     problems += [f"no {n!r}" for n in needles if n.lower() not in err.lower()]
-    internal = re.findall(r"(?<![\w/.-])_[a-z]\w*", err)  # a private name (a function's, a field's) means nothing to a user
+    # a private name (a function's, a field's) means nothing to a user
+    internal = re.findall(r"(?<![\w/.-])_[a-z]\w*", err)
     if internal:
         problems.append(f"internal names {internal}")
     if tree(root) != before:
