@@ -217,7 +217,7 @@ def _run(a) -> int:
 
         cfg = load_config(a.preset, a.config, **_parse_set(a.set))
         Study(cfg, a.out, device=a.device, progress=not a.quiet).run()
-        print(build(a.out) if a.report else a.out)
+        print(build(a.out, only_if_changed=True) if a.report else a.out)
     else:
         print(build(a.path, static=not a.no_static))
     return 0

@@ -116,15 +116,29 @@ def project_out(Q: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
     return G
 
 
-def orthonormalize(Y: torch.Tensor, rtol: float = 1e-12) -> torch.Tensor:
+def orthonormalize(Y: torch.Tensor, rtol: float = 1e-12, *, inplace: bool = False) -> torch.Tensor:
     """An orthonormal basis of the column space of an (n, k) block: Cholesky-QR done twice
     (CholeskyQR2), with the float64 Gram matrix's eigendecomposition in place of Cholesky so that
     rank-deficient blocks work: directions whose squared singular value is below ``rtol`` times
-    the largest are dropped (the result may have fewer than ``k`` columns)."""
+    the largest are dropped (the result may have fewer than ``k`` columns). ``inplace``: the
+    result is written over ``Y`` (a view of its first columns is returned), so no second block of
+    the same size is allocated."""
     Q = Y
     for _ in range(2):
         lam, V = torch.linalg.eigh(inner(Q, Q))
         top = float(lam.max()) if lam.numel() else 0.0
         keep = lam > rtol * top if top > 0 else torch.zeros_like(lam, dtype=torch.bool)
-        Q = combine(Q, V[:, keep] / lam[keep].sqrt())
+        C = V[:, keep] / lam[keep].sqrt()
+        Q = _combine_inplace(Q, C) if inplace else combine(Q, C)
     return Q
+
+
+def _combine_inplace(Q: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
+    """``Q @ C`` written over the first ``C.shape[1]`` columns of ``Q`` (rows are independent: each
+    chunk is read whole, as a float64 copy, before it is written)."""
+    cols = C.shape[1]
+    C = C.to(device=Q.device, dtype=torch.float64)
+    step = chunk_rows(Q.shape[1] + cols, Q.device)
+    for s in range(0, Q.shape[0], step):
+        Q[s:s + step, :cols] = (Q[s:s + step].double() @ C).to(Q.dtype)
+    return Q[:, :cols]

@@ -436,7 +436,26 @@ def _table(rows: list[dict], cols: list[tuple[str, str]], left: set = frozenset(
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 
 
-def build(path, out=None, *, static: bool = True, n_boot: int = 2000) -> Path:
+def inputs_digest(path, static: bool, n_boot: int) -> str:
+    """SHA-256 of everything a report is made from: the study's ``study.json`` and model records,
+    the settings, and the source of the modules that write it (a toolkit update rebuilds it)."""
+    import hashlib
+
+    path = Path(path)
+    h = hashlib.sha256(f"static={static};n_boot={n_boot}".encode())
+    here = Path(__file__).parent
+    meta = read_study_json(path / "study.json")
+    meta.pop("updated", None)  # rewritten by every run of the study
+    h.update(json.dumps(meta, sort_keys=True).encode())
+    for f in [*sorted((path / "models").glob("*.json"))] + \
+             [here / n for n in ("report.py", "report_mixed.py", "report_sampling.py", "plot.py", "plot_static.py",
+                                 "regress.py", "study.py")]:
+        h.update(f.name.encode())
+        h.update(f.read_bytes() if f.is_file() else b"")
+    return h.hexdigest()
+
+
+def build(path, out=None, *, static: bool = True, n_boot: int = 2000, only_if_changed: bool = False) -> Path:
     """Write ``report.html`` (and ``figures/``, ``summary.csv``, ``summary.json``, ``grid.csv``,
     ``correlations.csv``) for the study in ``path``; returns the HTML file's path.
 
@@ -446,6 +465,9 @@ def build(path, out=None, *, static: bool = True, n_boot: int = 2000) -> Path:
             beside it, so that a report written elsewhere leaves the study folder untouched.
         static: also write the PNG and PDF figures.
         n_boot: bootstrap resamples per fit.
+        only_if_changed: leave an existing report as it is when nothing it is made from changed
+            (the study's records and configuration, these settings, the report's code: the
+            digest is kept in ``summary.json``); what ``landscape study`` does after a rerun.
 
     Raises:
         StudyError: ``path`` holds no study, or no model has finished a measurement yet.
@@ -453,8 +475,14 @@ def build(path, out=None, *, static: bool = True, n_boot: int = 2000) -> Path:
     path = Path(path)
     records = load_records(path)
     dest = Path(out).parent if out is not None else path  # every file of the report goes here
+    target = Path(out) if out is not None else path / "report.html"
     if not records:
         raise StudyError(f"{path} has no model records yet; run the study first")
+    digest = inputs_digest(path, static, n_boot)
+    if only_if_changed and target.is_file():
+        with open(target, "rb") as f:  # the digest sits in the head of a report written whole (atomically, last)
+            if f"<meta name='inputs-sha256' content='{digest}'>".encode() in f.read(4096):
+                return target
     dest.mkdir(parents=True, exist_ok=True)
     meta = read_study_json(path / "study.json")
     cfg = meta["config"]
@@ -532,7 +560,8 @@ def build(path, out=None, *, static: bool = True, n_boot: int = 2000) -> Path:
                                   "n_groups": f.n_groups}
                               for k, f in pfits.items()},
                "prediction_holdout": {k: {"skipped": h} if isinstance(h, str) else h.to_dict()
-                                      for k, h in holdouts.items()}}
+                                      for k, h in holdouts.items()},
+               "inputs_sha256": digest}
     _atomic_text(dest / "summary.json", json.dumps(summary, indent=2, default=_default) + "\n")
 
     figures: dict[str, dict] = {}
@@ -724,12 +753,12 @@ def build(path, out=None, *, static: bool = True, n_boot: int = 2000) -> Path:
     from plotly.offline import get_plotlyjs
 
     doc = ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
+           f"<meta name='inputs-sha256' content='{digest}'>"
            f"<title>{_esc(cfg.get('name'))}: flatness and PTQ</title><style>{_CSS}</style>"
            f"<script>{_STATUS_JS}</script><script>{get_plotlyjs()}</script></head><body>"
            + "".join(parts)
            + f"<script type='application/json' id='figures-data'>{_script_json(figures)}</script>"
            + f"<script>{_RENDER_JS}</script></body></html>")
-    target = Path(out) if out is not None else path / "report.html"
     _atomic_text(target, doc)
     return target
 

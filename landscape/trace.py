@@ -208,10 +208,11 @@ def hessian_trace(op: HessianOperator, num_matvecs: int | None = None, method: s
 
     **Expected error.** The standard error falls as ``1/sqrt(num_matvecs)``; how large it is
     depends on the spectrum (Hutchinson's variance is ``2 (||H||_F^2 - sum_i H_ii^2)`` per
-    probe; Hutch++ removes the top of the spectrum first). With the default 64 products,
-    Hutch++ gave relative standard errors of about 1-5% on the project's digits and resnet20
-    models and 10.7% on torchvision's resnet18 (64 CIFAR images), whose spectrum is spread out
-    (BENCHMARKS.md, "Sampling error of the study's curvature"). Every result carries its own
+    probe; Hutch++ removes the top of the spectrum first). Hutch++'s relative standard error
+    was 0.7% with 48 products on the project's trained cnn-digits, 1.2-1.3% on its trained
+    resnet20 (BENCHMARKS.md, "Sampling error of the study's curvature"), and 22.6% with the
+    default 64 on an untrained torchvision resnet18 with 64 CIFAR images, whose spectrum is
+    spread out (BENCHMARKS.md, "Instruments at scale"). Every result carries its own
     ``std_error``; to ask for an error instead of a budget, pass ``target_std_error`` (absolute)
     or ``target_rel_error`` (relative to the estimate, e.g. 0.02): the estimator then stops as
     soon as it is reached, spending at most ``num_matvecs`` (default 1024 with a target).
@@ -234,7 +235,8 @@ def hessian_trace(op: HessianOperator, num_matvecs: int | None = None, method: s
         progress: a progress bar over the products (shown after 2 s; ``False`` silences it).
 
     **Memory**: Hutch++ holds ``num_matvecs / 3`` sketch vectors of ``dim`` floats (21 for the
-    default budget: 940 MB for an 11.18M-parameter model) besides a block of probes.
+    default budget: 940 MB for an 11.18M-parameter model; orthonormalized in place) besides a
+    block of probes and their products.
 
     Raises:
         NonFiniteError: a NaN or Inf loss or product (``on_nonfinite="raise"``).
@@ -274,8 +276,7 @@ def _hessian_trace(op, num_matvecs, method, seed, stop, block_size, pbar, t0) ->
     s_dim = min(num_matvecs // 3, op.dim)
     Y = op.matmat(_probes(op.dim, s_dim, gen, op.dtype, op.device))
     pbar.update(s_dim)
-    Q = orthonormalize(Y)  # float64 Gram, CholeskyQR2; rank-deficient sketches lose their null directions
-    del Y
+    Q = orthonormalize(Y, inplace=True)  # float64 Gram, CholeskyQR2, over Y; rank-deficient sketches lose columns
     t_exact = float(_quadratic_forms(op, Q).double().sum()) if Q.shape[1] else 0.0  # Tr(Q^T H Q): forms
     pbar.update(s_dim)
     used = 2 * s_dim

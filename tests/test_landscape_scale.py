@@ -92,3 +92,14 @@ def test_diagonal_10M_trace_and_slq_moments_exact(diagonal):
     a = values
     for p in (1, 2, 3, 4):
         assert rel(esd.moment(p), float((a ** p).mean())) <= 1e-5, p
+
+
+def test_orthonormalize_in_place_writes_over_its_input():
+    g = torch.Generator().manual_seed(0)
+    Y = torch.randn(10000, 5, generator=g)
+    Y[:, 4] = Y[:, 0] + Y[:, 1]  # rank 4
+    ref = orthonormalize(Y.clone())
+    Q = orthonormalize(Y, inplace=True)
+    assert Q.shape == (10000, 4) and Q.data_ptr() == Y.data_ptr()
+    assert torch.allclose(inner(Q, Q), torch.eye(4, dtype=torch.float64), atol=1e-6)
+    assert torch.allclose(Q @ Q.T @ ref, ref, atol=1e-5)  # the same space

@@ -20,6 +20,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -98,14 +99,19 @@ def test_every_readme_block_runs_as_written(tmp_path):
             cmd = ["bash", "-e", "-o", "pipefail", "-c", as_script(b["body"])]
         else:
             cmd = [sys.executable, "-c", b["body"]]
+        t0 = time.perf_counter()
         p = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1800)
         assert p.returncode == 0, f"{where} failed ({p.returncode}):\n{b['body']}\n--- stderr:\n{p.stderr[-4000:]}"
         ran.append((b["line"], b["lang"], p.stdout))
+        print(f"README.md line {b['line']} ({b['lang']}): {time.perf_counter() - t0:.1f} s")
     # what the blocks promise exists
     assert (tmp_path / "runs" / "digits-dnq" / "ptq.json").is_file()
     assert (tmp_path / "runs" / "digits-sgd" / "sensitivity.json").is_file()
     assert (tmp_path / "reports" / "digits" / "report.html").is_file()
     assert (tmp_path / "surface.png").read_bytes()[:4] == b"\x89PNG"
     table = next(out for _, lang, out in ran if "setting" in out and "W2A4" in out)
-    assert table.splitlines()[0].split()[:3] == ["validation", "accuracy", "(287"]
+    lines = table.splitlines()
+    at = lines.index("test accuracy (360 images):")
+    assert lines[at + 1].split() == ["setting", "minmax", "minmax+bn", "percentile", "percentile+bn", "mse", "mse+bn"]
+    assert [ln.split()[0] for ln in lines[at + 2:at + 8]] == ["FP", "W8A8", "W6A6", "W4A4", "W3A3", "W2A4"]
     assert len(ran) >= 10

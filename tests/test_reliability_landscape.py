@@ -608,3 +608,28 @@ def test_csv_cells_that_look_like_formulas_are_escaped_and_numbers_stay_numbers(
     with open(path / "correlations.csv", newline="") as f:
         for row in csv.DictReader(f):
             assert not any(v.startswith(("=", "+", "@")) for v in row.values() if v)
+
+
+def test_a_rerun_study_leaves_its_up_to_date_report_alone(mini, tmp_path):
+    import shutil
+
+    from landscape.report import build
+
+    out = Path(shutil.copytree(mini, tmp_path / "copy"))
+    html = build(out, static=False, n_boot=20)
+    stamp = html.stat().st_mtime_ns
+    assert build(out, static=False, n_boot=20, only_if_changed=True) == html and html.stat().st_mtime_ns == stamp
+    meta = json.loads((out / "study.json").read_text())
+    meta["updated"] = "2099-01-01T00:00:00"  # every run rewrites this: not an input of the report
+    (out / "study.json").write_text(json.dumps(meta))
+    build(out, static=False, n_boot=20, only_if_changed=True)
+    assert html.stat().st_mtime_ns == stamp
+    rec = out / "models" / "sgd-s0.json"
+    r = json.loads(rec.read_text())
+    r["measurements"]["trace"]["value"]["value"] *= 2  # a changed measurement: rebuilt
+    rec.write_text(json.dumps(r))
+    build(out, static=False, n_boot=20, only_if_changed=True)
+    assert html.stat().st_mtime_ns != stamp
+    stamp = html.stat().st_mtime_ns
+    build(out, static=False, n_boot=20)  # asked for explicitly (landscape report): always rebuilt
+    assert html.stat().st_mtime_ns != stamp
