@@ -24,6 +24,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from .fp64 import dots, norms
+
 NORMALIZATIONS = ("filter", "layer", "model", "none")
 
 
@@ -50,10 +52,10 @@ def _filter_normalize(d: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """Scale each output filter (slice along dim 0) of ``d`` to the norm of the matching filter of
     ``w``; an all-zero filter of ``d`` or ``w`` gives a zero filter, never a division by zero."""
     shape = (-1,) + (1,) * (d.dim() - 1)
-    dn = d.reshape(d.shape[0], -1).norm(dim=1)
-    wn = w.reshape(w.shape[0], -1).norm(dim=1)
+    dn = norms(d.reshape(d.shape[0], -1).T)  # float64 sums (landscape.fp64)
+    wn = norms(w.reshape(w.shape[0], -1).T)
     factor = torch.where(dn > 0, wn / torch.where(dn > 0, dn, torch.ones_like(dn)), torch.zeros_like(dn))
-    return d * factor.view(shape)
+    return d * factor.to(d.dtype).view(shape)
 
 
 def normalize_direction(direction: dict, model: nn.Module, normalization: str = "filter",
@@ -70,14 +72,14 @@ def normalize_direction(direction: dict, model: nn.Module, normalization: str = 
         elif normalization == "filter":
             out[n] = _filter_normalize(d, w) if w.dim() > 1 else _filter_normalize(d[None], w[None])[0]
         elif normalization == "layer":
-            dn = d.norm()
-            out[n] = d * (w.norm() / dn) if dn > 0 else torch.zeros_like(d)
+            dn = float(norms(d.reshape(-1)))
+            out[n] = d * (float(norms(w.reshape(-1))) / dn) if dn > 0 else torch.zeros_like(d)
         else:
             out[n] = d
     if normalization == "model":
         keep = [n for n in out if params[n].dim() > 1 or include_1d]
-        dn = torch.sqrt(sum((out[n] ** 2).sum() for n in keep))
-        wn = torch.sqrt(sum((params[n] ** 2).sum() for n in keep))
+        dn = float(sum(dots(out[n].reshape(-1), out[n].reshape(-1)) for n in keep)) ** 0.5
+        wn = float(sum(dots(params[n].reshape(-1), params[n].reshape(-1)) for n in keep)) ** 0.5
         for n in keep:
             out[n] = out[n] * (wn / dn) if dn > 0 else torch.zeros_like(out[n])
     return out

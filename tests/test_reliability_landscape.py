@@ -633,3 +633,29 @@ def test_a_rerun_study_leaves_its_up_to_date_report_alone(mini, tmp_path):
     stamp = html.stat().st_mtime_ns
     build(out, static=False, n_boot=20)  # asked for explicitly (landscape report): always rebuilt
     assert html.stat().st_mtime_ns != stamp
+
+
+def test_a_rebuilt_report_redraws_only_the_static_figures_whose_data_changed(mini, tmp_path):
+    import shutil
+
+    from landscape.report import build
+
+    out = Path(shutil.copytree(mini, tmp_path / "copy"))
+    build(out, n_boot=20)
+    figs = sorted((out / "figures").glob("*.png"))
+    assert figs and (out / "figures" / ".digests.json").is_file()
+    stamps = {p.name: p.stat().st_mtime_ns for p in (out / "figures").iterdir()}
+    build(out, n_boot=20)  # nothing changed: no figure drawn again
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "figures").iterdir() if p.suffix != ".json"} == \
+        {k: v for k, v in stamps.items() if not k.endswith(".json")}
+    rec = out / "models" / "sgd-s0.json"
+    r = json.loads(rec.read_text())
+    surf = r["measurements"]["surface"]["value"]
+    surf["loss"] = [[2 * v for v in row] for row in surf["loss"]]  # drawn in figures/model_<id>
+    rec.write_text(json.dumps(r))
+    (out / "figures" / figs[0].name).unlink()  # a missing file is drawn again too
+    build(out, n_boot=20)
+    changed = {p.name for p in (out / "figures").iterdir() if p.name not in stamps or
+               p.stat().st_mtime_ns != stamps[p.name]}
+    assert figs[0].name in changed and any(n.startswith("model_sgd-s0") for n in changed), changed
+    assert len(changed - {".digests.json"}) < len(stamps) - 1  # not everything
