@@ -156,8 +156,8 @@ def _lanczos_eigen(op, k, tol, seed, which, max_iter, check_every, memory_budget
     start = op.num_matvecs
     max_iter = min(op.dim, max_iter or max(200, 20 * k))
     itemsize = torch.empty((), dtype=op.dtype).element_size()
-    fit = vectors_in(memory_budget, op.dim, op.dtype, op.device)
     budget = default_budget(op.device) if memory_budget is None else int(memory_budget)
+    fit = vectors_in(budget, op.dim, op.dtype, op.device)
     if fit < k + 2:
         raise ValueError(f"top_eigenvalues: a memory_budget of {gib(budget)} holds {fit} Lanczos vectors of "
                          f"{op.dim} parameters; k={k} needs at least {k + 2} ({gib((k + 2) * op.dim * itemsize)}): "
