@@ -44,7 +44,7 @@ from .quant import RANGE_METHODS, WEIGHT_MODES, check_bits, parse_bits, ptq_vari
 from .recon import DESCRIPTIONS, PAPER_CALIB_SIZE, RECON_METHODS, check_methods, default_iters, reconstruct
 from .run import run_dataset
 from .rundir import folder_lock
-from .train import check_run_folder, evaluate, load_model
+from .train import evaluate, load_model
 
 DEFAULT_BITS = "W8A8,W6A6,W4A4,W3A3,W2A4"
 METRICS = ("test_acc", "val_acc", "test_loss", "val_loss")
@@ -161,7 +161,6 @@ def run_ptq(run_dir, bits: str | None = None, ranges: str = ",".join(RANGE_METHO
         variants.insert(variants.index("rtn") + 1 if "rtn" in variants else 0, "rtn+bn")
     run_dir = Path(run_dir)
     dev = _device(device)
-    check_run_folder(run_dir)
     loaded = load_model(run_dir, dev)  # a damaged model.pt is refused before anything is written
     if not fold_bn and any(v in RECON_METHODS for v in variants):
         raise ValueError("the reconstruction methods fold BatchNorm first (as the papers do); drop --no-fold-bn or "

@@ -35,7 +35,7 @@ import torch
 
 from .errors import NonFiniteError
 from .hessian import HessianOperator, measuring, nonfinite_policy
-from .lanczos import REORTH, check_budget, lanczos, tridiagonal, vectors_in
+from .lanczos import REORTH, lanczos, resolve_budget, tridiagonal, vectors_in
 from .operator import records_engines
 from .precision import full_precision
 from .results import Result
@@ -121,11 +121,11 @@ def spectral_density(op: HessianOperator, num_runs: int = 4, lanczos_steps: int 
         raise ValueError(f"sigma must be a finite number > 0 (or None), got {sigma}")
     if reorth not in REORTH:
         raise ValueError(f"unknown reorth {reorth!r}; valid: {', '.join(REORTH)}")
-    check_budget(memory_budget)
+    budget = resolve_budget(memory_budget, op.device)
     itemsize = torch.empty((), dtype=op.dtype).element_size()
     steps = min(lanczos_steps, op.dim)
     if reorth == "auto":
-        reorth = "full" if vectors_in(memory_budget, op.dim, op.dtype, op.device) >= num_runs * steps else "local"
+        reorth = "full" if vectors_in(budget, op.dim, op.dtype) >= num_runs * steps else "local"
     policy = nonfinite_policy(op, on_nonfinite)
     t0 = time.perf_counter()
     start = op.num_matvecs

@@ -37,7 +37,7 @@ from ._progress import bar
 from .errors import NonFiniteError, not_converged
 from .fp64 import dots, normalize, norms
 from .hessian import HessianOperator, measuring, nonfinite_policy
-from .lanczos import check_budget, default_budget, gib, thick_restart_lanczos, vectors_in
+from .lanczos import gib, resolve_budget, thick_restart_lanczos, vectors_in
 from .operator import records_engines
 from .precision import full_precision
 from .results import Result
@@ -134,12 +134,12 @@ def top_eigenvalues(op: HessianOperator, k: int = 3, tol: float = 1e-4, seed: in
         raise ValueError(f"tol must be > 0, got {tol}")
     if max_iter is not None and (isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < k):
         raise ValueError(f"max_iter must be an integer >= k ({k}), got {max_iter!r}")
-    check_budget(memory_budget)
+    budget = resolve_budget(memory_budget, op.device)
     policy = nonfinite_policy(op, on_nonfinite)
     t0 = time.perf_counter()
     try:
         with measuring(op, "top_eigenvalues") as checked:
-            result = _lanczos_eigen(checked, k, tol, seed, which, max_iter, check_every, memory_budget, progress, t0)
+            result = _lanczos_eigen(checked, k, tol, seed, which, max_iter, check_every, budget, progress, t0)
     except NonFiniteError:
         if policy == "raise":
             raise
@@ -152,12 +152,11 @@ def top_eigenvalues(op: HessianOperator, k: int = 3, tol: float = 1e-4, seed: in
     return result
 
 
-def _lanczos_eigen(op, k, tol, seed, which, max_iter, check_every, memory_budget, progress, t0) -> EigenResult:
+def _lanczos_eigen(op, k, tol, seed, which, max_iter, check_every, budget, progress, t0) -> EigenResult:
     start = op.num_matvecs
     max_iter = min(op.dim, max_iter or max(200, 20 * k))
     itemsize = torch.empty((), dtype=op.dtype).element_size()
-    budget = default_budget(op.device) if memory_budget is None else int(memory_budget)
-    fit = vectors_in(budget, op.dim, op.dtype, op.device)
+    fit = vectors_in(budget, op.dim, op.dtype)
     if fit < k + 2:
         raise ValueError(f"top_eigenvalues: a memory_budget of {gib(budget)} holds {fit} Lanczos vectors of "
                          f"{op.dim} parameters; k={k} needs at least {k + 2} ({gib((k + 2) * op.dim * itemsize)}): "

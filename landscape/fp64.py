@@ -82,10 +82,10 @@ def inner(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def combine(vectors, coefs: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+def combine(vectors, coefs: torch.Tensor) -> torch.Tensor:
     """``V @ coefs`` for a basis ``V`` given as an (n, m) block or a list of m (n,) vectors, and
     ``coefs`` (m, l): an (n, l) block in the vectors' dtype (1-D ``coefs``: an (n,) vector),
-    formed in float64 chunk by chunk. ``out`` (n, l) may be given if it aliases no vector."""
+    formed in float64 chunk by chunk."""
     one = coefs.dim() == 1
     C = coefs[:, None] if one else coefs
     block = isinstance(vectors, torch.Tensor)
@@ -94,8 +94,7 @@ def combine(vectors, coefs: torch.Tensor, out: torch.Tensor | None = None) -> to
     if (vectors.shape[1] if block else len(vectors)) != m:
         raise ValueError(f"combine: {vectors.shape[1] if block else len(vectors)} vectors but {m} coefficient rows")
     n = ref.shape[0]
-    if out is None:
-        out = torch.empty(n, cols, dtype=ref.dtype, device=ref.device)
+    out = torch.empty(n, cols, dtype=ref.dtype, device=ref.device)
     C = C.to(device=ref.device, dtype=torch.float64)
     step = chunk_rows(m + cols, ref.device)
     for s in range(0, n, step):

@@ -34,7 +34,7 @@ from collections.abc import Callable
 import torch
 
 from ._progress import bar as _bar
-from .fp64 import chunk_rows, combine, dots, normalize
+from .fp64 import chunk_rows, combine, normalize
 
 #: host memory the Lanczos basis may take by default (bytes)
 HOST_BUDGET = 2 << 30
@@ -51,19 +51,22 @@ def default_budget(device) -> int:
     return HOST_BUDGET
 
 
-def check_budget(memory_budget) -> None:
-    """Raise ``ValueError`` unless ``memory_budget`` is ``None`` or a positive number of bytes."""
+def resolve_budget(memory_budget, device) -> int:
+    """``memory_budget`` in bytes, :func:`default_budget` for ``None``.
+
+    Raises:
+        ValueError: anything but ``None`` or a positive number of bytes.
+    """
     if memory_budget is None:
-        return
+        return default_budget(device)
     if isinstance(memory_budget, bool) or not isinstance(memory_budget, (int, float)) or not memory_budget > 0:
         raise ValueError(f"memory_budget must be a positive number of bytes (or None for the default), "
                          f"got {memory_budget!r}")
+    return int(memory_budget)
 
 
-def vectors_in(budget: int | None, dim: int, dtype: torch.dtype, device) -> int:
-    """How many vectors of ``dim`` entries of ``dtype`` fit in ``budget`` bytes (default:
-    :func:`default_budget`)."""
-    budget = default_budget(device) if budget is None else int(budget)
+def vectors_in(budget: int, dim: int, dtype: torch.dtype) -> int:
+    """How many vectors of ``dim`` entries of ``dtype`` fit in ``budget`` bytes."""
     return int(budget // (dim * torch.empty((), dtype=dtype).element_size()))
 
 
@@ -92,7 +95,7 @@ class Basis:
 
     def __init__(self, max_steps: int, like: torch.Tensor):
         dim, r = like.shape
-        self.dtype, self.device, self.r, self.n = like.dtype, like.device, r, 0
+        self.dtype, self.device, self.n = like.dtype, like.device, 0
         self.small = max_steps * dim * r * 8 <= SMALL_BASIS_BYTES
         self.buf = torch.empty(r, max_steps, dim, dtype=torch.float64, device=like.device) if self.small else None
         self.vectors: list[torch.Tensor] = []
@@ -344,5 +347,5 @@ def thick_restart_lanczos(matvec: Callable[[torch.Tensor], torch.Tensor], v0: to
             "converged": converged, "peak_vectors": peak, "residual_norm": float(beta)}
 
 
-__all__ = ["Basis", "lanczos", "tridiagonal", "order", "thick_restart_lanczos", "default_budget", "vectors_in",
-           "check_budget", "dots", "REORTH", "gib"]
+__all__ = ["Basis", "lanczos", "tridiagonal", "order", "thick_restart_lanczos", "default_budget", "resolve_budget",
+           "vectors_in", "REORTH", "gib"]

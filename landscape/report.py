@@ -467,7 +467,8 @@ def build(path, out=None, *, static: bool = True, n_boot: int = 2000, only_if_ch
         n_boot: bootstrap resamples per fit.
         only_if_changed: leave an existing report as it is when nothing it is made from changed
             (the study's records and configuration, these settings, the report's code: the
-            digest is kept in ``summary.json``); what ``landscape study`` does after a rerun.
+            digest sits in the HTML's head, which is written last); what ``landscape study``
+            does after a rerun.
 
     Raises:
         StudyError: ``path`` holds no study, or no model has finished a measurement yet.
@@ -565,13 +566,15 @@ def build(path, out=None, *, static: bool = True, n_boot: int = 2000, only_if_ch
     _atomic_text(dest / "summary.json", json.dumps(summary, indent=2, default=_default) + "\n")
 
     figures: dict[str, dict] = {}
-    static_figs: dict[str, list] = {}  # figures/<stem>.png and .pdf: the figures placed with that stem, side by side
+    # figures/<stem>.png and .pdf: the figures placed with that stem, side by side, with their JSON
+    static_figs: dict[str, list[tuple]] = {}
 
     def place(fig, stem: str | None = None) -> str:
         fid = f"fig{len(figures)}"
-        figures[fid] = json.loads(fig.to_json())
+        text = fig.to_json()
+        figures[fid] = json.loads(text)
         if stem is not None:
-            static_figs.setdefault(stem, []).append(fig)
+            static_figs.setdefault(stem, []).append((fig, text))
         return f"<div id='{fid}' class='plot'></div>"
 
     parts = [f"<h1>Flatness and PTQ accuracy: {_esc(cfg.get('name'))}</h1>",
@@ -761,10 +764,11 @@ def build(path, out=None, *, static: bool = True, n_boot: int = 2000, only_if_ch
 
 
 def _static_figures(static_figs: dict, folder: Path) -> list[str]:
-    """Write ``<stem>.png`` and ``<stem>.pdf`` for every stem, skipping a stem whose files exist
-    and whose figures (and drawing code) are the ones they were drawn from last time: the digests
-    are kept in ``folder/.digests.json``, written last. Drawing is most of a report's time (28 of
-    31 s for the digits study), and a rebuilt report of an unchanged study draws nothing."""
+    """Write ``<stem>.png`` and ``<stem>.pdf`` for every stem (``[(figure, its JSON), ...]``),
+    skipping a stem whose files exist and whose figures (and drawing code) are the ones they were
+    drawn from last time: the digests are kept in ``folder/.digests.json``, written last. Drawing
+    is most of a report's time (28 of 31 s for the digits study), and a rebuilt report of an
+    unchanged study draws nothing."""
     import hashlib
 
     import matplotlib
@@ -778,13 +782,13 @@ def _static_figures(static_figs: dict, folder: Path) -> list[str]:
         old = {}
     code = Path(plot_static.__file__).read_bytes() + matplotlib.__version__.encode()
     new, written = {}, []
-    for stem, figs in static_figs.items():
-        digest = hashlib.sha256(code + "".join(f.to_json() for f in figs).encode()).hexdigest()
+    for stem, placed in static_figs.items():
+        digest = hashlib.sha256(code + "".join(text for _, text in placed).encode()).hexdigest()
         files = [folder / f"{stem}.{fmt}" for fmt in ("png", "pdf")]
         if old.get(stem) == digest and all(f.is_file() for f in files):
             written += [f.name for f in files]
         else:
-            written += [f.name for f in plot_static.save(figs, folder / stem)]
+            written += [f.name for f in plot_static.save([fig for fig, _ in placed], folder / stem)]
         new[stem] = digest
     _atomic_text(index, json.dumps(new, indent=0) + "\n")
     return written

@@ -122,55 +122,52 @@ def _check_budget(num_matvecs: int, minimum: int, what: str) -> None:
         raise ValueError(f"{what} needs num_matvecs >= {minimum}, got {num_matvecs!r}")
 
 
-def _check_targets(target_std_error, target_rel_error) -> None:
-    for name, v in (("target_std_error", target_std_error), ("target_rel_error", target_rel_error)):
-        if v is None:
-            continue
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not (v > 0 and math.isfinite(v)):
-            raise ValueError(f"{name} must be a finite number > 0 (or None), got {v!r}")
-
-
-def _budget(num_matvecs, targets: bool) -> int:
-    """The product budget: as given, else 64 (no target) or :data:`MAX_MATVECS` (a target)."""
-    if num_matvecs is None:
-        return MAX_MATVECS if targets else DEFAULT_MATVECS
-    return num_matvecs
-
-
 class _Stop:
-    """Whether a running mean of samples (plus a fixed ``offset``, Hutch++'s exact part) has
-    reached its target standard error, absolute or relative to the estimate."""
+    """The stopping rule of a Hutchinson-type estimator: whether the running mean of its samples
+    (plus a fixed ``offset``, Hutch++'s exact part) has reached the target standard error,
+    absolute or relative to the estimate. Validates the targets."""
 
     def __init__(self, target_std_error, target_rel_error, offset: float = 0.0):
+        for name, v in (("target_std_error", target_std_error), ("target_rel_error", target_rel_error)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))
+                                  or not (v > 0 and math.isfinite(v))):
+                raise ValueError(f"{name} must be a finite number > 0 (or None), got {v!r}")
         self.abs, self.rel, self.offset = target_std_error, target_rel_error, offset
 
     @property
     def wanted(self) -> bool:
         return self.abs is not None or self.rel is not None
 
+    def budget(self, num_matvecs: int | None) -> int:
+        """The product budget: as given, else :data:`DEFAULT_MATVECS` (no target) or
+        :data:`MAX_MATVECS` (a target)."""
+        if num_matvecs is None:
+            return MAX_MATVECS if self.wanted else DEFAULT_MATVECS
+        return num_matvecs
+
     def reached(self, samples: list) -> bool:
         if not self.wanted or len(samples) < 2:
             return False
-        s = torch.tensor(samples, dtype=torch.float64)
-        se = s.std().item() / math.sqrt(len(s))
-        ok = True
-        if self.abs is not None:
-            ok &= se <= self.abs
-        if self.rel is not None:
-            ok &= se <= self.rel * abs(s.mean().item() + self.offset)
-        return ok
+        mean, se = _mean_se(samples)
+        return ((self.abs is None or se <= self.abs)
+                and (self.rel is None or se <= self.rel * abs(mean + self.offset)))
 
-    def describe(self) -> str:
+    def check(self, instrument: str, result: "TraceResult", strict: bool) -> None:
+        """Warn (or raise, ``strict``) when a target was asked for and ``result`` misses it."""
+        if not self.wanted or self.reached(result.samples):
+            return
         parts = ([f"standard error {self.abs:g}"] if self.abs is not None else []) + \
                 ([f"relative standard error {self.rel:g}"] if self.rel is not None else [])
-        return " and ".join(parts)
+        value, se = result.value, result.std_error
+        rel = se / abs(value) if value else float("inf")
+        not_converged(f"{instrument}: target {' and '.join(parts)} not reached within "
+                      f"num_matvecs={result.num_matvecs} (standard error {se:.3g}, {rel:.1%} of the estimate "
+                      f"{value:.6g}); raise num_matvecs, or pass strict=True to make this an error", strict)
 
 
-def _missed(instrument: str, stop: _Stop, value: float, se: float, used: int, strict: bool) -> None:
-    rel = se / abs(value) if value else float("inf")
-    not_converged(f"{instrument}: target {stop.describe()} not reached within num_matvecs={used} "
-                  f"(standard error {se:.3g}, {rel:.1%} of the estimate {value:.6g}); raise num_matvecs, or pass "
-                  "strict=True to make this an error", strict)
+def _check_block_size(block_size) -> None:
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
 
 
 def _hutchinson(op: HessianOperator, num_matvecs: int, gen, block_size: int, stop: _Stop, scale=None,
@@ -244,17 +241,15 @@ def hessian_trace(op: HessianOperator, num_matvecs: int | None = None, method: s
     """
     if method not in TRACE_METHODS:
         raise ValueError(f"unknown trace method {method!r}; valid: {', '.join(TRACE_METHODS)}")
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-        raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
-    _check_targets(target_std_error, target_rel_error)
-    num_matvecs = _budget(num_matvecs, target_std_error is not None or target_rel_error is not None)
+    _check_block_size(block_size)
+    stop = _Stop(target_std_error, target_rel_error)
+    num_matvecs = stop.budget(num_matvecs)
     if method == "hutchinson":
         _check_budget(num_matvecs, 2, "Hutchinson")
     else:
         _check_budget(num_matvecs, 6, "Hutch++")
     policy = nonfinite_policy(op, on_nonfinite)
     t0 = time.perf_counter()
-    stop = _Stop(target_std_error, target_rel_error)
     try:
         with measuring(op, "hessian_trace") as checked, bar(progress, num_matvecs, "hessian_trace", "matvec") as pbar:
             result = _hessian_trace(checked, num_matvecs, method, seed, stop, block_size, pbar, t0)
@@ -262,8 +257,7 @@ def hessian_trace(op: HessianOperator, num_matvecs: int | None = None, method: s
         if policy == "raise":
             raise
         return TraceResult(NAN, NAN, num_matvecs, method, seed, [], time.perf_counter() - t0)
-    if stop.wanted and not stop.reached(result.samples):
-        _missed("hessian_trace", stop, result.value, result.std_error, result.num_matvecs, strict)
+    stop.check("hessian_trace", result, strict)
     return result
 
 
@@ -314,8 +308,7 @@ def block_traces(op: HessianOperator, num_matvecs: int = 64, seed: int = 0, *, g
     if group not in ("module", "param"):
         raise ValueError(f"group must be 'module' or 'param', got {group!r}")
     _check_budget(num_matvecs, 2, "block_traces")
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-        raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
+    _check_block_size(block_size)
     policy = nonfinite_policy(op, on_nonfinite)
     t0 = time.perf_counter()
     keys = {n: (n.rsplit(".", 1)[0] if group == "module" and "." in n else n) for n in op.names}
@@ -403,18 +396,16 @@ def noise_weighted_trace(op: HessianOperator, variances, num_matvecs: int | None
         NonFiniteError: a NaN or Inf loss or product (``on_nonfinite="raise"``).
         ConvergenceError: ``strict=True`` and a target missed.
     """
-    _check_targets(target_std_error, target_rel_error)
-    num_matvecs = _budget(num_matvecs, target_std_error is not None or target_rel_error is not None)
+    stop = _Stop(target_std_error, target_rel_error)
+    num_matvecs = stop.budget(num_matvecs)
     _check_budget(num_matvecs, 2, "noise_weighted_trace")
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-        raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
+    _check_block_size(block_size)
     var = expand_to_params(op, variances)
     if bool((var < 0).any()) or not bool(torch.isfinite(var).all()):
         raise ValueError("variances must be finite and >= 0")
     policy = nonfinite_policy(op, on_nonfinite)
     t0 = time.perf_counter()
     gen = torch.Generator().manual_seed(seed)
-    stop = _Stop(target_std_error, target_rel_error)
     try:
         with measuring(op, "noise_weighted_trace") as checked, \
                 bar(progress, num_matvecs, "noise_weighted_trace", "matvec") as pbar:
@@ -424,9 +415,9 @@ def noise_weighted_trace(op: HessianOperator, variances, num_matvecs: int | None
             raise
         return TraceResult(NAN, NAN, num_matvecs, "hutchinson", seed, [], time.perf_counter() - t0)
     mean, se = _mean_se(samples)
-    if stop.wanted and not stop.reached(samples):
-        _missed("noise_weighted_trace", stop, mean, se, used, strict)
-    return TraceResult(mean, se, used, "hutchinson", seed, samples, time.perf_counter() - t0)
+    result = TraceResult(mean, se, used, "hutchinson", seed, samples, time.perf_counter() - t0)
+    stop.check("noise_weighted_trace", result, strict)
+    return result
 
 
 @records_engines
