@@ -19,9 +19,11 @@ venv: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest
 
-# pyflakes, pycodestyle at 120 columns, import order, bugbear ([tool.ruff] in pyproject.toml)
+# ruff: pyflakes, pycodestyle at 120 columns, import order, bugbear, complexity <= 15, imports at the top
+# ([tool.ruff] in pyproject.toml); lint-imports: the layering contracts ([tool.importlinter])
 lint: $(STAMP)
 	$(PY) -m ruff check .
+	$(VENV)/bin/lint-imports
 
 # the digits study (5.4 min with 2 threads, 8.3 with 1, on a 2-core CPU: README "Demo"; rerunning resumes) and its report
 demo: $(STAMP)

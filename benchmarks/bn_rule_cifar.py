@@ -16,7 +16,7 @@ import torch
 from dnq.batchnorm import recompute_bn
 from dnq.data import BatchLoader, load_dataset
 from dnq.train import TrainConfig, evaluate, load_model, train
-from landscape.precision import full_precision
+from dnq_landscape_common.precision import full_precision
 
 
 def main(argv=None):

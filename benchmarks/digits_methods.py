@@ -39,7 +39,8 @@ from dnq.data import BatchLoader, load_dataset
 from dnq.io import atomic_write_json
 from dnq.quant import parse_bits, quantize
 from dnq.train import TrainConfig, evaluate, load_model, train
-from landscape.precision import full_precision
+from dnq_landscape_common.precision import full_precision
+from dnq_landscape_common.stats import seed_stats
 from landscape.regress import holm
 
 NOISE = ("dnq", "dnq-w", "dnq-a", "gaussian", "gaussian-iso")
@@ -84,7 +85,7 @@ def measure(run: Path, settings, calib_size: int = 256) -> dict:
     return out
 
 
-def main(argv=None):
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", default="0,1,2,3,4")
     p.add_argument("--epochs", type=int, default=20)
@@ -95,14 +96,12 @@ def main(argv=None):
     p.add_argument("--sam-rhos", default="0.02,0.05,0.1,0.3")
     p.add_argument("--extra", default="", help="extra TrainConfig settings as JSON, e.g. '{\"lambda_warmup\": 0}'")
     p.add_argument("--out", default="runs/digits_methods")
-    a = p.parse_args(argv)
-    torch.set_num_threads(2)
-    seeds = [int(s) for s in a.seeds.split(",")]
-    settings = parse_bits(a.bits)
-    names = [f"W{w}A{b}" for w, b in settings]
-    methods = a.methods.split(",")
+    return p
+
+
+def _train_and_measure(a, methods, names, settings, seeds, out_root) -> dict:
+    """Every (method, setting, value, target, seed) trained (unless its model.pt exists) and measured."""
     extra = json.loads(a.extra) if a.extra else {}
-    out_root = Path(a.out)
     res: dict = {}  # (method, key, value, target, seed) -> measurements
     t0 = time.perf_counter()
     for method in methods:
@@ -117,9 +116,85 @@ def main(argv=None):
                         kw = {} if key == "none" else {key: value}
                         train(TrainConfig(data="digits", model="cnn-digits", method=method, wbits=tw, abits=ta,
                                           epochs=a.epochs, seed=seed, out=str(run), **kw, **extra),
-                                          quiet=True, overwrite=True)
+                              quiet=True, overwrite=True)
                     res[(method, key, value, target, seed)] = measure(run, settings)
             print(f"{method} {key}={value:g} done ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
+    return res
+
+
+def _ms(vals) -> str:
+    """``mean ± std`` in percent over seeds (:func:`dnq_landscape_common.stats.seed_stats`; one seed: ± n/a)."""
+    s = seed_stats(vals)
+    return f"{100 * s['mean']:.2f} ± " + ("n/a" if s["std"] is None else f"{100 * s['std']:.2f}")
+
+
+def _accuracy_tables(a, methods, names, chosen, cells) -> list[str]:
+    lines = [f"digits, cnn-digits, {a.epochs} epochs, seeds {a.seeds}; test accuracy (%) mean ± std over seeds; "
+             "strength chosen on validation per cell (in brackets)", ""]
+    for v in VARIANTS:
+        lines.append(f"PTQ variant {v}")
+        lines.append("| method | FP val | FP test | " + " | ".join(names) + " |")
+        lines.append("|---|---|---|" + "---|" * len(names))
+        for method in methods:
+            kv0 = chosen[(method, names[0], v)]
+            fp = cells(method, *kv0, names[0])
+            row = [method, _ms([r["fp"]["val"] for r in fp]), _ms([r["fp"]["test"] for r in fp])]
+            for column in names:
+                kv = chosen[(method, column, v)]
+                c = _ms([r[f"{column}:{v}"]["test"] for r in cells(method, *kv, column)])
+                row.append(c + (f" [{kv[0].split('_')[0][:3]} {kv[1]:g}]"
+                                if kv[0] != "none" and len(grid(method, a)) > 1 else ""))
+            lines.append("| " + " | ".join(row) + " |")
+        lines.append("")
+    return lines
+
+
+def _paired(d_cells, b_cells, key: str) -> dict:
+    """dnq minus a baseline on one column, paired by seed: mean, 95% t-interval, paired t-test."""
+    diff = np.array([x[key]["test"] - y[key]["test"] for x, y in zip(d_cells, b_cells)])
+    n = len(diff)
+    mean = float(diff.mean())
+    se = float(diff.std(ddof=1) / np.sqrt(n)) if n > 1 else float("nan")
+    t = stats.t.ppf(0.975, n - 1) if n > 1 else float("nan")
+    p_val = float(stats.ttest_rel([x[key]["test"] for x in d_cells],
+                                  [y[key]["test"] for y in b_cells]).pvalue) if se > 0 else (1.0 if mean == 0 else 0.0)
+    return {"mean_diff": mean, "ci": (mean - t * se, mean + t * se), "p": p_val, "n": n}
+
+
+def _comparisons(methods, names, chosen, cells) -> tuple[list[dict], list[str]]:
+    """dnq against each baseline per (PTQ variant, column), Holm-adjusted over all of them."""
+    comps = []
+    for v in VARIANTS:
+        for column in names:
+            d_cells = cells("dnq", *chosen[("dnq", column, v)], column)
+            for base in ("sgd", "gaussian", "sam"):
+                if base not in methods or "dnq" not in methods:
+                    continue
+                b_cells = cells(base, *chosen[(base, column, v)], column)
+                comps.append({"variant": v, "bits": column, "baseline": base,
+                              **_paired(d_cells, b_cells, f"{column}:{v}")})
+    if not comps:
+        return comps, []
+    for c, q in zip(comps, holm([c["p"] for c in comps])):
+        c["p_holm"] = float(q)
+    lines = [f"dnq minus baseline, test accuracy (points), paired by seed; 95% t-interval; paired t-test; "
+             f"Holm over the {len(comps)} comparisons",
+             "| variant | bits | baseline | mean diff | 95% CI | p | p (Holm) |", "|---|---|---|---|---|---|---|"]
+    for c in comps:
+        lines.append(f"| {c['variant']} | {c['bits']} | {c['baseline']} | {100 * c['mean_diff']:+.2f} | "
+                     f"[{100 * c['ci'][0]:+.2f}, {100 * c['ci'][1]:+.2f}] | {c['p']:.3g} | {c['p_holm']:.3g} |")
+    return comps, lines
+
+
+def main(argv=None):
+    a = _parser().parse_args(argv)
+    torch.set_num_threads(2)
+    seeds = [int(s) for s in a.seeds.split(",")]
+    settings = parse_bits(a.bits)
+    names = [f"W{w}A{b}" for w, b in settings]
+    methods = a.methods.split(",")
+    out_root = Path(a.out)
+    res = _train_and_measure(a, methods, names, settings, seeds, out_root)
 
     def cells(method, key, value, column):
         """Per-seed measurements of the model a column uses (noise methods: trained for the column)."""
@@ -131,62 +206,10 @@ def main(argv=None):
     for method in methods:
         for column in names:
             for v in VARIANTS:
-                best = max(grid(method, a), key=lambda kv: statistics.mean(
+                chosen[(method, column, v)] = max(grid(method, a), key=lambda kv: statistics.mean(
                     r[f"{column}:{v}"]["val"] for r in cells(method, *kv, column)))
-                chosen[(method, column, v)] = best
-
-    def ms(vals):
-        return f"{100 * statistics.mean(vals):.2f} ± {100 * statistics.stdev(vals) if len(vals) > 1 else 0:.2f}"
-
-    lines = [f"digits, cnn-digits, {a.epochs} epochs, seeds {a.seeds}; test accuracy (%) mean ± std over seeds; "
-             "strength chosen on validation per cell (in brackets)", ""]
-    for v in VARIANTS:
-        lines.append(f"PTQ variant {v}")
-        lines.append("| method | FP val | FP test | " + " | ".join(names) + " |")
-        lines.append("|---|---|---|" + "---|" * len(names))
-        for method in methods:
-            kv0 = chosen[(method, names[0], v)]
-            fp = cells(method, *kv0, names[0])
-            row = [method, ms([r["fp"]["val"] for r in fp]), ms([r["fp"]["test"] for r in fp])]
-            for column in names:
-                kv = chosen[(method, column, v)]
-                c = ms([r[f"{column}:{v}"]["test"] for r in cells(method, *kv, column)])
-                row.append(c + (f" [{kv[0].split('_')[0][:3]} {kv[1]:g}]"
-                                if kv[0] != "none" and len(grid(method, a)) > 1 else ""))
-            lines.append("| " + " | ".join(row) + " |")
-        lines.append("")
-    # paired comparisons of dnq with each baseline
-    comps = []
-    for v in VARIANTS:
-        for column in names:
-            d_cells = cells("dnq", *chosen[("dnq", column, v)], column)
-            for base in ("sgd", "gaussian", "sam"):
-                if base not in methods or "dnq" not in methods:
-                    continue
-                b_cells = cells(base, *chosen[(base, column, v)], column)
-                diff = np.array([x[f"{column}:{v}"]["test"] - y[f"{column}:{v}"]["test"]
-                                 for x, y in zip(d_cells, b_cells)])
-                n = len(diff)
-                mean = float(diff.mean())
-                se = float(diff.std(ddof=1) / np.sqrt(n)) if n > 1 else float("nan")
-                t = stats.t.ppf(0.975, n - 1) if n > 1 else float("nan")
-                p_val = float(stats.ttest_rel([x[f"{column}:{v}"]["test"] for x in d_cells],
-                                              [y[f"{column}:{v}"]["test"] for y in b_cells]).pvalue) if se > 0 else (
-                    1.0 if mean == 0 else 0.0)
-                comps.append({"variant": v, "bits": column, "baseline": base, "mean_diff": mean,
-                              "ci": (mean - t * se, mean + t * se), "p": p_val, "n": n})
-    if comps:
-        adj = holm([c["p"] for c in comps])
-        for c, q in zip(comps, adj):
-            c["p_holm"] = float(q)
-        lines.append(f"dnq minus baseline, test accuracy (points), paired by seed; 95% t-interval; paired t-test; "
-                     f"Holm over the {len(comps)} comparisons")
-        lines.append("| variant | bits | baseline | mean diff | 95% CI | p | p (Holm) |")
-        lines.append("|---|---|---|---|---|---|---|")
-        for c in comps:
-            lines.append(f"| {c['variant']} | {c['bits']} | {c['baseline']} | {100 * c['mean_diff']:+.2f} | "
-                         f"[{100 * c['ci'][0]:+.2f}, {100 * c['ci'][1]:+.2f}] | {c['p']:.3g} | {c['p_holm']:.3g} |")
-    text = "\n".join(lines)
+    comps, comp_lines = _comparisons(methods, names, chosen, cells)
+    text = "\n".join(_accuracy_tables(a, methods, names, chosen, cells) + comp_lines)
     print(text)
     atomic_write_json(out_root / "results.json", {
         "args": vars(a), "runs": [{"method": k[0], "setting": k[1], "value": k[2], "target": k[3], "seed": k[4], **r}

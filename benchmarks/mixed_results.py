@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from landscape.report_mixed import budget_table, mixed_rows  # noqa: E402
+from landscape.report.mixed import budget_table, mixed_rows  # noqa: E402
 from landscape.study import load_records, read_study_json  # noqa: E402
 
 

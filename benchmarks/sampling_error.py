@@ -36,8 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
+from dnq_landscape_common.precision import full_precision  # noqa: E402
 from landscape import HessianOperator, hessian_trace, top_eigenvalues  # noqa: E402
-from landscape.precision import full_precision  # noqa: E402
 from landscape.study import spread, training_subsets  # noqa: E402
 
 

@@ -30,7 +30,7 @@ from collections.abc import Iterable
 import torch
 import torch.nn as nn
 
-from landscape.precision import full_precision
+from dnq_landscape_common.precision import full_precision
 
 
 def batchnorm_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:

@@ -1,18 +1,35 @@
-"""The ``dnq`` command: ``dnq train`` and ``dnq ptq``."""
+"""The ``dnq`` command: ``dnq train`` and ``dnq ptq``.
+
+Every error a user can cause is one line on stderr and exit code 2
+(:func:`dnq_landscape_common.cli.guarded`); ``--debug`` or ``DNQ_DEBUG=1`` shows the traceback.
+
+Example:
+    >>> import sys
+    >>> from dnq.cli import main
+    >>> saved, sys.stderr = sys.stderr, sys.stdout  # show stderr here
+    >>> main(["train", "--out", "unused", "--epochs", "0"])
+    dnq train: error: epochs must be >= 1, got 0 (0 would save an untrained model)
+    2
+    >>> main(["ptq", "no/such/run"])
+    dnq ptq: error: no/such/run does not exist; give the folder of a trained run (the --out of `dnq train`)
+    2
+    >>> sys.stderr = saved
+"""
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-from landscape.cli import OneLineParser, UsageError, debug_requested, guarded
+from dnq_landscape_common.cli import OneLineParser, UsageError, debug_requested, guarded
+from dnq_landscape_common.distributed import exit_distributed
 
 from .data import DATASET_NAMES
 from .methods import METHODS
 from .models import MODELS
+from .ptq import format_table, run_ptq
 from .quant import RANGE_METHODS, WEIGHT_MODES
-from .train import TrainConfig
+from .train import TrainConfig, train
 
 
 def _opt_bits(s: str) -> int | None:
@@ -154,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """The ``dnq`` command line; returns the exit code. Every error a user can cause is one line
-    on stderr and exit code 2 (:func:`landscape.cli.guarded`); ``--debug`` or ``DNQ_DEBUG=1``
+    on stderr and exit code 2 (:func:`dnq_landscape_common.cli.guarded`); ``--debug`` or ``DNQ_DEBUG=1``
     shows the traceback."""
     try:
         args = build_parser().parse_args(argv)
@@ -166,13 +183,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args) -> int:
     if args.command == "train":
-        from .train import train
-
         opts = {k: v for k, v in vars(args).items() if k not in ("command", "resume", "overwrite", "quiet", "debug")}
         train(TrainConfig(**opts), resume=args.resume, overwrite=args.overwrite, quiet=args.quiet)
     elif args.command == "ptq":
-        from .ptq import format_table, run_ptq
-
         report = run_ptq(args.run, args.bits, args.ranges, args.weight_mode, args.first_last_bits, args.calib_size,
                          args.fold_bn, args.device, args.seed, args.data_root, args.quiet,
                          bn_reestimate=args.bn_reestimate, methods=args.methods, iters=args.iters,
@@ -186,18 +199,6 @@ def _run(args) -> int:
         print(format_table(report))
         print(f"wrote {args.run}/ptq.json")
     return 0
-
-
-def exit_distributed(code: int) -> None:
-    """Under torchrun, end the process without C++ static destruction: after a gloo collective
-    and a oneDNN convolution, PyTorch 2.14 sometimes aborts at interpreter exit ("terminate
-    called without an active exception", seen in about 1 of 20 CPU runs), which torchrun would
-    report as a failed run. Everything was written (atomically, fsynced) and the process group
-    destroyed by then."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
 
 
 def entry() -> None:

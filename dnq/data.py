@@ -37,11 +37,15 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 import os
+import zipfile
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+
+from .errors import DataError
 
 DIGITS_SPLIT_SEED = 0
 VAL_SPLIT_SEED = 0
@@ -51,10 +55,6 @@ NAMED_DATASETS = ("digits", "cifar10", "cifar100", "cifar10-subset")
 #: seed of the cifar10-subset choice (per class: 1,000 training and 200 test images)
 SUBSET_SEED = 0
 SUBSET_PER_CLASS = (1000, 200)
-
-
-class DataError(ValueError):
-    """A dataset spec or file that cannot be used; the message names the fix."""
 
 
 @dataclass
@@ -150,8 +150,6 @@ class Dataset:
     def fingerprint(self) -> str:
         """SHA-256 of the images and labels of every split (training, validation and test
         together, in the order loaded): equal fingerprints mean the same data."""
-        import hashlib
-
         h = hashlib.sha256()
         for k in ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test"):
             t = getattr(self, k).detach().cpu().contiguous()
@@ -270,8 +268,6 @@ def _labels(y: np.ndarray, key: str, path: str) -> np.ndarray:
 
 
 def _load_npz(path: str):
-    import zipfile
-
     path = os.path.expanduser(path)
     if not os.path.isfile(path):
         raise DataError(f"npz file not found: {os.path.abspath(path)!r}; give --data npz:PATH with an existing file")
@@ -392,6 +388,51 @@ def load_dataset(spec: str, data_root: str | None = None, download: bool = False
     ds = Dataset(spec, x_train, y_train, x_test, y_test, num_classes, mean, std,
                  augment=x_train.shape[-1] == 32 and x_train.shape[-2] == 32, max_value=max_value)
     return ds.hold_out(resolve_val_size(val_size, spec, len(x_train)), val_seed)
+
+
+def training_subsets(ds: Dataset, samples: int, replicates: int, seed: int, batch: int = 128
+                     ) -> list[tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]]:
+    """``replicates`` disjoint sets of ``samples`` normalized, non-augmented training images
+    (validation excluded) with their labels, each as ``(indices into ds.x_train, batches)``:
+    consecutive slices of one seeded permutation, so subset 0 is exactly
+    :func:`training_batches` (same seed, same batches).
+
+    Raises:
+        ValueError: ``samples * replicates`` is more than the training images (the message says
+            how many there are), or a count that is not an integer >= 1.
+
+    Example:
+        >>> ds = load_dataset("digits")
+        >>> (idx0, batches), (idx1, _) = training_subsets(ds, 100, 2, seed=0, batch=64)
+        >>> [len(y) for _, y in batches], len(set(idx0.tolist()) & set(idx1.tolist()))
+        ([64, 36], 0)
+        >>> torch.equal(batches[0][0], training_batches(ds, 100, seed=0, batch=64)[0][0])
+        True
+    """
+    n_train = len(ds.x_train)
+    ok = [isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in (samples, replicates, batch)]
+    if not all(ok):
+        raise ValueError(f"samples, replicates and batch must be integers >= 1, got {samples!r}, {replicates!r} and "
+                         f"{batch!r}")
+    if samples * replicates > n_train:
+        raise ValueError(f"{replicates} disjoint subsets of {samples} images need {samples * replicates} training "
+                         f"images, but {ds.name} has {n_train}; lower the number of subsets or the images per subset "
+                         f"(at most {n_train // samples} subsets of {samples})")
+    perm = torch.randperm(n_train, generator=torch.Generator().manual_seed(seed))
+    out = []
+    for r in range(replicates):
+        idx = perm[r * samples:(r + 1) * samples]
+        dev_idx = idx.to(ds.x_train.device)
+        x, y = ds.normalize(ds.x_train[dev_idx]), ds.y_train[dev_idx]
+        out.append((idx, [(x[j:j + batch], y[j:j + batch]) for j in range(0, samples, batch)]))
+    return out
+
+
+def training_batches(ds: Dataset, samples: int, seed: int, batch: int = 128) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``samples`` (at most every) normalized, non-augmented training images (validation
+    excluded) with their labels, a seeded choice, in batches: the images of a study's curvature
+    measurements and of a sensitivity measurement (subset 0 of :func:`training_subsets`)."""
+    return training_subsets(ds, min(samples, len(ds.x_train)), 1, seed, batch)[0][1]
 
 
 def random_crop_flip(x: torch.Tensor, generator: torch.Generator, padding: int = 4) -> torch.Tensor:

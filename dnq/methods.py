@@ -21,6 +21,24 @@ everything else, including the BatchNorm rule that treats every method alike
 * ``sam``: Sharpness-Aware Minimization (Foret et al., ICLR 2021): the gradient is taken at
   ``W + rho * g / ||g||`` and applied to ``W``. The second pass does not update BatchNorm
   running statistics.
+
+Example:
+    One step of ``dnq`` as the trainer takes it: the gradient is taken at noisy weights, the
+    weights stay clean.
+
+    >>> import contextlib, torch, torch.nn.functional as F
+    >>> from dnq.methods import make_method
+    >>> from dnq.models import build_model
+    >>> _ = torch.manual_seed(0)
+    >>> model, x, y = build_model("cnn-digits", 10, 1, 8), torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,))
+    >>> w, (clean_grad,) = model[0].weight.clone(), torch.autograd.grad(F.cross_entropy(model(x), y), model[0].weight)
+    >>> dnq = make_method("dnq", wbits=4, abits=4)
+    >>> dnq.setup(model, calib_x=x, device=torch.device("cpu"), seed=0, rank=0)
+    >>> dnq.on_epoch_start(epoch=0, lam=1.0)  # measures the 4-bit quantization error on calib_x
+    >>> loss, logits = dnq.step(model, x, y, F.cross_entropy, autocast=contextlib.nullcontext)
+    >>> torch.equal(model[0].weight, w), torch.allclose(model[0].weight.grad, clean_grad)
+    (True, False)
+    >>> dnq.on_train_end()  # the model is clean and free of hooks again
 """
 
 from __future__ import annotations

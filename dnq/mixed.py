@@ -42,14 +42,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from .errors import InfeasibleBudgetError
 from .quant import check_bits, quant_layers
 
 BUDGET_KINDS = ("avg-bits", "bytes", "bops")
 OBJECTIVES = ("predicted", "hawq", "measured")
-
-
-class InfeasibleBudgetError(ValueError):
-    """A budget no allocation meets (the message names the smallest and largest useful budgets)."""
 
 
 @dataclass
@@ -113,6 +110,56 @@ def _int_ratio(x: float) -> Fraction:
     return Fraction(x).limit_denominator(10 ** 9) if math.isfinite(x) else Fraction(0)
 
 
+def _check_allocation(costs: dict, sizes: dict, budget, fixed: dict, kind: str, macs, abits) -> tuple[list, list]:
+    """:func:`allocate`'s tables, checked: ``(layers to allocate, candidate bit-widths)``."""
+    if kind not in BUDGET_KINDS:
+        raise ValueError(f"unknown budget kind {kind!r}; valid: {', '.join(BUDGET_KINDS)}")
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not math.isfinite(budget):
+        raise ValueError(f"budget must be a finite number, got {budget!r}")
+    layers = [n for n in costs if n not in fixed]
+    if not layers:
+        raise ValueError("nothing to allocate: every layer of costs is fixed")
+    cand = sorted(costs[layers[0]])
+    for n in layers:
+        if sorted(costs[n]) != cand:
+            raise ValueError(f"costs[{n!r}] has bit-widths {sorted(costs[n])}, costs[{layers[0]!r}] has {cand}; "
+                             "give every layer the same candidates")
+        if not all(math.isfinite(float(v)) for v in costs[n].values()):
+            raise ValueError(f"costs[{n!r}] has a non-finite value; measure that layer again")
+    for b in cand:
+        check_bits(b, "candidate bits")
+    for n, b in fixed.items():
+        check_bits(b, f"fixed bits of {n!r}")
+    missing = [n for n in [*layers, *fixed] if n not in sizes]
+    if missing:
+        raise ValueError(f"sizes has no entry for {missing[:5]}; give the number of weights of every layer")
+    if kind == "bops":
+        if macs is None or abits is None:
+            raise ValueError("a bops budget needs macs (dnq.mixed.count_macs) and activation bits (abits)")
+        missing = [n for n in [*layers, *fixed] if n not in macs]
+        if missing:
+            raise ValueError(f"macs has no entry for {missing[:5]}")
+    return layers, cand
+
+
+def _tied_groups(layers: list, costs: dict, fixed: dict, tied) -> list[list[str]]:
+    """The allocation's variables: the tied groups (fixed layers refused), then every other layer alone."""
+    groups: list[list[str]] = []
+    seen: set = set()
+    for grp in tied or []:
+        grp = [n for n in grp if n in costs or n in fixed]
+        bad = [n for n in grp if n in fixed]
+        if bad and len(grp) > 1:
+            raise ValueError(f"tied group {grp} contains fixed layers {bad}; untie them or unfix them")
+        grp = [n for n in grp if n in layers and n not in seen]
+        if grp:
+            groups.append(grp)
+            seen.update(grp)
+    groups += [[n] for n in layers if n not in seen]
+
+    return groups
+
+
 def allocate(costs: dict, sizes: dict, budget: float, fixed: dict | None = None, *, kind: str = "avg-bits",
              tied: list | None = None, macs: dict | None = None, abits=None) -> Allocation:
     """Choose one bit-width per layer minimising ``sum_l costs[l][b_l]`` within ``budget``.
@@ -142,48 +189,10 @@ def allocate(costs: dict, sizes: dict, budget: float, fixed: dict | None = None,
     from scipy.optimize import Bounds, LinearConstraint, milp
 
     fixed = dict(fixed or {})
-    if kind not in BUDGET_KINDS:
-        raise ValueError(f"unknown budget kind {kind!r}; valid: {', '.join(BUDGET_KINDS)}")
-    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not math.isfinite(budget):
-        raise ValueError(f"budget must be a finite number, got {budget!r}")
-    layers = [n for n in costs if n not in fixed]
-    if not layers:
-        raise ValueError("nothing to allocate: every layer of costs is fixed")
-    cand = sorted(costs[layers[0]])
-    for n in layers:
-        if sorted(costs[n]) != cand:
-            raise ValueError(f"costs[{n!r}] has bit-widths {sorted(costs[n])}, costs[{layers[0]!r}] has {cand}; "
-                             "give every layer the same candidates")
-        if not all(math.isfinite(float(v)) for v in costs[n].values()):
-            raise ValueError(f"costs[{n!r}] has a non-finite value; measure that layer again")
-    for b in cand:
-        check_bits(b, "candidate bits")
-    for n, b in fixed.items():
-        check_bits(b, f"fixed bits of {n!r}")
-    missing = [n for n in [*layers, *fixed] if n not in sizes]
-    if missing:
-        raise ValueError(f"sizes has no entry for {missing[:5]}; give the number of weights of every layer")
-    if kind == "bops":
-        if macs is None or abits is None:
-            raise ValueError("a bops budget needs macs (dnq.mixed.count_macs) and activation bits (abits)")
-        missing = [n for n in [*layers, *fixed] if n not in macs]
-        if missing:
-            raise ValueError(f"macs has no entry for {missing[:5]}")
+    layers, cand = _check_allocation(costs, sizes, budget, fixed, kind, macs, abits)
     a_of = (lambda n: abits[n]) if isinstance(abits, dict) else (lambda n: abits)
 
-    # groups: tied layers share one variable per bit-width
-    groups: list[list[str]] = []
-    seen: set = set()
-    for grp in tied or []:
-        grp = [n for n in grp if n in costs or n in fixed]
-        bad = [n for n in grp if n in fixed]
-        if bad and len(grp) > 1:
-            raise ValueError(f"tied group {grp} contains fixed layers {bad}; untie them or unfix them")
-        grp = [n for n in grp if n in layers and n not in seen]
-        if grp:
-            groups.append(grp)
-            seen.update(grp)
-    groups += [[n] for n in layers if n not in seen]
+    groups = _tied_groups(layers, costs, fixed, tied)  # tied layers share one variable per bit-width
 
     def weight(n: str, b: int) -> Fraction:  # the budget's resource of layer n at b bits, exact
         if kind == "avg-bits":
@@ -253,22 +262,6 @@ def _summary(bits, fixed, costs, sizes, kind, budget, macs, a_of, min_budget, ma
         max_budget=max_budget, status=str(status), groups=[list(g) for g in groups])
 
 
-def uniform(bits: int, layers: list, sizes: dict, fixed: dict | None = None, *, costs: dict | None = None,
-            macs: dict | None = None, abits=None) -> Allocation:
-    """The uniform allocation (every non-fixed layer at ``bits``), in the same form as :func:`allocate`'s."""
-    check_bits(bits)
-    fixed = dict(fixed or {})
-    a_of = (lambda n: abits[n]) if isinstance(abits, dict) else (lambda n: abits)
-    chosen = {n: bits for n in layers if n not in fixed}
-    cost = {n: {bits: (costs[n][bits] if costs and n in costs and bits in costs[n] else 0.0)} for n in chosen}
-    alloc = _summary(chosen, fixed, cost, sizes, "avg-bits", float(bits), macs, a_of, float(bits), float(bits),
-                     "uniform", [[n] for n in chosen])
-    if costs is None:
-        alloc.objective = None  # no sensitivity table given: no objective value
-    return alloc
-
-
-@torch.no_grad()
 def count_macs(model: nn.Module, example_input: torch.Tensor) -> dict[str, int]:
     """Multiply-accumulates per image of every Conv/Linear layer, from one traced forward pass.
 
@@ -355,7 +348,21 @@ def plan(entry: dict, objective: str, budget: float, *, kind: str = "avg-bits", 
     return allocate(costs, sizes, budget, fixed, kind=kind, tied=tied, macs=macs, abits=act)
 
 
-def plan_uniform(entry: dict, bits: int, *, first_last_bits: int | None = 8, abits: int = 4) -> Allocation:
-    """Uniform ``bits`` for every non-fixed layer of a sensitivity entry, as an :class:`Allocation`."""
-    names, sizes, macs, fixed, act = _entry_tables(entry, first_last_bits, abits)
-    return uniform(bits, names, sizes, fixed, macs=macs, abits=act)
+def allocations(entry: dict, budgets, objectives, *, first_last_bits: int | None = 8, abits: int = 4,
+                tied: list | None = None):
+    """Every ``(kind, budget, objective, allocation)`` of a sensitivity entry, budgets outer and
+    objectives inner: the one loop behind ``dnq ptq --mixed`` and the study's mixed precision.
+
+    Args:
+        entry: a sensitivity entry (:mod:`dnq.sensitivity_file`).
+        budgets: ``(kind, budget)`` pairs (:func:`parse_budgets`).
+        objectives: names from :data:`OBJECTIVES`.
+        first_last_bits, abits, tied: as in :func:`plan`.
+
+    Yields:
+        ``(kind, budget, objective, Allocation)``.
+    """
+    for kind, budget in budgets:
+        for objective in objectives:
+            yield kind, budget, objective, plan(entry, objective, budget, kind=kind, first_last_bits=first_last_bits,
+                                                abits=abits, tied=tied)

@@ -35,13 +35,16 @@ Example:
     >>> import torch
     >>> from dnq.models import build_model
     >>> from dnq.noise import QuantNoise
+    >>> _ = torch.manual_seed(0)
     >>> model = build_model("cnn-digits", 10, 1, 8)
     >>> noise = QuantNoise(model, wbits=4, abits=4)
-    >>> noise.update(torch.randn(32, 1, 8, 8))
-    >>> g = torch.Generator().manual_seed(0)
+    >>> noise.update(torch.randn(32, 1, 8, 8))  # the error statistics, on calibration inputs
+    >>> w, g = model[0].weight.clone(), torch.Generator().manual_seed(0)
     >>> with noise.perturbed_weights(1.0, g):
-    ...     loss = model(torch.randn(8, 1, 8, 8)).sum()
-    ...     loss.backward()          # gradient at W + delta; W is clean again afterwards
+    ...     noisy = not torch.equal(model[0].weight, w)  # W + delta here
+    ...     model(torch.randn(8, 1, 8, 8)).sum().backward()  # the gradient at W + delta
+    >>> noisy, torch.equal(model[0].weight, w)  # W is clean again afterwards
+    (True, True)
 """
 
 from __future__ import annotations
@@ -55,7 +58,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from landscape.precision import full_precision
+from dnq_landscape_common.precision import full_precision
 
 from .quant import act_qparams, check_bits, fake_quantize, layer_bits, quant_layers, weight_error
 

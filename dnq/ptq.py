@@ -14,7 +14,9 @@ split (when there is one) and on the test split.
 
 Mixed precision (``mixed``, ``--mixed avg-bits=3``): per budget and objective, one weight bit-width per
 layer chosen by :func:`dnq.mixed.plan` from the run's per-layer sensitivity
-(:mod:`landscape.sensitivity_run`, ``RUN/sensitivity.json``), recorded in the row's ``mixed``.
+(``RUN/sensitivity.json``, :mod:`dnq.sensitivity_file`; measured by ``landscape sensitivity``, which
+``dnq ptq --mixed`` runs itself, through the provider ``landscape`` registers, when the file lacks the
+range method), recorded in the row's ``mixed``.
 
 Example:
     >>> from dnq.ptq import format_table, run_ptq
@@ -30,20 +32,31 @@ Example:
 
 from __future__ import annotations
 
+import tempfile
 import time
 from pathlib import Path
 
-import torch
+import torch.nn as nn
 from tqdm.auto import tqdm
 
-from landscape.precision import full_precision
+from dnq_landscape_common.device import parse_device
+from dnq_landscape_common.precision import full_precision
 
 from .data import BatchLoader
 from .io import atomic_write_json
-from .quant import RANGE_METHODS, WEIGHT_MODES, check_bits, parse_bits, ptq_variant, quantize
-from .recon import DESCRIPTIONS, PAPER_CALIB_SIZE, RECON_METHODS, check_methods, default_iters, reconstruct
+from .mixed import OBJECTIVES, allocations, parse_budgets, shared_input_groups
+from .quant import RANGE_METHODS, WEIGHT_MODES, check_bits, parse_bits, ptq_method, quantize
+from .recon import DESCRIPTIONS, PAPER_CALIB_SIZE, PTQ_METHODS, RECON_METHODS, check_methods, default_iters, reconstruct
 from .run import run_dataset
 from .rundir import folder_lock
+from .sensitivity_file import (
+    SENSITIVITY_FILE,
+    find_entry,
+    missing_entry_error,
+    model_hash,
+    read_sensitivity,
+    sensitivity_provider,
+)
 from .train import evaluate, load_model
 
 DEFAULT_BITS = "W8A8,W6A6,W4A4,W3A3,W2A4"
@@ -62,7 +75,7 @@ def parse_ranges(spec: str) -> list[str]:
     return ranges
 
 
-def _describe_variants(fold_bn: bool, calib: str) -> dict:
+def _describe_rounding(fold_bn: bool, calib: str) -> dict:
     folded = "folded into the preceding convolution" if fold_bn else "not folded (float BatchNorm)"
     return {"rtn": f"round-to-nearest weights and activations; BatchNorm with the trained running statistics, {folded}",
             "rtn+bn": f"rtn with every BatchNorm's running statistics re-estimated on the {calib} through the "
@@ -134,8 +147,6 @@ def run_ptq(run_dir, bits: str | None = None, ranges: str = ",".join(RANGE_METHO
         ValueError: a bad setting (the message names the valid values).
         FileNotFoundError: no ``model.pt`` in ``run_dir``.
     """
-    from .mixed import OBJECTIVES, parse_budgets
-
     budgets = []
     for spec in ([mixed] if isinstance(mixed, str) else list(mixed or [])):
         budgets += parse_budgets(spec)
@@ -156,16 +167,16 @@ def run_ptq(run_dir, bits: str | None = None, ranges: str = ",".join(RANGE_METHO
         raise ValueError(f"iters must be a positive integer (reconstruction steps per block), got {iters!r}")
     if isinstance(recon_batch_size, bool) or not isinstance(recon_batch_size, int) or recon_batch_size < 1:
         raise ValueError(f"recon_batch_size must be a positive integer, got {recon_batch_size!r}")
-    variants = check_methods("rtn" if methods is None else methods)
-    if ptq_variant(bn_reestimate) == "rtn+bn" and "rtn+bn" not in variants:
-        variants.insert(variants.index("rtn") + 1 if "rtn" in variants else 0, "rtn+bn")
+    method_list = check_methods("rtn" if methods is None else methods)
+    if ptq_method(bn_reestimate) == "rtn+bn" and "rtn+bn" not in method_list:
+        method_list.insert(method_list.index("rtn") + 1 if "rtn" in method_list else 0, "rtn+bn")
     run_dir = Path(run_dir)
-    dev = _device(device)
+    dev = parse_device(device)
     loaded = load_model(run_dir, dev)  # a damaged model.pt is refused before anything is written
-    if not fold_bn and any(v in RECON_METHODS for v in variants):
+    if not fold_bn and any(v in RECON_METHODS for v in method_list):
         raise ValueError("the reconstruction methods fold BatchNorm first (as the papers do); drop --no-fold-bn or "
                          "use rtn / rtn+bn only")
-    if weight_mode != "symmetric" and any(v in RECON_METHODS for v in variants):
+    if weight_mode != "symmetric" and any(v in RECON_METHODS for v in method_list):
         raise ValueError("the reconstruction methods quantize weights symmetric per channel; use --weight-mode "
                          "symmetric, or rtn / rtn+bn only")
     if budgets and weight_mode != "symmetric":
@@ -177,11 +188,9 @@ def run_ptq(run_dir, bits: str | None = None, ranges: str = ",".join(RANGE_METHO
         mix = {"budgets": budgets, "objectives": objective_list, "abits": abits, "tie": tie_shared_inputs,
                "sensitivity": None if sensitivity is None else Path(sensitivity), "uniform": bits is None}
         if sensitivity is not None:  # a wrong file is refused before any work
-            from landscape.sensitivity_run import model_hash, read_sensitivity
-
             read_sensitivity(sensitivity, model_hash(loaded[0]))
     ds = run_dataset(loaded[1], data, data_root)  # a missing or foreign dataset is refused before any work
-    args = (run_dir, loaded, settings, range_list, variants, weight_mode, first_last_bits, calib_size, fold_bn, seed,
+    args = (run_dir, loaded, settings, range_list, method_list, weight_mode, first_last_bits, calib_size, fold_bn, seed,
             data_root, quiet, recon, mix, ds)
     if not write:
         return _run_ptq(*args)
@@ -192,19 +201,48 @@ def run_ptq(run_dir, bits: str | None = None, ranges: str = ",".join(RANGE_METHO
     return report
 
 
-def _device(device: str) -> torch.device:
-    if not isinstance(device, str) or not (device in ("auto", "cpu", "cuda")
-                                           or (device.startswith("cuda:") and device[5:].isdigit())):
-        raise ValueError(f"unknown device {device!r}; valid: auto, cpu, cuda, cuda:N")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {device} asked for, but CUDA is not available here; use --device cpu or auto")
-    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+def apply_ptq(model: nn.Module, method: str, wbits: int, abits: int, calib, *, range_method: str = "minmax",
+              first_last_bits: int | None = 8, bits_by_layer: dict | None = None, weight_mode: str = "symmetric",
+              fold_bn: bool = True, seed: int = 0, iters: int | None = None, batch_size: int = 32,
+              progress: bool = False) -> nn.Module:
+    """One PTQ method on ``model`` (not modified): the one dispatch behind ``dnq ptq`` and the study.
+
+    ``rtn`` and ``rtn+bn`` are :func:`dnq.quant.quantize` (``rtn+bn`` re-estimates BatchNorm on
+    ``calib`` through the quantized model); ``adaround``, ``brecq`` and ``qdrop`` are
+    :func:`dnq.recon.reconstruct` (``iters`` steps per block, ``batch_size`` images per step;
+    ``weight_mode`` and ``fold_bn`` are fixed by the papers there: symmetric, folded).
+
+    Args:
+        model: the float model.
+        method: one of :data:`dnq.recon.PTQ_METHODS`.
+        wbits, abits: weight and activation bits.
+        calib: calibration images (a tensor).
+        range_method, first_last_bits, bits_by_layer, seed: as in :func:`dnq.quant.quantize`.
+
+    Returns:
+        The quantized copy (with ``ptq_method``, ``ptq_bn_reestimated`` and, for the
+        reconstruction methods, ``ptq_recon``).
+
+    Example:
+        >>> import torch, torch.nn as nn
+        >>> model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)).eval()
+        >>> q = apply_ptq(model, "rtn", 4, 4, torch.randn(16, 1, 8, 8))
+        >>> q.ptq_method, q is model
+        ('rtn', False)
+    """
+    if method in RECON_METHODS:
+        return reconstruct(model, wbits, abits, calib, method, iters=iters, batch_size=batch_size,
+                           first_last_bits=first_last_bits, range_method=range_method, seed=seed, progress=progress,
+                           bits_by_layer=bits_by_layer)
+    if method not in ("rtn", "rtn+bn"):
+        raise ValueError(f"unknown PTQ method {method!r}; valid: {', '.join(PTQ_METHODS)}")
+    return quantize(model, wbits, abits, calib, weight_mode=weight_mode, range_method=range_method,
+                    first_last_bits=first_last_bits, fold_bn=fold_bn, seed=seed, bn_reestimate=method == "rtn+bn",
+                    bits_by_layer=bits_by_layer)
 
 
 def _check_writable(run_dir: Path) -> None:
     """Fail now, not after the quantization, when ``ptq.json`` cannot be written."""
-    import tempfile
-
     try:
         with tempfile.NamedTemporaryFile(dir=run_dir, prefix=".ptq-check.", suffix=".tmp"):
             pass
@@ -214,9 +252,9 @@ def _check_writable(run_dir: Path) -> None:
 
 def _sensitivity_entry(run_dir: Path, model, mix: dict, range_method: str, quiet: bool, data_root) -> tuple[dict, str]:
     """The sensitivity entry for ``range_method``: from ``mix["sensitivity"]`` (which must have it),
-    else from ``run_dir/sensitivity.json``, measured now and added there when missing."""
-    from landscape.sensitivity_run import SENSITIVITY_FILE, find_entry, model_hash, read_sensitivity, run_sensitivity
-
+    else from ``run_dir/sensitivity.json``; when that lacks it, measured now and added there by the
+    registered sensitivity provider (:func:`dnq.sensitivity_file.sensitivity_provider`: ``landscape``'s),
+    or, without one, refused with the command that measures it."""
     given = mix["sensitivity"]
     path = given if given is not None else run_dir / SENSITIVITY_FILE
     mh = model_hash(model)
@@ -225,20 +263,23 @@ def _sensitivity_entry(run_dir: Path, model, mix: dict, range_method: str, quiet
         if given is not None:
             raise ValueError(f"{given} has no entry for range method {range_method!r}; run `landscape sensitivity "
                              f"{run_dir} --range {range_method} --out {given}` or drop --sensitivity")
-        entry = run_sensitivity(run_dir, range_method=range_method, device=str(next(model.parameters()).device),
-                                out=path, quiet=quiet, data_root=data_root, lock=False)
+        provider = sensitivity_provider()
+        if provider is None:
+            raise missing_entry_error(run_dir, range_method)
+        entry = provider(run_dir, range_method=range_method, device=str(next(model.parameters()).device), out=path,
+                         quiet=quiet, data_root=data_root, lock=False)
     return entry, str(path)
 
 
-def _run_ptq(run_dir, loaded, settings, range_list, variants, weight_mode, first_last_bits, calib_size, fold_bn, seed,
-             data_root, quiet, recon, mix, ds) -> dict:
+def _run_ptq(run_dir, loaded, settings, range_list, method_list, weight_mode, first_last_bits, calib_size, fold_bn,
+             seed, data_root, quiet, recon, mix, ds) -> dict:
     model, meta = loaded
     dev = next(model.parameters()).device
     val_seed = int(meta.get("val_seed") or 0)
     ds = ds.to(dev)
     test = BatchLoader(ds, 1024, False)
     val = BatchLoader(ds, 1024, False, split="val") if ds.val_size else None
-    sizes = {v: calib_size or (PAPER_CALIB_SIZE if v in RECON_METHODS else RTN_CALIB_SIZE) for v in variants}
+    sizes = {v: calib_size or (PAPER_CALIB_SIZE if v in RECON_METHODS else RTN_CALIB_SIZE) for v in method_list}
     calib_all = ds.calibration_inputs(max(sizes.values()), seed)  # seeded: a smaller set is a prefix of it
     calib_of = {v: calib_all[:n] for v, n in sizes.items()}
     calib_from = f"training split ({len(ds.x_train)} images; the {ds.val_size} validation images excluded)"
@@ -249,42 +290,33 @@ def _run_ptq(run_dir, loaded, settings, range_list, variants, weight_mode, first
         return {"val_acc": va, "val_loss": vl, "test_acc": ta, "test_loss": tl}
 
     results = []
-    jobs = [(f"W{w}A{a}", w, a, r, v, None) for (w, a) in settings for r in range_list for v in variants]
+    jobs = [(f"W{w}A{a}", w, a, r, v, None) for (w, a) in settings for r in range_list for v in method_list]
     sens_files: dict = {}
     if mix is not None:
-        from .mixed import plan, shared_input_groups
-
         tied = shared_input_groups(model, calib_all[:2]) if mix["tie"] else None
         for r in range_list:
             entry, where = _sensitivity_entry(run_dir, model, mix, r, quiet, data_root)
             sens_files[r] = {"file": where, "settings": entry["settings"]}
             if mix["uniform"]:  # the uniform line at the candidate bit-widths, same activations
                 jobs += [(f"W{b}A{mix['abits']}", b, mix["abits"], r, v, None) for b in entry["bits"]
-                         if (b, mix["abits"]) not in settings for v in variants]
-            for kind, budget in mix["budgets"]:
-                for obj in mix["objectives"]:
-                    alloc = plan(entry, obj, budget, kind=kind, first_last_bits=first_last_bits, abits=mix["abits"],
-                                 tied=tied)
-                    label = f"{kind}={budget:g}:{obj}"
-                    info = {"objective": obj, "kind": kind, "budget": budget, "sensitivity": where,
-                            "tied": tied or [], **alloc.to_dict()}
-                    jobs += [(label, max(entry["bits"]), mix["abits"], r, v, info) for v in variants]
+                         if (b, mix["abits"]) not in settings for v in method_list]
+            for kind, budget, obj, alloc in allocations(entry, mix["budgets"], mix["objectives"],
+                                                        first_last_bits=first_last_bits, abits=mix["abits"], tied=tied):
+                label = f"{kind}={budget:g}:{obj}"
+                info = {"objective": obj, "kind": kind, "budget": budget, "sensitivity": where,
+                        "tied": tied or [], **alloc.to_dict()}
+                jobs += [(label, max(entry["bits"]), mix["abits"], r, v, info) for v in method_list]
     with full_precision():  # float32 as written: no TF32 on the GPU, no autocast from the caller
         fp = scores(model)
         for label, w, a, r, v, info in tqdm(jobs, desc="ptq", disable=quiet, leave=False):
             t0 = time.perf_counter()
             per_layer = None if info is None else info["bits"]
-            if v in RECON_METHODS:
-                qmodel = reconstruct(model, w, a, calib_of[v], v, iters=recon["iters"],
-                                     batch_size=recon["batch_size"], first_last_bits=first_last_bits,
-                                     range_method=r, seed=seed, progress=not quiet, bits_by_layer=per_layer)
-            else:
-                qmodel = quantize(model, w, a, calib_of[v], weight_mode=weight_mode, range_method=r,
-                                  first_last_bits=first_last_bits, fold_bn=fold_bn, seed=seed,
-                                  bn_reestimate=v == "rtn+bn", bits_by_layer=per_layer)
+            qmodel = apply_ptq(model, v, w, a, calib_of[v], range_method=r, first_last_bits=first_last_bits,
+                               bits_by_layer=per_layer, weight_mode=weight_mode, fold_bn=fold_bn, seed=seed,
+                               iters=recon["iters"], batch_size=recon["batch_size"], progress=not quiet)
             s = scores(qmodel)
             results.append({"bits": label, "wbits": w if info is None else info["avg_bits"], "abits": a, "range": r,
-                            "method": v, "variant": qmodel.ptq_variant, **s, "acc_drop": fp["test_acc"] - s["test_acc"],
+                            "method": v, "variant": qmodel.ptq_method, **s, "acc_drop": fp["test_acc"] - s["test_acc"],
                             "loss_increase": s["test_loss"] - fp["test_loss"], "calib_size": len(calib_of[v]),
                             "bn_reestimated": len(qmodel.ptq_bn_reestimated), "mixed": info,
                             "recon": getattr(qmodel, "ptq_recon", None), "time_s": time.perf_counter() - t0})
@@ -308,20 +340,20 @@ def _run_ptq(run_dir, loaded, settings, range_list, variants, weight_mode, first
             "range_method": "applies to weights (per channel) and activations (per tensor, on the float model)",
             "first_last_bits": first_last_bits,
             "first_last": f"first and last Conv/Linear layer in execution order: {flb}",
-            "calib_size": (len(calib_of[variants[0]]) if len({len(c) for c in calib_of.values()}) == 1 else None),
+            "calib_size": (len(calib_of[method_list[0]]) if len({len(c) for c in calib_of.values()}) == 1 else None),
             "calib_sizes": {v: len(c) for v, c in calib_of.items()},
             "calib_size_requested": calib_size,
             "calib_split": calib_from,
             "calib_seed": seed,
             "fold_bn": fold_bn,
-            "bn_reestimate": "rtn+bn" in variants,
-            "methods": variants,
-            "variants": {v: _describe(v, fold_bn, len(calib_of[v]), recon) for v in variants},
+            "bn_reestimate": "rtn+bn" in method_list,
+            "methods": method_list,
+            "variants": {v: _describe(v, fold_bn, len(calib_of[v]), recon) for v in method_list},
             # the values used (learning rates, regularizer, drop probability) are in each row's "recon"
             "recon": ({**recon, "lr_rule": "the papers' 1e-3 and 4e-5 at 20,000 steps, times 20000/steps (at most "
                                            "100x); brecq's activation stage at a quarter of the steps",
                        "init_ranges": "the row's range method"}
-                      if any(v in RECON_METHODS for v in variants) else None),
+                      if any(v in RECON_METHODS for v in method_list) else None),
             "mixed": (None if mix is None else {
                 "budgets": [f"{k}={b:g}" for k, b in mix["budgets"]], "objectives": mix["objectives"],
                 "abits": mix["abits"], "tie_shared_inputs": mix["tie"], "sensitivity": sens_files,
@@ -339,7 +371,7 @@ def _run_ptq(run_dir, loaded, settings, range_list, variants, weight_mode, first
 
 def _describe(method: str, fold_bn: bool, n_calib: int, recon: dict) -> str:
     if method in ("rtn", "rtn+bn"):
-        return _describe_variants(fold_bn, f"{n_calib} calibration images")[method]
+        return _describe_rounding(fold_bn, f"{n_calib} calibration images")[method]
     what = DESCRIPTIONS[method]
     return (f"{what}; BatchNorm folded first; {recon['iters']} steps per block, batch {recon['batch_size']}, "
             f"{n_calib} calibration images; initial ranges from the row's range method")

@@ -6,7 +6,9 @@ Clipping ranges come from min-max, a percentile, or an MSE search, calibrated on
 calibration set. BatchNorm is folded into the preceding convolution before the weights are
 quantized, and the first and last layers stay at 8 bits by default.
 
-Two variants (:data:`PTQ_VARIANTS`): ``"rtn"``, round-to-nearest quantization as above, and
+Two PTQ methods (:data:`ROUNDING_METHODS`; "method" is the project's one name for them, the
+older "variant" survives as aliases and as a field of the result files): ``"rtn"``,
+round-to-nearest quantization as above, and
 ``"rtn+bn"`` (``quantize(..., bn_reestimate=True)``), the same quantizers followed by a standard
 calibration-only step: every BatchNorm's running statistics are re-estimated on the calibration
 images through the quantized model (:func:`reestimate_bn`), then folded. The two differ only in
@@ -24,7 +26,7 @@ Example:
     >>> qmodel = quantize(model, wbits=4, abits=4, calib_data=torch.randn(64, 1, 8, 8))
     >>> qmodel is model
     False
-    >>> quantize(model, 2, 4, torch.randn(64, 1, 8, 8), bn_reestimate=True).ptq_variant
+    >>> quantize(model, 2, 4, torch.randn(64, 1, 8, 8), bn_reestimate=True).ptq_method
     'rtn+bn'
 """
 
@@ -37,17 +39,22 @@ import warnings
 from collections.abc import Iterable
 
 import torch
+import torch.fx
 import torch.nn as nn
 
-from landscape.precision import full_precision
+from dnq_landscape_common.precision import full_precision
+from dnq_landscape_common.tensors import channel_moments
+
+from .batchnorm import batchnorm_layers, recompute_bn
 
 RANGE_METHODS = ("minmax", "percentile", "mse")
 WEIGHT_MODES = ("symmetric", "asymmetric")
 MIN_BITS, MAX_BITS = 2, 8
 QUANT_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
-PTQ_VARIANTS = ("rtn", "rtn+bn")
+ROUNDING_METHODS = ("rtn", "rtn+bn")
 """``"rtn"``: round-to-nearest PTQ with the trained BatchNorm statistics; ``"rtn+bn"``: the same
 with the BatchNorm statistics re-estimated through the quantized model (``bn_reestimate=True``)."""
+PTQ_VARIANTS = ROUNDING_METHODS  # the name it had before "method" was the one name
 _MSE_GRID = torch.linspace(0.2, 1.0, 81)
 
 
@@ -58,11 +65,19 @@ def check_bits(bits: int, what: str = "bits") -> int:
     return bits
 
 
-def ptq_variant(bn_reestimate: bool) -> str:
-    """The name in :data:`PTQ_VARIANTS` of a :func:`quantize` call with this ``bn_reestimate``."""
+def ptq_method(bn_reestimate: bool) -> str:
+    """The name in :data:`ROUNDING_METHODS` of a :func:`quantize` call with this ``bn_reestimate``.
+
+    Example:
+        >>> ptq_method(False), ptq_method(True)
+        ('rtn', 'rtn+bn')
+    """
     if not isinstance(bn_reestimate, bool):
         raise ValueError(f"bn_reestimate must be True or False, got {bn_reestimate!r}")
-    return PTQ_VARIANTS[1] if bn_reestimate else PTQ_VARIANTS[0]
+    return ROUNDING_METHODS[1] if bn_reestimate else ROUNDING_METHODS[0]
+
+
+ptq_variant = ptq_method  # the name it had before "method" was the one name
 
 
 def parse_bits(spec: str) -> list[tuple[int, int]]:
@@ -304,8 +319,6 @@ def weight_quantized(model: nn.Module, wbits_by_layer: dict[str, int]) -> nn.Mod
     """A copy of ``model`` (eval mode) whose named Conv/Linear weights are replaced by ``Q(W)``:
     the symmetric per-channel min-max quantizer of :func:`weight_error`, no BatchNorm folding,
     activations in float. The original is not touched."""
-    import copy
-
     q = copy.deepcopy(model).eval()
     mods = dict(q.named_modules())
     with torch.no_grad():
@@ -324,17 +337,12 @@ def weight_error_moments(model: nn.Module, wbits_by_layer: dict[str, int]) -> tu
     mods = dict(model.named_modules())
     mean, var = {}, {}
     for name, b in wbits_by_layer.items():
-        w = mods[name].weight
-        err = weight_error(w, b).reshape(w.shape[0], -1).double()
-        mean[f"{name}.weight"] = err.mean(dim=1)
-        var[f"{name}.weight"] = err.var(dim=1, unbiased=False)
+        mean[f"{name}.weight"], var[f"{name}.weight"] = channel_moments(weight_error(mods[name].weight, b))
     return mean, var
 
 
 def _conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
     """(conv, bn) module names where the BN reads only the conv's output, found with torch.fx."""
-    import torch.fx
-
     graph = torch.fx.symbolic_trace(model).graph
     mods = dict(model.named_modules())
     pairs = []
@@ -489,8 +497,6 @@ def reestimate_bn(model: nn.Module, calib_data, batch_size: int = 256) -> nn.Mod
         >>> updated.training, int(updated[1].num_batches_tracked)
         (False, 1)
     """
-    from .batchnorm import batchnorm_layers, recompute_bn
-
     _check_batch_size(batch_size)
     if isinstance(calib_data, torch.Tensor) and len(calib_data) == 0:
         raise ValueError(_EMPTY_CALIB)
@@ -522,6 +528,23 @@ def reestimate_bn(model: nn.Module, calib_data, batch_size: int = 256) -> nn.Mod
     return model
 
 
+def _check_quantize_args(wbits, abits, first_last_bits, range_method, act_range_method, weight_mode, percentile,
+                         batch_size) -> None:
+    """:func:`quantize`'s settings, checked before any work (``ValueError`` naming the valid values)."""
+    check_bits(wbits, "weight bits")
+    check_bits(abits, "activation bits")
+    if first_last_bits is not None:
+        check_bits(first_last_bits, "first/last layer bits")
+    for m in (range_method, act_range_method):
+        if m not in RANGE_METHODS:
+            raise ValueError(f"unknown range method {m!r}; valid: {', '.join(RANGE_METHODS)}")
+    if weight_mode not in WEIGHT_MODES:
+        raise ValueError(f"unknown weight mode {weight_mode!r}; valid: {', '.join(WEIGHT_MODES)}")
+    if not 0 < percentile <= 100:
+        raise ValueError(f"percentile must be in (0, 100], got {percentile!r}")
+    _check_batch_size(batch_size)
+
+
 @torch.no_grad()
 def quantize(model: nn.Module, wbits: int, abits: int, calib_data, *, weight_mode: str = "symmetric",
              range_method: str = "minmax", act_range_method: str | None = None, first_last_bits: int | None = 8,
@@ -529,11 +552,11 @@ def quantize(model: nn.Module, wbits: int, abits: int, calib_data, *, weight_mod
              bn_reestimate: bool = False, bits_by_layer: dict | None = None) -> nn.Module:
     """Post-training fake quantization of a model; the original is never touched.
 
-    ``bn_reestimate=False`` (variant ``"rtn"``): BatchNorm is folded into the preceding
+    ``bn_reestimate=False`` (method ``"rtn"``): BatchNorm is folded into the preceding
     convolution (``fold_bn``), then every Conv/Linear weight is quantized per output channel and
     an input quantizer, calibrated on ``calib_data`` with the float model, is attached.
 
-    ``bn_reestimate=True`` (variant ``"rtn+bn"``): the same quantizers on the *unfolded* model
+    ``bn_reestimate=True`` (method ``"rtn+bn"``): the same quantizers on the *unfolded* model
     (weights quantized per output channel in place, input quantizers calibrated on the float
     model as above), then every BatchNorm's running statistics are re-estimated on ``calib_data``
     through the quantized model (quantized weights and activations; :func:`reestimate_bn`), and
@@ -544,7 +567,7 @@ def quantize(model: nn.Module, wbits: int, abits: int, calib_data, *, weight_mod
     (``max|f W| = |f| max|W|`` and round-half-to-even is odd-symmetric; the percentile and MSE
     ranges scale with ``|f|`` too), so before re-estimation the folded weights equal those of
     ``"rtn"`` up to float rounding (the scale is computed in float32), the activation ranges are
-    the same, and the two variants differ only in the BatchNorm statistics (for the asymmetric
+    the same, and the two methods differ only in the BatchNorm statistics (for the asymmetric
     quantizer the identity holds for ``f > 0``, and for ``f < 0`` except at exact ties of the
     zero point's rounding).
     BatchNorm not after a convolution (e.g. BatchNorm1d after a Linear layer), or in a model
@@ -578,7 +601,8 @@ def quantize(model: nn.Module, wbits: int, abits: int, calib_data, *, weight_mod
     Returns:
         A new model in eval mode with quantized weights and an ``input_quantizer`` (with a
         forward pre-hook) on every Conv/Linear; ``qmodel.ptq_layers`` lists each layer's setting,
-        ``qmodel.ptq_variant`` is ``"rtn"`` or ``"rtn+bn"`` (:data:`PTQ_VARIANTS`), and
+        ``qmodel.ptq_method`` (also ``ptq_variant``, its older name) is ``"rtn"`` or ``"rtn+bn"``
+        (:data:`ROUNDING_METHODS`), and
         ``qmodel.ptq_bn_reestimated`` names the re-estimated BatchNorm layers (empty for ``"rtn"``).
 
     Raises:
@@ -591,25 +615,15 @@ def quantize(model: nn.Module, wbits: int, abits: int, calib_data, *, weight_mod
         >>> model = build_model("cnn-digits", 10, 1, 8).eval()
         >>> calib = torch.randn(256, 1, 8, 8)
         >>> q = quantize(model, 2, 4, calib, bn_reestimate=True)
-        >>> q.ptq_variant, q.ptq_bn_reestimated
+        >>> q.ptq_method, q.ptq_bn_reestimated
         ('rtn+bn', ['1', '4', '8'])
         >>> any(isinstance(m, torch.nn.BatchNorm2d) for m in q.modules())   # folded afterwards
         False
     """
-    check_bits(wbits, "weight bits")
-    check_bits(abits, "activation bits")
-    if first_last_bits is not None:
-        check_bits(first_last_bits, "first/last layer bits")
     act_range_method = act_range_method or range_method
-    for m in (range_method, act_range_method):
-        if m not in RANGE_METHODS:
-            raise ValueError(f"unknown range method {m!r}; valid: {', '.join(RANGE_METHODS)}")
-    if weight_mode not in WEIGHT_MODES:
-        raise ValueError(f"unknown weight mode {weight_mode!r}; valid: {', '.join(WEIGHT_MODES)}")
-    if not 0 < percentile <= 100:
-        raise ValueError(f"percentile must be in (0, 100], got {percentile!r}")
-    _check_batch_size(batch_size)
-    variant = ptq_variant(bn_reestimate)
+    _check_quantize_args(wbits, abits, first_last_bits, range_method, act_range_method, weight_mode, percentile,
+                         batch_size)
+    method = ptq_method(bn_reestimate)
     pairs: list[tuple[str, str]] | None = []
     if bn_reestimate:
         qmodel = copy.deepcopy(model).eval()
@@ -648,8 +662,6 @@ def quantize(model: nn.Module, wbits: int, abits: int, calib_data, *, weight_mod
         info.append({"layer": name, "wbits": wb, "abits": ab, "act_lo": lo, "act_hi": hi})
     reestimated: list[str] = []
     if bn_reestimate:
-        from .batchnorm import batchnorm_layers
-
         bns = set(batchnorm_layers(qmodel))
         reestimated = [n for n, m in qmodel.named_modules() if m in bns]
         if not reestimated:
@@ -658,6 +670,6 @@ def quantize(model: nn.Module, wbits: int, abits: int, calib_data, *, weight_mod
         reestimate_bn(qmodel, calib_data, batch_size)
         _fold_pairs(qmodel, pairs or [])
     qmodel.ptq_layers = info
-    qmodel.ptq_variant = variant
+    qmodel.ptq_method = qmodel.ptq_variant = method  # ptq_variant: the older name, kept for readers of it
     qmodel.ptq_bn_reestimated = reestimated
     return qmodel

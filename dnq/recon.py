@@ -64,11 +64,14 @@ import torch.nn as nn
 import torch.nn.utils.parametrize as parametrize
 from tqdm.auto import tqdm
 
-from landscape.precision import full_precision
+from dnq_landscape_common.precision import full_precision
 
+from .errors import ReconstructionError
+from .models.resnet import BasicBlock
+from .models.vit import Block
 from .quant import (
-    PTQ_VARIANTS,
     RANGE_METHODS,
+    ROUNDING_METHODS,
     ActQuantizer,
     _batches,
     _device_of,
@@ -84,7 +87,7 @@ from .quant import (
 )
 
 RECON_METHODS = ("adaround", "brecq", "qdrop")
-PTQ_METHODS = (*PTQ_VARIANTS, *RECON_METHODS)
+PTQ_METHODS = (*ROUNDING_METHODS, *RECON_METHODS)
 """Every PTQ method of the toolkit: ``rtn``, ``rtn+bn`` (:func:`dnq.quant.quantize`) and the
 reconstruction methods of this module."""
 DESCRIPTIONS = {
@@ -100,11 +103,6 @@ PAPER_ITERS = 20_000
 CPU_ITERS = 500
 PAPER_CALIB_SIZE = 1024
 ZETA, GAMMA = 1.1, -0.1
-
-
-class ReconstructionError(RuntimeError):
-    """A reconstruction that cannot go on (a NaN or Inf loss; the message names the block and
-    the iteration)."""
 
 
 def check_methods(spec) -> list[str]:
@@ -246,9 +244,6 @@ def _block_types() -> tuple[type, ...]:
     from torchvision.models.mobilenetv2 import InvertedResidual
     from torchvision.models.resnet import BasicBlock as TVBasic
     from torchvision.models.resnet import Bottleneck
-
-    from .models.resnet import BasicBlock
-    from .models.vit import Block
 
     return (BasicBlock, TVBasic, Bottleneck, InvertedResidual, Block)
 
@@ -480,7 +475,7 @@ def reconstruct(model: nn.Module, wbits: int, abits: int, calib_data, method: st
         info = _finalize(qmodel, order, bits_of, weights, acts)
     qmodel.eval()
     qmodel.ptq_layers = info
-    qmodel.ptq_variant = method
+    qmodel.ptq_method = qmodel.ptq_variant = method  # ptq_variant: the older name, kept for readers of it
     qmodel.ptq_bn_reestimated = []
     qmodel.ptq_recon = {
         "method": method, "iters": iters, "act_iters": act_iters if method == "brecq" else None,

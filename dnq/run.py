@@ -6,15 +6,34 @@ statistics of its weight quantization noise.
 the instruments of :mod:`landscape`, :mod:`dnq.quant` and :mod:`dnq.recon` can be pointed at it
 directly.
 
-Example:
+Examples:
+    A trained run (``dnq train ... --out runs/digits-dnq``):
+
     >>> from dnq import load_run
     >>> run = load_run("runs/digits-dnq")                                         # doctest: +SKIP
     >>> data = run.batches("train", samples=512)     # [(normalized images, labels), ...]  # doctest: +SKIP
     >>> mean, variances = run.weight_noise("W4A4")   # per output channel, by weight name  # doctest: +SKIP
+
+    A folder holding what ``dnq train`` writes at the end, here for an untrained model:
+
+    >>> import shutil, tempfile
+    >>> from dnq.models import build_model
+    >>> from dnq.rundir import save_final
+    >>> out = tempfile.mkdtemp()
+    >>> meta = {"arch": "cnn-digits", "num_classes": 10, "in_channels": 1, "image_size": 8, "data": "digits"}
+    >>> save_final(out, build_model("cnn-digits", 10, 1, 8), meta, result={})
+    >>> run = load_run(out)
+    >>> [tuple(x.shape) for x, y in run.batches("train", samples=300)]  # batches of at most 256 images
+    [(256, 1, 8, 8), (44, 1, 8, 8)]
+    >>> mean, variances = run.weight_noise("W4A4")  # first and last layer at 8 bits, as PTQ gives them
+    >>> {name: tuple(v.shape) for name, v in variances.items()}  # one variance per output channel
+    {'0.weight': (16,), '3.weight': (32,), '7.weight': (32,), '12.weight': (10,)}
+    >>> shutil.rmtree(out)
 """
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +42,8 @@ import torch
 import torch.nn as nn
 
 from .data import DataError, Dataset, load_dataset
+from .quant import execution_order, layer_bits, parse_bits, weight_error_moments
+from .train import load_model
 
 
 def run_dataset(meta: dict, data: str | None = None, data_root: str | None = None) -> Dataset:
@@ -134,8 +155,6 @@ class Run:
     def weight_bits(self, bits: str = "W4A4", first_last_bits: int | None = 8) -> dict[str, int]:
         """Weight bits per Conv/Linear layer as PTQ gives them at ``bits`` (first and last layer,
         in execution order, at ``first_last_bits``)."""
-        from .quant import execution_order, layer_bits, parse_bits
-
         (w, a), = parse_bits(bits)
         order = execution_order(self.model, self.calibration_images(2))
         return {n: wb for n, (wb, _) in layer_bits(order, w, a, first_last_bits).items()}
@@ -145,8 +164,6 @@ class Run:
         by weight name (float64 ``(C,)`` tensors), at the bits PTQ gives each layer: the noise DNQ
         models, in the form :func:`landscape.predicted_loss_increase` takes
         (``predicted_loss_increase(op, variances, mean)``)."""
-        from .quant import weight_error_moments
-
         return weight_error_moments(self.model, self.weight_bits(bits, first_last_bits))
 
 
@@ -165,10 +182,6 @@ def load_run(path: str | os.PathLike, device: str | torch.device = "cpu", *, dat
         dnq.rundir.CheckpointError: a ``model.pt`` that cannot be read (named, with the fix).
         dnq.data.DataError: the run's data cannot be found or differs from the run's.
     """
-    import json
-
-    from .train import load_model
-
     device = torch.device(device)
     model, meta = load_model(path, device)
     ds = run_dataset(meta, data, data_root)

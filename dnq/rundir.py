@@ -5,6 +5,23 @@ A run folder holds ``config.json``, ``metrics.jsonl`` (one line per epoch), ``ch
 (state dicts only, loaded with ``torch.load(..., weights_only=True)``), ``model.pt`` (the final
 weights and what is needed to rebuild the model) and ``result.json``. Every file is written
 atomically (temp file + rename): a killed run leaves the previous version, never half a file.
+
+Example:
+    >>> import shutil, tempfile, torch
+    >>> from pathlib import Path
+    >>> from dnq.rundir import RunDir, is_toolkit_run, save_final, write_config
+    >>> out = Path(tempfile.mkdtemp()) / "run"
+    >>> run = RunDir(out, resume=False, overwrite=False)
+    >>> run.check(); run.open()  # create and lock the folder
+    >>> write_config(out, {"epochs": 1}); save_final(out, torch.nn.Linear(2, 2), meta={}, result={"acc": 0.5})
+    >>> run.commit(); run.close()
+    >>> sorted(p.name for p in out.iterdir()), is_toolkit_run(out)
+    (['config.json', 'model.pt', 'result.json'], True)
+    >>> RunDir(out, resume=False, overwrite=False).check()  # a second run refuses to clobber it
+    Traceback (most recent call last):
+    ...
+    dnq.errors.ConfigError: run folder ... already exists and is not empty; pass --resume to continue it ...
+    >>> shutil.rmtree(out.parent)
 """
 
 from __future__ import annotations
@@ -12,14 +29,17 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pickle
 import socket
 import sys
 import time
 import warnings
+import zipfile
 from pathlib import Path
 
 import torch
 
+from .errors import CheckpointError, ConfigError, LockedError
 from .io import atomic_torch_save, atomic_write_json, atomic_write_text, safe_load
 
 RUN_FORMAT, RUN_FORMAT_VERSION = "dnq-run", 1
@@ -27,14 +47,6 @@ RUN_FORMAT, RUN_FORMAT_VERSION = "dnq-run", 1
 KNOWN_FILES = frozenset({"config.json", "metrics.jsonl", "checkpoint.pt", "model.pt", "result.json", "ptq.json",
                          "bench_ptq.json"})
 LOCK_NAME, REPLACED = ".dnq.lock", ".replaced"
-
-
-class LockedError(ValueError):
-    """Another process holds the folder's lock (the message names it)."""
-
-
-class CheckpointError(ValueError):
-    """A checkpoint or model file that cannot be loaded (the message names the file and the fix)."""
 
 
 def _pid_alive(pid: int) -> bool:
@@ -60,7 +72,7 @@ def folder_lock(path: str | os.PathLike, what: str):
         path: an existing folder.
         what: what the holder does there (``"dnq train"``, ``"landscape study"``...).
     """
-    import fcntl
+    import fcntl  # noqa: PLC0415 - POSIX only: the rest of the module (and dnq) imports on any OS
 
     path = Path(path)
     lock = path / LOCK_NAME
@@ -127,8 +139,6 @@ def _foreign_entries(out: Path) -> list[str]:
 
 def check_out_path(out) -> Path:
     """``--out`` as a path, refusing the empty string (an unset shell variable)."""
-    from .train import ConfigError
-
     if out is None or str(out).strip() == "":
         raise ConfigError("--out is empty (an unset shell variable?); give the run folder's path")
     return Path(out)
@@ -156,8 +166,6 @@ class RunDir:
 
     def check(self) -> None:
         """Every check of the folder; raises :class:`ConfigError` naming the fix; writes nothing."""
-        from .train import ConfigError
-
         out = self.out
         if self.resume and self.overwrite:
             raise ConfigError("--resume and --overwrite exclude each other; pick one")
@@ -191,8 +199,6 @@ class RunDir:
 
     def open(self) -> None:
         """Create (if needed) and lock the folder; move a replaced run's files aside."""
-        from .train import ConfigError
-
         out = self.out
         if not out.is_dir():
             try:
@@ -299,9 +305,6 @@ def load_file(path: Path, fix: str, map_location="cpu"):
     """``torch.load(path, weights_only=True)`` with one clear error for a missing, truncated,
     corrupt or unsafe file. Never suggests ``weights_only=False``: a file that holds arbitrary
     objects is refused, whoever made it."""
-    import pickle
-    import zipfile
-
     path = Path(path)
     try:
         if path.stat().st_size == 0:

@@ -24,11 +24,14 @@ with ``"final": true`` holding the final numbers), ``checkpoint.pt`` (state dict
 rebuild the model and its data splits) and ``result.json``.
 
 Example:
+    >>> import os, tempfile
     >>> from dnq.train import TrainConfig, train
-    >>> result = train(TrainConfig(data="digits", model="cnn-digits", method="dnq", epochs=2,
-    ...                            out="runs/example"), quiet=True, overwrite=True)
-    >>> sorted(result)[:2]
-    ['epochs', 'method']
+    >>> out = os.path.join(tempfile.mkdtemp(), "run")
+    >>> result = train(TrainConfig(data="digits", model="cnn-digits", method="dnq", epochs=1, out=out), quiet=True)
+    >>> result["method"], result["epochs"], 0.0 <= result["test_acc"] <= 1.0
+    ('dnq', 1, True)
+    >>> sorted(os.listdir(out))
+    ['checkpoint.pt', 'config.json', 'metrics.jsonl', 'model.pt', 'result.json']
 """
 
 from __future__ import annotations
@@ -51,11 +54,14 @@ import torch.distributed as dist
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from landscape.precision import full_precision
+from dnq_landscape_common.device import check_device, resolve_device
+from dnq_landscape_common.distributed import init_distributed
+from dnq_landscape_common.precision import full_precision
 
 from . import __version__
 from .batchnorm import batchnorm_layers, recompute_bn
 from .data import DATASET_NAMES, NAMED_DATASETS, BatchLoader, load_dataset
+from .errors import ConfigError, NonFiniteLossError
 from .io import atomic_write_json
 from .methods import METHODS, make_method, upcast
 from .models import MODELS, build_model
@@ -72,14 +78,6 @@ from .rundir import (
     save_final,
     write_config,
 )
-
-
-class ConfigError(ValueError):
-    """A setting that cannot be used; the message names the valid values."""
-
-
-class NonFiniteLossError(RuntimeError):
-    """Training produced a NaN or Inf loss; the last good checkpoint is kept."""
 
 
 @dataclass
@@ -135,7 +133,19 @@ RESUME_ADJUSTABLE = ("lr", "lr_warmup_epochs", "lambda_max", "lambda_start", "la
 
 
 def validate(cfg: TrainConfig) -> None:
-    """Check every setting at the entry point; raise :class:`ConfigError` naming the valid values."""
+    """Check every setting at the entry point; raise :class:`ConfigError` naming the valid values.
+
+    The checks go by section: names (data, model, method, folder), bit-widths, counts, numbers and
+    their ranges, and the device and precision switches.
+    """
+    _validate_names(cfg)
+    _validate_bits(cfg)
+    _validate_counts(cfg)
+    _validate_numbers(cfg)
+    _validate_switches(cfg)
+
+
+def _validate_names(cfg: TrainConfig) -> None:
     for key in ("data", "model", "method", "out", "device", "act_sampler"):
         if not isinstance(getattr(cfg, key), str):
             raise ConfigError(f"{key} must be a string, got {getattr(cfg, key)!r}")
@@ -147,11 +157,17 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"unknown method {cfg.method!r}; valid methods: {', '.join(METHODS)}")
     if not (cfg.data in NAMED_DATASETS or cfg.data.startswith(("npz:", "synthetic:"))):
         raise ConfigError(f"unknown dataset {cfg.data!r}; valid datasets: {', '.join(DATASET_NAMES)}")
+
+
+def _validate_bits(cfg: TrainConfig) -> None:
     for key in ("wbits", "abits") + tuple(k for k in ("first_last_bits", "noise_first_last_bits")
                                           if getattr(cfg, k) is not None):
         v = getattr(cfg, key)
         if isinstance(v, bool) or not isinstance(v, int) or not MIN_BITS <= v <= MAX_BITS:
             raise ConfigError(f"{key} must be an integer in {MIN_BITS}..{MAX_BITS}, got {v!r}")
+
+
+def _validate_counts(cfg: TrainConfig) -> None:
     for key in ("epochs", "lr_warmup_epochs", "lambda_start", "lambda_warmup", "val_seed", "seed", "batch_size",
                 "calib_size", "eval_batch_size"):
         v = getattr(cfg, key)
@@ -163,6 +179,14 @@ def validate(cfg: TrainConfig) -> None:
         if v < low:
             raise ConfigError(f"{key} must be >= {low}, got {v}" + (" (0 would save an untrained model)"
                                                                    if key == "epochs" else ""))
+    v = cfg.val_size
+    if not (v is None or v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 0)
+            or (isinstance(v, float) and 0 <= v < 1)):
+        raise ConfigError(f"val_size must be 'auto', a fraction in [0, 1), a count >= 0 or 0/None for no validation "
+                          f"split, got {v!r}")
+
+
+def _validate_numbers(cfg: TrainConfig) -> None:
     for key in ("lr", "momentum", "weight_decay", "label_smoothing", "lambda_max", "ema_beta", "temperature", "act_rho",
                 "sam_rho") + (("swa_start",) if cfg.swa_start is not None else ()):
         v = getattr(cfg, key)
@@ -181,25 +205,16 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.swa_start is not None and not 0 < cfg.swa_start < 1:
         raise ConfigError("swa_start is the fraction of training after which SWA averages, in (0, 1); "
                           f"got {cfg.swa_start}")
-    if cfg.device not in ("auto", "cpu", "cuda") and not (cfg.device.startswith("cuda:") and cfg.device[5:].isdigit()):
-        raise ConfigError(f"unknown device {cfg.device!r}; valid: auto, cpu, cuda, cuda:N")
-    if cfg.device.startswith("cuda:") and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ConfigError(f"--device {cfg.device} under torchrun: every process takes the GPU of its LOCAL_RANK, so "
-                          "a fixed cuda:N would put all ranks on one GPU; pass --device cuda (or auto) and choose "
-                          "GPUs with CUDA_VISIBLE_DEVICES")
-    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"--device {cfg.device} asked for, but CUDA is not available here; use --device cpu or auto")
+
+
+def _validate_switches(cfg: TrainConfig) -> None:
+    check_device(cfg.device, ConfigError)
     for key in ("amp", "channels_last"):
         if getattr(cfg, key) not in (None, True, False):
             raise ConfigError(f"{key} must be true, false or null (on CUDA only), got {getattr(cfg, key)!r}")
     for key in ("compile", "bn_recompute"):
         if not isinstance(getattr(cfg, key), bool):
             raise ConfigError(f"{key} must be true or false, got {getattr(cfg, key)!r}")
-    v = cfg.val_size
-    if not (v is None or v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 0)
-            or (isinstance(v, float) and 0 <= v < 1)):
-        raise ConfigError(f"val_size must be 'auto', a fraction in [0, 1), a count >= 0 or 0/None for no validation "
-                          f"split, got {v!r}")
 
 
 def noise_first_last_bits(cfg: TrainConfig) -> int | None:
@@ -239,35 +254,6 @@ def make_autocast(device: torch.device, amp: bool):
 
 
 # ----------------------------------------------------------------------------------- helpers
-def init_distributed(device_kind: str) -> tuple[int, int, int, bool]:
-    """Join the process group that ``torchrun`` describes in the environment (if any).
-
-    Returns ``(rank, world_size, local_rank, initialized_here)``.
-    """
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)), False
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1, 0, False
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    backend = "nccl" if device_kind == "cuda" else "gloo"
-    if backend == "nccl":
-        torch.cuda.set_device(local_rank)
-        # bind the group to this rank's GPU (eager NCCL init; no guessing of the device later)
-        dist.init_process_group(backend, device_id=torch.device("cuda", local_rank))
-    else:
-        dist.init_process_group(backend)
-    return dist.get_rank(), dist.get_world_size(), local_rank, True
-
-
-def resolve_device(name: str, local_rank: int) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        return torch.device("cuda", local_rank)
-    return torch.device(name)
-
-
 def git_commit() -> str | None:
     here = Path(__file__).resolve().parent
     try:

@@ -1,5 +1,21 @@
 """Loss-landscape instruments for any PyTorch model: Hessian-vector products, trace, top
-eigenvalues, spectral density, 1-D / 2-D loss surfaces, and per-layer sensitivities. Knows nothing of DNQ."""
+eigenvalues, spectral density, 1-D / 2-D loss surfaces, and per-layer sensitivities. Knows nothing of DNQ.
+
+Example:
+    >>> import torch, torch.nn as nn
+    >>> import landscape
+    >>> _ = torch.manual_seed(0)
+    >>> X, y = torch.randn(20, 3), torch.randn(20, 1)
+    >>> op = landscape.HessianOperator(nn.Linear(3, 1, bias=False), nn.functional.mse_loss, (X, y))
+    >>> H = 2 * X.T @ X / 20  # the Hessian of this least-squares loss, in closed form
+    >>> torch.allclose(op.matvec(torch.ones(3)), H @ torch.ones(3))
+    True
+    >>> eig = landscape.top_eigenvalues(op, k=1)
+    >>> round(eig.eigenvalues[0], 4), round(torch.linalg.eigvalsh(H)[-1].item(), 4)
+    (2.4721, 2.4721)
+"""
+
+import importlib
 
 from .density import DensityResult, spectral_density
 from .directions import (
@@ -46,8 +62,6 @@ _LAZY = ("plot", "plot_static", "regress")
 
 def __getattr__(name):
     if name in _LAZY:
-        import importlib
-
         module = importlib.import_module(f".{name}", __name__)
         globals()[name] = module
         return module

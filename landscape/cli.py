@@ -8,111 +8,47 @@ writes its report, ``landscape sensitivity`` measures a run's per-layer quantiza
 
 Every error a user can cause (a bad flag or setting, a corrupt file, a folder in use, a device
 that is not there, a model whose loss is not finite) is one line on stderr,
-``landscape <command>: error: ...``, and exit code 2, with nothing written; ``--debug`` (or the
-environment variable ``DNQ_DEBUG=1``) shows the traceback instead. An interrupted study (Ctrl-C)
+``landscape <command>: error: ...``, and exit code 2, with nothing written
+(:func:`dnq_landscape_common.cli.guarded`); ``--debug`` (or the environment variable
+``LANDSCAPE_DEBUG=1``) shows the traceback instead. An interrupted study (Ctrl-C)
 exits with code 130 and resumes when the same command is run again.
+
+Example:
+    >>> import sys
+    >>> from landscape.cli import main
+    >>> saved, sys.stderr = sys.stderr, sys.stdout  # show stderr here
+    >>> main(["study", "--preset", "digits", "--out", "unused", "--set", "train.epochs"])
+    landscape study: error: --set expects KEY=VALUE (for example train.epochs=2), got 'train.epochs'
+    2
+    >>> main(["report", "no/such/study"])  # doctest: +ELLIPSIS
+    landscape report: error: no/such/study is not a folder (it does not exist); give the folder of a study ...
+    2
+    >>> sys.stderr = saved
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import sys
 
+from dnq_landscape_common.cli import (  # noqa: F401 - one_line, one_line_warnings, UsageError: their old path
+    OneLineParser,
+    UsageError,
+    debug_requested,
+    guarded,
+    one_line,
+    one_line_warnings,
+)
+from dnq_landscape_common.distributed import exit_distributed
+
 from . import __version__
+from .report import build
+from .sensitivity_run import SENSITIVITY_FILE, format_sensitivity_table, run_sensitivity
+from .study import PRESETS, Study, StudyError, load_config
 
-
-class UsageError(Exception):
-    """A command line that does not parse (the message is argparse's, the prog names the command)."""
-
-    def __init__(self, prog: str, message: str):
-        super().__init__(message)
-        self.prog = prog
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """An ``ArgumentParser`` whose errors are one line (no usage block) and raise
-    :class:`UsageError` instead of exiting, so that :func:`main` returns exit code 2."""
-
-    def error(self, message: str):
-        raise UsageError(self.prog, f"{message} (see {self.prog} --help)")
-
-
-def debug_requested(argv: list[str] | None = None) -> bool:
-    """Whether ``--debug`` is on the command line or ``DNQ_DEBUG`` is set (not ``0``)."""
-    args = sys.argv[1:] if argv is None else argv
-    return "--debug" in args or os.environ.get("DNQ_DEBUG", "") not in ("", "0")
-
-
-def _expected_errors() -> tuple[type[BaseException], ...]:
-    """Every error class a user can cause (see the module doc); anything else is a bug and keeps
-    its traceback."""
-    from .errors import NonFiniteError
-
-    errors: tuple = (ValueError, OSError, NonFiniteError, RuntimeError, json.JSONDecodeError)
-    try:  # the trainer's: ConfigError / DataError / LockedError are ValueErrors, NonFiniteLossError a RuntimeError
-        from dnq.train import NonFiniteLossError
-
-        errors += (NonFiniteLossError,)
-    except ImportError:  # pragma: no cover - dnq is part of this project
-        pass
-    return errors
-
-
-def one_line(e: BaseException) -> str:
-    """An exception as one line: its message's first line, whitespace collapsed; for an
-    ``OSError`` its type, path and reason; a ``RuntimeError`` of unknown kind says how to see its
-    traceback."""
-    from .errors import NonFiniteError
-
-    if isinstance(e, OSError) and not isinstance(e, ValueError) and e.strerror:  # the system's, not ours
-        where = f": {e.filename}" if getattr(e, "filename", None) else ""
-        what = e.strerror or " ".join(str(e).split()) or type(e).__name__
-        return f"{type(e).__name__}{where}: {what} (check the path and its permissions)"
-    text = " ".join(str(e).split("\n")[0].split()) or type(e).__name__
-    if isinstance(e, RuntimeError) and not isinstance(e, NonFiniteError) and type(e).__name__ != "NonFiniteLossError":
-        return f"{text} (--debug shows the traceback)"
-    return text
-
-
-@contextlib.contextmanager
-def one_line_warnings(command: str):
-    """A context in which every warning prints as one line, ``<command>: warning: ...`` on stderr
-    (no file, line number or source line: those are for developers, ``--debug`` keeps them)."""
-    import warnings
-
-    def show(message, category, filename, lineno, file=None, line=None):
-        print(f"{command}: warning: {' '.join(str(message).split())}", file=file or sys.stderr)
-
-    with warnings.catch_warnings():
-        warnings.showwarning = show
-        yield
-
-
-def guarded(command: str, fn, debug: bool = False) -> int:
-    """Run ``fn()`` and return its exit code; an expected error (:func:`_expected_errors`)
-    becomes one line ``<command>: error: ...`` on stderr and exit code 2 (``debug``: raised, with
-    its traceback); Ctrl-C exits with 130. Warnings print as one line each
-    (:func:`one_line_warnings`; ``debug`` keeps Python's format)."""
-    try:
-        with contextlib.nullcontext() if debug else one_line_warnings(command):
-            return fn()
-    except UsageError as e:
-        print(f"{e.prog}: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        if debug:
-            raise
-        print(f"{command}: interrupted; what was finished is saved (run the same command again to resume)",
-              file=sys.stderr)
-        return 130
-    except _expected_errors() as e:
-        if debug:
-            raise
-        print(f"{command}: error: {one_line(e)}", file=sys.stderr)
-        return 2
+DEBUG_ENV = "LANDSCAPE_DEBUG"
 
 
 def _parse_set(items: list[str]) -> dict:
@@ -122,8 +58,6 @@ def _parse_set(items: list[str]) -> dict:
         StudyError: an item without ``=``, an empty key or key part, or two items that give a key
             both a value and sub-keys.
     """
-    from .study import StudyError
-
     out: dict = {}
     for item in items:
         if "=" not in item:
@@ -150,12 +84,10 @@ def _parse_set(items: list[str]) -> dict:
 
 
 def build_parser() -> OneLineParser:
-    from .study import PRESETS
-
     p = OneLineParser(prog="landscape", description="Loss-landscape instruments for PyTorch models: studies that "
                       "tie flatness to post-training-quantization accuracy, and their reports.")
     p.add_argument("--version", action="version", version=f"landscape {__version__}")
-    p.add_argument("--debug", action="store_true", help="show the traceback of an error (also DNQ_DEBUG=1)")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error (also LANDSCAPE_DEBUG=1)")
     sub = p.add_subparsers(dest="command")
     s = sub.add_parser("study", help="train, quantize and measure a set of models (resumable)")
     s.add_argument("--preset", default=None, choices=list(PRESETS),
@@ -169,12 +101,12 @@ def build_parser() -> OneLineParser:
                    help="write the report when the study is done (default: yes)")
     s.add_argument("--quiet", action="store_true", help="no progress bars")
     s.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
-                   help="show the traceback of an error (also DNQ_DEBUG=1)")
+                   help="show the traceback of an error (also LANDSCAPE_DEBUG=1)")
     r = sub.add_parser("report", help="write report.html, figures and summary.csv/json of a study")
     r.add_argument("path", help="the study directory")
     r.add_argument("--no-static", action="store_true", help="skip the PNG/PDF figures (faster)")
     r.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
-                   help="show the traceback of an error (also DNQ_DEBUG=1)")
+                   help="show the traceback of an error (also LANDSCAPE_DEBUG=1)")
     e = sub.add_parser("sensitivity", help="per-layer quantization sensitivity of a dnq run (predicted, hawq, "
                        "measured) into RUN/sensitivity.json")
     e.add_argument("run", help="a run folder written by `dnq train` (with model.pt)")
@@ -190,21 +122,17 @@ def build_parser() -> OneLineParser:
     e.add_argument("--recompute", action="store_true", help="measure again even if the file has these settings")
     e.add_argument("--quiet", action="store_true", help="no progress bars")
     e.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
-                   help="show the traceback of an error (also DNQ_DEBUG=1)")
+                   help="show the traceback of an error (also LANDSCAPE_DEBUG=1)")
     p.commands = {"study": s, "report": r, "sensitivity": e}
     return p
 
 
 def _run(a) -> int:
-    from .report import build
-
     if a.command == "sensitivity":
-        from .sensitivity_run import SENSITIVITY_FILE, format_table, run_sensitivity
-
         entry = run_sensitivity(a.run, a.bits, a.samples, matvecs=a.matvecs, range_method=a.range, seed=a.seed,
                                 device=a.device, out=a.out, quiet=a.quiet, recompute=a.recompute)
         for objective in ("predicted", "hawq", "measured", "measured_wa"):
-            print(format_table(entry, objective) + "\n")
+            print(format_sensitivity_table(entry, objective) + "\n")
         c = entry["cost"]
         print(f"cost: {c['matvecs']} Hessian-vector products, {c['quadratic_forms']} quadratic forms, 1 gradient: "
               f"{c['curvature_gradient_equivalents']:.1f} gradient-equivalents ({c['curvature_s']:.1f} s); measured: "
@@ -213,8 +141,6 @@ def _run(a) -> int:
         print(a.out or os.path.join(a.run, SENSITIVITY_FILE))
         return 0
     if a.command == "study":
-        from .study import Study, load_config
-
         cfg = load_config(a.preset, a.config, **_parse_set(a.set))
         Study(cfg, a.out, device=a.device, progress=not a.quiet).run()
         print(build(a.out, only_if_changed=True) if a.report else a.out)
@@ -237,14 +163,12 @@ def main(argv: list[str] | None = None) -> int:
     if a.command is None:
         p.print_help()
         return 0
-    return guarded(f"landscape {a.command}", lambda: _run(a), a.debug or debug_requested(argv))
+    return guarded(f"landscape {a.command}", lambda: _run(a), a.debug or debug_requested(argv, DEBUG_ENV))
 
 
 def entry() -> None:
     """Console-script entry point (ends torchrun workers without the exit-time abort that
-    ``dnq.cli`` documents)."""
-    from dnq.cli import exit_distributed
-
+    :func:`dnq_landscape_common.distributed.exit_distributed` documents)."""
     code = main()
     exit_distributed(code)
     sys.exit(code)

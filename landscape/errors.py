@@ -4,7 +4,9 @@ A model whose loss (or gradient, or Hessian-vector product) is NaN or Inf on som
 curvature to measure: every estimate built from it would be NaN, or make a linear-algebra
 routine fail with a message that names neither the cause nor the fix. The instruments check
 every batch's loss and products (one device-side reduction per batch, one host read per
-product) and raise :class:`NonFiniteError` naming the instrument and the batch, unless called
+product) and raise :class:`NonFiniteMeasurementError` (importable as ``NonFiniteError``, the
+name it had before; a subclass of :class:`dnq_landscape_common.errors.NonFiniteError`, the base of
+every non-finite error of the project) naming the instrument and the batch, unless called
 with ``on_nonfinite="nan"``, which returns NaN results instead (what loss surfaces do by
 default: a surface is expected to leave the region where the loss is finite).
 
@@ -26,11 +28,15 @@ Example:
 
 from __future__ import annotations
 
+import warnings
+
+from dnq_landscape_common.errors import NonFiniteError as _NonFiniteBase
+
 ON_NONFINITE = ("raise", "nan")
 
 
-class NonFiniteError(FloatingPointError):
-    """A NaN or Inf loss, gradient or Hessian-vector product.
+class NonFiniteMeasurementError(_NonFiniteBase):
+    """A NaN or Inf loss, gradient or Hessian-vector product met by an instrument.
 
     Attributes:
         instrument: what was being measured (``"hessian_trace"``, ``"surface_2d"``, ...).
@@ -46,6 +52,9 @@ class NonFiniteError(FloatingPointError):
             f"{instrument}: the {what} is NaN or Inf {where} of the data{detail}; the model's parameters or "
             f"buffers (or those inputs) hold NaN/Inf values, or its loss overflows there. Check the model (a "
             f"diverged training?) and the data, or pass on_nonfinite='nan' to get NaN results instead")
+
+
+NonFiniteError = NonFiniteMeasurementError  # its name before the project-wide base existed
 
 
 def check_policy(on_nonfinite: str, name: str = "on_nonfinite") -> str:
@@ -69,8 +78,6 @@ class ConvergenceError(RuntimeError):
 
 def not_converged(message: str, strict: bool) -> None:
     """Raise :class:`ConvergenceError` (``strict``) or warn with :class:`ConvergenceWarning`."""
-    import warnings
-
     if strict:
         raise ConvergenceError(message)
     warnings.warn(message, ConvergenceWarning, stacklevel=3)

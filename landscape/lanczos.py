@@ -25,6 +25,17 @@ allocated up front), and ``memory_budget`` bytes bound it:
 
 :func:`default_budget` is 2 GiB for host memory and a quarter of the free memory of an
 accelerator; the instruments take ``memory_budget=`` to change it.
+
+Example:
+    >>> import torch
+    >>> from landscape.lanczos import lanczos, thick_restart_lanczos, tridiagonal
+    >>> H = torch.diag(torch.arange(1.0, 101.0))  # eigenvalues 1, 2, ..., 100
+    >>> top = thick_restart_lanczos(lambda v: H @ v, torch.ones(100), k=2, tol=1e-8, window=12)
+    >>> [round(t, 4) for t in top["theta"].tolist()], top["converged"], top["restarts"] > 0
+    ([100.0, 99.0], True, True)
+    >>> alphas, betas, lengths = lanczos(lambda X: H @ X, torch.ones(100, 1), steps=100)
+    >>> torch.linalg.eigvalsh(tridiagonal(alphas[0], betas[0]))[[0, -1]].round(decimals=4).tolist()
+    [1.0, 100.0]
 """
 
 from __future__ import annotations

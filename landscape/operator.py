@@ -54,6 +54,7 @@ import math
 import warnings
 from collections.abc import Callable, Iterator
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -480,7 +481,6 @@ class BaseOperator:
 
     def to_scipy(self):
         """A ``scipy.sparse.linalg.LinearOperator`` (float64 NumPy in and out)."""
-        import numpy as np
         from scipy.sparse.linalg import LinearOperator
 
         def mm(X):
@@ -496,8 +496,6 @@ class BaseOperator:
 def records_engines(fn):
     """Decorate an instrument ``fn(op, ...)`` so that its result's ``engines`` field holds the
     vectors each engine of ``op`` computed during the call (:attr:`BaseOperator.counts`)."""
-    import functools
-
     @functools.wraps(fn)
     def wrapper(op, *args, **kwargs):
         before = usage(op)

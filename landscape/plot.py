@@ -18,10 +18,20 @@ name) is HTML-escaped in the labels; ``title`` arguments are used as given.
 
 from __future__ import annotations
 
-import html
+import base64
+import json
 import statistics
+from pathlib import Path
 
 import numpy as np
+
+from dnq_landscape_common.html import esc as _esc
+from dnq_landscape_common.io import atomic_write_bytes, atomic_write_text
+from dnq_landscape_common.stats import seed_stats
+
+from .plot_static import to_bytes
+from .records import mixed_measurement
+from .regress import FitResult
 
 #: the flatness measures of a study's summary rows: ``(measure, label)``
 MEASURES = [("trace", "Hessian trace"), ("top_eigenvalue", "top eigenvalue"), ("trace_h_sigma", "Tr(H Sigma)"),
@@ -36,10 +46,6 @@ def _go():
     import plotly.graph_objects as go
 
     return go
-
-
-def _esc(v) -> str:
-    return html.escape(str(v), quote=True)
 
 
 def _field(result, name: str, default=None):
@@ -74,8 +80,6 @@ def measure_column(measure: str, bits: str) -> str:
 def _fit(f):
     """A :class:`landscape.regress.FitResult` from the object or its dict form."""
     if isinstance(f, dict):
-        from .regress import FitResult
-
         return FitResult(**f)
     return f
 
@@ -322,12 +326,6 @@ def save(fig, path, *, dpi: int = 130):
         >>> save(fig, pathlib.Path(tempfile.mkdtemp()) / "density.png").suffix
         '.png'
     """
-    from pathlib import Path
-
-    from dnq.io import atomic_write_bytes, atomic_write_text
-
-    from .plot_static import to_bytes
-
     path = Path(path)
     fmt = path.suffix.lower().lstrip(".")
     if fmt == "html":
@@ -346,13 +344,8 @@ def show(fig, *, dpi: int = 110):
     """Display a figure in a notebook as the interactive plotly figure *and* a static PNG of it
     (drawn with matplotlib), so that it shows where plotly's JavaScript does not run: GitHub's
     notebook viewer, nbconvert's HTML, a notebook opened without trust. Returns nothing."""
-    import base64
-    import json
-
-    from IPython.display import display
+    from IPython.display import display  # IPython: only in a notebook
     from plotly.utils import PlotlyJSONEncoder
-
-    from .plot_static import to_bytes
 
     bundle = json.loads(json.dumps(fig if isinstance(fig, dict) else fig.to_plotly_json(), cls=PlotlyJSONEncoder))
     display({"application/vnd.plotly.v1+json": {"data": bundle.get("data", []), "layout": bundle.get("layout", {})},
@@ -504,10 +497,10 @@ def plot_prediction(rows: list[dict], bits: list[str], fits: dict | None = None)
 
 # -- a study: mixed precision -----------------------------------------------------------------------
 def _mean_std(vals) -> tuple[float, float] | None:
-    vals = [v for v in vals if v is not None]
-    if not vals:
-        return None
-    return statistics.mean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0
+    """``(mean, std)`` over seeds (:func:`dnq_landscape_common.stats.seed_stats`); one seed has no
+    spread to show, so its error bar is drawn with length 0."""
+    s = seed_stats(vals)
+    return None if s is None else (s["mean"], 0.0 if s["std"] is None else s["std"])
 
 
 def _pareto_front(mrows, config, ptq):
@@ -605,8 +598,6 @@ def plot_mixed_bits(record: dict, cfg: dict):
         ([4, 2], [0.5, 0.2])
     """
     from plotly.subplots import make_subplots
-
-    from .study import mixed_measurement
 
     go = _go()
     m = cfg.get("mixed") or {}

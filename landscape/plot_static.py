@@ -31,6 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
+from dnq_landscape_common.io import atomic_write_bytes
+
 _SYMBOL = {"circle": "o", "diamond": "D", "square": "s", "triangle-up": "^", "triangle-down": "v", "x": "x",
            "cross": "P", "star": "*"}
 _DASH = {None: "-", "solid": "-", "dash": "--", "dot": ":", "dashdot": "-.", "longdash": "--"}
@@ -261,8 +263,6 @@ def _shape(ax, s: dict) -> None:
 
 def _draw(fig: dict, target, width_in: float) -> None:
     """Draw one plotly figure (dict form) into a matplotlib Figure or SubFigure."""
-    from matplotlib import transforms
-
     layout, data = fig.get("layout", {}), fig.get("data", [])
     known = {"scatter", "scattergl", "histogram", "bar", "contour", "heatmap", "surface"}
     for t in data:
@@ -284,6 +284,26 @@ def _draw(fig: dict, target, width_in: float) -> None:
             if m and m in get and get[m] is not p:
                 getattr(p.ax, share)(get[m].ax)
     cats = _categories(fig)
+    _draw_traces(target, layout, data, panels, base, by_y, cats)
+    for p in panels:
+        if p.scene is None:
+            _format_axes(p, layout, cats)
+    for s in layout.get("shapes") or []:
+        xid = str(s.get("xref", "x")).split()[0]
+        yid = str(s.get("yref", "y")).split()[0]
+        p = by_x.get(xid) or by_y.get(base.get(yid, yid)) or panels[0]
+        _shape(p.ax, s)
+    panel_w = width_in / max(len(cols), 1)
+    for a in layout.get("annotations") or []:
+        _annotate(target, a, panels, by_x, by_y, panel_w)
+    _legends(layout, data, panels)
+    title = _title(layout.get("title"))
+    if title:
+        target.suptitle(_wrap(title, width_in))
+
+
+def _draw_traces(target, layout: dict, data: list, panels: list, base: dict, by_y: dict, cats: dict) -> None:
+    """Every trace on its panel's axes (or a twin y axis)."""
 
     def axes_of(t):
         if t.get("type") == "surface":
@@ -313,60 +333,62 @@ def _draw(fig: dict, target, width_in: float) -> None:
     for ax, ts in bars.items():
         _bars(ax, ts, cats, layout.get("barmode"))
 
-    panel_w = width_in / max(len(cols), 1)
-    for p in panels:
-        if p.scene is not None:
-            continue
-        xa, ya = layout.get(_axis_key(p.x), {}), layout.get(_axis_key(p.y), {})
-        p.ax.set_xlabel(_title(xa.get("title")))
-        p.ax.set_ylabel(_title(ya.get("title")))
-        if p.x in cats:
-            cat = cats[p.x]
-            p.ax.set_xticks(range(len(cat)))
-            long = len(cat) > 4 or any(len(str(c)) > 6 for c in cat)
-            p.ax.set_xticklabels([_text(c) for c in cat], rotation=90 if long else 0)
-        for axis, name, setter in ((xa, "x", p.ax.set_xscale), (ya, "y", p.ax.set_yscale)):
-            if axis.get("type") == "log":
-                setter("log", nonpositive="mask")
-            elif axis.get("tickmode") == "linear" and axis.get("dtick"):  # e.g. integer ticks on an index axis
-                from matplotlib.ticker import MultipleLocator
 
-                loc = MultipleLocator(float(axis["dtick"]), offset=float(axis.get("tick0", 0)))
-                (p.ax.xaxis if name == "x" else p.ax.yaxis).set_major_locator(loc)
-            if axis.get("showticklabels") is False:
-                p.ax.tick_params(axis=name, **{"labelbottom" if name == "x" else "labelleft": False})
-        for yid, tax in p.twins.items():
-            ta = layout.get(_axis_key(yid), {})
-            tax.set_ylabel(_title(ta.get("title")))
-            if ta.get("type") == "log":
-                tax.set_yscale("log", nonpositive="mask")
-    for s in layout.get("shapes") or []:
-        xid = str(s.get("xref", "x")).split()[0]
-        yid = str(s.get("yref", "y")).split()[0]
-        p = by_x.get(xid) or by_y.get(base.get(yid, yid)) or panels[0]
-        _shape(p.ax, s)
-    for a in layout.get("annotations") or []:
-        text = _text(a.get("text"))
-        xref, yref = str(a.get("xref", "paper")), str(a.get("yref", "paper"))
-        if xref == "paper" and yref == "paper":  # make_subplots' subplot titles sit on their panel's top
-            p = next((p for p in panels if abs((p.xdom[0] + p.xdom[1]) / 2 - a.get("x", -1)) < 0.01
-                      and abs(p.ydom[1] - a.get("y", -1)) < 0.02), None)
-            if p is not None:
-                p.ax.set_title(_wrap(text, panel_w))
-            else:
-                target.text(a.get("x", 0.5), a.get("y", 0.5), text, ha="center", va="center")
-            continue
-        p = by_x.get(xref.split()[0]) or by_y.get(yref.split()[0]) or panels[0]
-        tr = transforms.blended_transform_factory(p.ax.transAxes if "domain" in xref else p.ax.transData,
-                                                  p.ax.transAxes if "domain" in yref or yref == "paper"
-                                                  else p.ax.transData)
-        ha = {"left": "left", "right": "right", "center": "center"}.get(a.get("xanchor"), "left")
-        va = {"top": "top", "bottom": "bottom", "middle": "center"}.get(a.get("yanchor"), "top")
-        p.ax.annotate(text, (a.get("x", 0), a.get("y", 1)), xycoords=tr, fontsize=7, ha=ha, va=va,
-                      xytext=(0.75 * a.get("xshift", 0), 0.75 * a.get("yshift", 0)), textcoords="offset points",
-                      bbox=dict(boxstyle="square,pad=0.1", fc="white", ec="none", alpha=0.7)
-                      if a.get("bgcolor") else None)
+def _format_axes(p, layout: dict, cats: dict) -> None:
+    """A 2-D panel's titles, categories, scales, ticks, and its twin axes."""
+    xa, ya = layout.get(_axis_key(p.x), {}), layout.get(_axis_key(p.y), {})
+    p.ax.set_xlabel(_title(xa.get("title")))
+    p.ax.set_ylabel(_title(ya.get("title")))
+    if p.x in cats:
+        cat = cats[p.x]
+        p.ax.set_xticks(range(len(cat)))
+        long = len(cat) > 4 or any(len(str(c)) > 6 for c in cat)
+        p.ax.set_xticklabels([_text(c) for c in cat], rotation=90 if long else 0)
+    for axis, name, setter in ((xa, "x", p.ax.set_xscale), (ya, "y", p.ax.set_yscale)):
+        if axis.get("type") == "log":
+            setter("log", nonpositive="mask")
+        elif axis.get("tickmode") == "linear" and axis.get("dtick"):  # e.g. integer ticks on an index axis
+            from matplotlib.ticker import MultipleLocator
 
+            loc = MultipleLocator(float(axis["dtick"]), offset=float(axis.get("tick0", 0)))
+            (p.ax.xaxis if name == "x" else p.ax.yaxis).set_major_locator(loc)
+        if axis.get("showticklabels") is False:
+            p.ax.tick_params(axis=name, **{"labelbottom" if name == "x" else "labelleft": False})
+    for yid, tax in p.twins.items():
+        ta = layout.get(_axis_key(yid), {})
+        tax.set_ylabel(_title(ta.get("title")))
+        if ta.get("type") == "log":
+            tax.set_yscale("log", nonpositive="mask")
+
+
+def _annotate(target, a: dict, panels: list, by_x: dict, by_y: dict, panel_w: float) -> None:
+    """One annotation: a subplot title on its panel's top, or a text anchored in data or domain units."""
+    from matplotlib import transforms
+
+    text = _text(a.get("text"))
+    xref, yref = str(a.get("xref", "paper")), str(a.get("yref", "paper"))
+    if xref == "paper" and yref == "paper":  # make_subplots' subplot titles sit on their panel's top
+        p = next((p for p in panels if abs((p.xdom[0] + p.xdom[1]) / 2 - a.get("x", -1)) < 0.01
+                  and abs(p.ydom[1] - a.get("y", -1)) < 0.02), None)
+        if p is not None:
+            p.ax.set_title(_wrap(text, panel_w))
+        else:
+            target.text(a.get("x", 0.5), a.get("y", 0.5), text, ha="center", va="center")
+        return
+    p = by_x.get(xref.split()[0]) or by_y.get(yref.split()[0]) or panels[0]
+    tr = transforms.blended_transform_factory(p.ax.transAxes if "domain" in xref else p.ax.transData,
+                                              p.ax.transAxes if "domain" in yref or yref == "paper"
+                                              else p.ax.transData)
+    ha = {"left": "left", "right": "right", "center": "center"}.get(a.get("xanchor"), "left")
+    va = {"top": "top", "bottom": "bottom", "middle": "center"}.get(a.get("yanchor"), "top")
+    p.ax.annotate(text, (a.get("x", 0), a.get("y", 1)), xycoords=tr, fontsize=7, ha=ha, va=va,
+                  xytext=(0.75 * a.get("xshift", 0), 0.75 * a.get("yshift", 0)), textcoords="offset points",
+                  bbox=dict(boxstyle="square,pad=0.1", fc="white", ec="none", alpha=0.7)
+                  if a.get("bgcolor") else None)
+
+
+def _legends(layout: dict, data: list, panels: list) -> None:
+    """A legend per panel (on its top-most axes) when the figure shows one."""
     entries = [t for t in data if _label(t) != "_nolegend_"]
     if layout.get("showlegend") is not False and (len(entries) > 1 or layout.get("showlegend")):
         for p in panels:
@@ -382,9 +404,6 @@ def _draw(fig: dict, target, width_in: float) -> None:
                 else:  # a long legend goes right of the axes (the layout makes room for it)
                     top.legend(handles, labels, fontsize=5, loc="upper left", bbox_to_anchor=(1.02, 1.0),
                                ncols=math.ceil(len(handles) / 24))
-    title = _title(layout.get("title"))
-    if title:
-        target.suptitle(_wrap(title, width_in))
 
 
 def _size(fig: dict) -> tuple[float, float]:
@@ -458,8 +477,6 @@ def save(figs, stem, formats=("png", "pdf"), *, dpi: int = 130) -> list[Path]:
     Returns:
         The files written.
     """
-    from dnq.io import atomic_write_bytes
-
     fig, out = render(figs), []
     for fmt in formats:
         path = Path(f"{stem}.{fmt}")

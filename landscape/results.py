@@ -1,4 +1,19 @@
-"""Small result dataclasses with ``to_dict()`` for JSON and a readable ``repr``."""
+"""Small result dataclasses with ``to_dict()`` for JSON and a readable ``repr``.
+
+Example:
+    >>> import dataclasses, json, torch
+    >>> from landscape.results import Result
+    >>> @dataclasses.dataclass(repr=False)
+    ... class Fit(Result):
+    ...     slope: float
+    ...     residuals: torch.Tensor
+    ...     _exclude = ("residuals",)
+    >>> fit = Fit(0.5, torch.zeros(1000))
+    >>> fit  # a large tensor by its shape, never its contents
+    Fit(slope=0.5, residuals=<Tensor (1000,)>)
+    >>> json.dumps(fit.to_dict()), len(fit.to_dict(include_large=True)["residuals"])
+    ('{"slope": 0.5}', 1000)
+"""
 
 from __future__ import annotations
 

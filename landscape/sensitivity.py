@@ -49,6 +49,8 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from dnq_landscape_common.tensors import channel_moments
+
 from .errors import NonFiniteError
 from .hessian import HessianOperator, measuring, nonfinite_policy
 from .operator import records_engines
@@ -130,13 +132,12 @@ def error_moments(error: torch.Tensor, per: str = "channel") -> tuple[torch.Tens
     Returns:
         float64 tensors of shape ``(C,)`` (channel) or ``error.shape`` (element).
     """
-    e = error.detach().double()
     if per == "element":
+        e = error.detach().double()
         return e.clone(), torch.zeros_like(e)
     if per != "channel":
         raise ValueError(f"per must be 'channel' or 'element', got {per!r}")
-    flat = e.reshape(e.shape[0], -1) if e.dim() > 0 else e.reshape(1, 1)
-    return flat.mean(dim=1), flat.var(dim=1, unbiased=False)
+    return channel_moments(error)
 
 
 def _expand(value, shape: torch.Size, what: str, dtype, device) -> torch.Tensor:

@@ -1,7 +1,9 @@
 """Per-layer quantization sensitivity of a trained model: ``landscape sensitivity RUN``.
 
-This is the study layer's side of :mod:`landscape.sensitivity` (it imports :mod:`dnq` for the
-quantizer). For every Conv/Linear layer ``l`` and candidate weight bit-width ``b`` it records:
+This is the meeting layer's side of :mod:`landscape.sensitivity` (it imports :mod:`dnq` for the
+quantizer; the file format it writes is :mod:`dnq.sensitivity_file`'s, whose reader is ``dnq ptq
+--mixed``, and :func:`run_sensitivity` is the sensitivity provider ``landscape`` registers for it).
+For every Conv/Linear layer ``l`` and candidate weight bit-width ``b`` it records:
 
 * ``predicted``: the second-order prediction ``g.mu + (mu^T H_ll mu + Tr(H_ll Sigma))/2`` of the
   loss increase with only layer ``l``'s weights quantized, with ``(mu, Sigma)`` the per-channel mean
@@ -21,12 +23,21 @@ the parameters ``H`` is taken in.
 
 ``RUN/sensitivity.json`` holds the model's hash and one entry per setting (bits, samples,
 probes, range method, seed); a file written for another model is refused, never overwritten.
+
+Example:
+    >>> import math, torch, torch.nn as nn
+    >>> from landscape.sensitivity_run import mean_loss
+    >>> model = nn.Linear(3, 2)
+    >>> _ = nn.init.zeros_(model.weight), nn.init.zeros_(model.bias)
+    >>> data = [(torch.randn(4, 3), torch.tensor([0, 1, 0, 1])), (torch.randn(2, 3), torch.tensor([1, 1]))]
+    >>> abs(mean_loss(model, data, nn.functional.cross_entropy) - math.log(2)) < 1e-6  # equal logits: log 2
+    True
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
-import hashlib
 import math
 import time
 from pathlib import Path
@@ -35,56 +46,50 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from dnq.data import training_batches
+from dnq.errors import SensitivityFileError
+from dnq.io import atomic_write_json
+from dnq.mixed import count_macs
+from dnq.quant import (
+    RANGE_METHODS,
+    act_qparams,
+    execution_order,
+    fake_quantize,
+    observe_inputs,
+    quant_layers,
+    quantize_weight,
+    weight_error,
+)
+from dnq.run import run_dataset
+from dnq.rundir import folder_lock
+from dnq.sensitivity_file import (
+    CANDIDATE_BITS,
+    FORMAT,
+    SENSITIVITY_FILE,
+    TABLES,
+    VERSION,
+    find_entry,
+    format_sensitivity_table,
+    model_hash,
+    new_document,
+    parse_bit_list,
+    read_sensitivity,
+    settings_key,
+)
+from dnq.train import load_model
+from dnq_landscape_common.device import parse_device
+from dnq_landscape_common.precision import full_precision
+
 from .hessian import HessianOperator
-from .precision import full_precision
 from .sensitivity import error_moments, layer_sensitivity
 
-SENSITIVITY_FILE = "sensitivity.json"
-FORMAT = "landscape layer sensitivity"
-VERSION = 1
-DEFAULT_BITS = (2, 3, 4, 8)
+__all__ = ["CANDIDATE_BITS", "DEFAULT_MATVECS", "DEFAULT_SAMPLES", "FORMAT", "SENSITIVITY_FILE", "TABLES", "VERSION",
+           "SensitivityFileError", "find_entry", "format_sensitivity_table", "mean_loss", "measure_sensitivity",
+           "model_hash", "parse_bit_list", "read_sensitivity", "run_sensitivity", "settings_key", "training_batches"]
+
 DEFAULT_SAMPLES = 512
 DEFAULT_MATVECS = 64
 BATCH = 128
-
-
-class SensitivityFileError(ValueError):
-    """A sensitivity file that is corrupt, from another model, or lacks the settings asked for."""
-
-
-def model_hash(model: nn.Module) -> str:
-    """A SHA-256 (first 16 hex digits) of the model's state: every parameter's and buffer's name,
-    dtype, shape and bytes. Two models with the same hash compute the same function."""
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        t = t.detach().cpu().contiguous().reshape(-1)
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()[:16]
-
-
-def parse_bit_list(spec) -> list[int]:
-    """``"2,3,4,8"`` (or a list) -> ``[2, 3, 4, 8]``, each in 2..8, sorted, without repeats."""
-    from dnq.quant import check_bits
-
-    items = spec.split(",") if isinstance(spec, str) else list(spec)
-    try:
-        out = sorted({check_bits(int(str(b).strip()) if not isinstance(b, int) else b, "bits") for b in items})
-    except ValueError as e:
-        raise ValueError(f"bad bit list {spec!r}: {e}; write e.g. 2,3,4,8") from None
-    if not out:
-        raise ValueError(f"bad bit list {spec!r}; write e.g. 2,3,4,8")
-    return out
-
-
-def training_batches(ds, samples: int, seed: int, batch: int = BATCH) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """``samples`` normalized, non-augmented training images (validation excluded) with their
-    labels, a seeded choice, in batches: the data of the study's curvature measurements."""
-    n = min(samples, len(ds.x_train))
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.randperm(len(ds.x_train), generator=g)[:n].to(ds.x_train.device)
-    x, y = ds.normalize(ds.x_train[idx]), ds.y_train[idx]
-    return [(x[i:i + batch], y[i:i + batch]) for i in range(0, n, batch)]
 
 
 @full_precision()
@@ -99,7 +104,7 @@ def mean_loss(model: nn.Module, data, loss_fn) -> float:
     return tot / n
 
 
-def measure_sensitivity(model: nn.Module, data, bits=DEFAULT_BITS, *, range_method: str = "minmax",
+def measure_sensitivity(model: nn.Module, data, bits=CANDIDATE_BITS, *, range_method: str = "minmax",
                         num_matvecs: int = DEFAULT_MATVECS, seed: int = 0, measured: bool = True,
                         loss_fn=nn.functional.cross_entropy, progress: bool = False) -> dict:
     """Every layer's ``predicted``, ``hawq``, ``measured`` and ``measured_wa`` sensitivity at each of
@@ -124,9 +129,6 @@ def measure_sensitivity(model: nn.Module, data, bits=DEFAULT_BITS, *, range_meth
         gradient-equivalents: seconds over the seconds of one gradient on the same data, the
         best of three timings in the same call).
     """
-    from dnq.mixed import count_macs
-    from dnq.quant import RANGE_METHODS, execution_order, quant_layers, weight_error
-
     bits = parse_bit_list(bits)
     if range_method not in RANGE_METHODS:
         raise ValueError(f"unknown range method {range_method!r}; valid: {', '.join(RANGE_METHODS)}")
@@ -186,8 +188,6 @@ def measure_sensitivity(model: nn.Module, data, bits=DEFAULT_BITS, *, range_meth
 @torch.no_grad()
 def _measured(model, layers, order, data, bits, range_method, loss_fn, progress):
     """Loss increases with one layer quantized (weights; weights and input activations)."""
-    from dnq.quant import act_qparams, fake_quantize, observe_inputs, quantize_weight
-
     base = mean_loss(model, data, loss_fn)
     observers, _, _ = observe_inputs(model, [(n, layers[n]) for n in order], (x for x, _ in data),
                                      data[0][0].device)
@@ -219,62 +219,7 @@ def _measured(model, layers, order, data, bits, range_method, loss_fn, progress)
     return w_only, w_act, 1 + 2 * len(order) * len(bits)
 
 
-def settings_key(settings: dict) -> str:
-    """The entry key of a setting: ``bits=2,3,4,8;samples=512;matvecs=64;range=minmax;seed=0``."""
-    return (f"bits={','.join(str(b) for b in settings['bits'])};samples={settings['samples']};"
-            f"matvecs={settings['matvecs']};range={settings['range_method']};seed={settings['seed']}")
-
-
-def read_sensitivity(path, model_hash_: str | None = None) -> dict:
-    """Read a sensitivity file; refuse a corrupt one, or one written for another model.
-
-    Raises:
-        SensitivityFileError: naming the file and the fix.
-    """
-    import json
-
-    path = Path(path)
-    try:
-        doc = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise SensitivityFileError(f"{path} does not exist; run `landscape sensitivity RUN` first") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise SensitivityFileError(f"{path} is not a readable sensitivity file ({type(e).__name__}); delete it and "
-                                   "run `landscape sensitivity RUN` again") from None
-    if not isinstance(doc, dict) or doc.get("format") != FORMAT or not isinstance(doc.get("entries"), dict):
-        raise SensitivityFileError(f"{path} is not a sensitivity file written by `landscape sensitivity`; give "
-                                   "another --sensitivity file, or move it away")
-    if model_hash_ is not None and doc.get("model_hash") != model_hash_:
-        raise SensitivityFileError(
-            f"{path} was written for another model (hash {doc.get('model_hash')}, this model's is {model_hash_}); "
-            "it is refused: run `landscape sensitivity` on this run (with --out elsewhere if the file must stay)")
-    for entry in doc["entries"].values():
-        _int_keys(entry)
-    return doc
-
-
-TABLES = ("predicted", "predicted_std_error", "hawq", "hawq_std_error", "measured", "measured_wa")
-
-
-def _int_keys(entry: dict) -> dict:
-    """JSON stores the bit-width keys as strings; back to ints (in place)."""
-    for t in [*(entry.get(k) for k in TABLES), *entry.get("terms", {}).values()]:
-        if isinstance(t, dict):
-            for n, per in t.items():
-                t[n] = {int(b): v for b, v in per.items()}
-    return entry
-
-
-def find_entry(doc: dict, range_method: str, bits: list[int] | None = None) -> dict | None:
-    """The entry of ``doc`` with ``range_method`` (and every bit-width of ``bits``), the one with
-    the most samples and probes if several; ``None`` if there is none."""
-    ok = [e for e in doc["entries"].values()
-          if e["settings"]["range_method"] == range_method
-          and (bits is None or set(bits) <= set(e["settings"]["bits"]))]
-    return max(ok, key=lambda e: (e["settings"]["samples"], e["settings"]["matvecs"])) if ok else None
-
-
-def run_sensitivity(run_dir, bits=DEFAULT_BITS, samples: int = DEFAULT_SAMPLES, *, matvecs: int = DEFAULT_MATVECS,
+def run_sensitivity(run_dir, bits=CANDIDATE_BITS, samples: int = DEFAULT_SAMPLES, *, matvecs: int = DEFAULT_MATVECS,
                     range_method: str = "minmax", seed: int = 0, device: str = "auto", out=None,
                     data_root: str | None = None, quiet: bool = False, recompute: bool = False,
                     lock: bool = True) -> dict:
@@ -289,13 +234,6 @@ def run_sensitivity(run_dir, bits=DEFAULT_BITS, samples: int = DEFAULT_SAMPLES, 
         SensitivityFileError: the file is corrupt or from another model.
         ValueError: a bad setting; FileNotFoundError: no ``model.pt``.
     """
-    from dnq.io import atomic_write_json
-    from dnq.ptq import _device
-    from dnq.quant import RANGE_METHODS
-    from dnq.run import run_dataset
-    from dnq.rundir import folder_lock
-    from dnq.train import load_model
-
     bits = parse_bit_list(bits)
     for name, v, lo in (("samples", samples, 1), ("matvecs", matvecs, 2)):
         if isinstance(v, bool) or not isinstance(v, int) or v < lo:
@@ -303,21 +241,17 @@ def run_sensitivity(run_dir, bits=DEFAULT_BITS, samples: int = DEFAULT_SAMPLES, 
     if range_method not in RANGE_METHODS:
         raise ValueError(f"unknown range method {range_method!r}; valid: {', '.join(RANGE_METHODS)}")
     run_dir = Path(run_dir)
-    dev = _device(device)
+    dev = parse_device(device)
     model, meta = load_model(run_dir, dev)
     mh = model_hash(model)
     path = Path(out) if out is not None else run_dir / SENSITIVITY_FILE
-    doc = read_sensitivity(path, mh) if path.exists() else {"format": FORMAT, "version": VERSION, "model_hash": mh,
-                                                              "run": str(run_dir), "arch": meta.get("arch"),
-                                                              "entries": {}}
+    doc = read_sensitivity(path, mh) if path.exists() else new_document(mh, str(run_dir), meta.get("arch"))
     settings = {"bits": bits, "samples": samples, "matvecs": matvecs, "range_method": range_method, "seed": seed}
     key = settings_key(settings)
     if key in doc["entries"] and not recompute:
         return doc["entries"][key]
     ds = run_dataset(meta, None, data_root).to(dev)
-    data = training_batches(ds, samples, seed)
-    import contextlib
-
+    data = training_batches(ds, samples, seed, BATCH)
     with folder_lock(path.parent, "landscape sensitivity") if lock else contextlib.nullcontext():
         result = measure_sensitivity(model, data, bits, range_method=range_method, num_matvecs=matvecs, seed=seed,
                                      progress=not quiet)
@@ -331,28 +265,3 @@ def run_sensitivity(run_dir, bits=DEFAULT_BITS, samples: int = DEFAULT_SAMPLES, 
         doc["entries"][key] = entry
         atomic_write_json(path, doc)
     return entry
-
-
-def format_table(entry: dict, objective: str = "predicted") -> str:
-    """A plain-text table of one objective: one row per layer, one column per bit-width (with
-    the standard error where there is one)."""
-    table = entry[objective]
-    se = entry.get(f"{objective}_std_error")
-    bits = entry["bits"]
-    width = 22 if se else 12
-    names = [d["name"] for d in entry["layers"]]
-    w0 = max(8, *(len(n) for n in names)) + 2
-    lines = [f"{objective} (loss increase with only that layer quantized)",
-             f"{'layer':<{w0}}{'weights':>9}" + "".join(f"{f'W{b}':>{width}}" for b in bits)]
-    for d in entry["layers"]:
-        n = d["name"]
-        cells = []
-        for b in bits:
-            v = table[n][b]
-            if se:
-                e = se[n][b]
-                cells.append(f"{v:>12.4g} ± {e:<7.2g}")
-            else:
-                cells.append(f"{v:>{width}.4g}")
-        lines.append(f"{n:<{w0}}{d['numel']:>9}" + "".join(cells))
-    return "\n".join(lines)

@@ -55,7 +55,6 @@ Example:
 from __future__ import annotations
 
 import copy
-import itertools
 import math
 import time
 import warnings
@@ -71,6 +70,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 from . import _timing
 from ._progress import bar as progress_bar
 from .errors import NonFiniteError, check_policy
+from .folded import Folded, to_channels_last
 from .operator import as_batches, eval_mode, take, to_device
 from .planner import Choice, Planner, distributed, short_error
 from .precision import full_precision
@@ -88,8 +88,6 @@ _MIN_TIMED_POINTS = 16
 _INPUT_CACHE_BYTES = 256 * 2 ** 20
 #: time vmapped chunks on the CPU too (off: vmap turns convolutions into grouped ones there; tests turn it on)
 _VMAP_ON_CPU = False
-_FOLDABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
-_forward_ids = itertools.count()
 
 
 @dataclass(repr=False)
@@ -156,156 +154,6 @@ def _merge_batches(data, max_samples: int) -> list:
     return out
 
 
-def _has_hooks(model: nn.Module) -> bool:
-    from torch.nn.modules import module as mm
-
-    if mm._global_forward_hooks or mm._global_forward_pre_hooks:
-        return True
-    return any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
-
-
-def _channels_last(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t
-
-
-@dataclass
-class _Pair:
-    """A BatchNorm folded into the layer before it: ``layer`` and ``bn`` are module names."""
-
-    layer: str
-    bn: str
-    had_bias: bool
-    affine: bool
-    mean: torch.Tensor
-    inv_std: torch.Tensor
-
-    def inputs(self) -> list[str]:
-        names = [f"{self.layer}.weight"] + ([f"{self.layer}.bias"] if self.had_bias else [])
-        return names + ([f"{self.bn}.weight", f"{self.bn}.bias"] if self.affine else [])
-
-    def fold(self, p: dict) -> dict:
-        """The layer's folded weight and bias from the (perturbed) parameters ``p``."""
-        w = p[f"{self.layer}.weight"]
-        s = p[f"{self.bn}.weight"] * self.inv_std if self.affine else self.inv_std
-        wf = w * s.reshape(-1, *([1] * (w.dim() - 1)))
-        b = p[f"{self.layer}.bias"] - self.mean if self.had_bias else -self.mean
-        bf = b * s + p[f"{self.bn}.bias"] if self.affine else b * s
-        return {f"{self.layer}.weight": wf, f"{self.layer}.bias": bf}
-
-
-class _Folded:
-    """A ``torch.fx`` trace of a copy of ``model`` with its BatchNorm layers folded where they
-    follow a convolution or linear layer, optionally in ``channels_last`` layout.
-
-    Args:
-        model: the user's model (in eval mode; read, never written).
-        params: its parameters, detached, by name.
-        moving: the names of the parameters the directions move.
-        channels_last: convert 4-D parameters (and, at evaluation, 4-D inputs) to channels_last.
-
-    Raises:
-        ValueError: the model cannot be folded (hooks, tied parameters, parametrizations).
-        Any error of ``torch.fx.symbolic_trace`` on untraceable models.
-    """
-
-    def __init__(self, model: nn.Module, params: dict, moving: list[str], channels_last: bool):
-        import torch.fx as fx
-
-        if _has_hooks(model):
-            raise ValueError("the model has forward hooks, which a traced graph would skip or move")
-        if len(list(model.named_parameters(remove_duplicate=False))) != len(params):
-            raise ValueError("the model has tied (shared) parameters")
-        if any(hasattr(m, "parametrizations") for m in model.modules()):
-            raise ValueError("the model has parametrized modules")
-        m = copy.deepcopy(model).eval()
-        for p in m.parameters():
-            p.requires_grad_(False)
-        gm = fx.symbolic_trace(m)
-        mods = dict(gm.named_modules())
-        pairs = []
-        for node in list(gm.graph.nodes):
-            bn = mods.get(node.target) if node.op == "call_module" else None
-            if not (isinstance(bn, nn.modules.batchnorm._BatchNorm) and bn.track_running_stats
-                    and bn.running_mean is not None and len(node.args) == 1 and not node.kwargs):
-                continue
-            prev = node.args[0]
-            if not (isinstance(prev, fx.Node) and prev.op == "call_module" and len(prev.users) == 1):
-                continue
-            layer = mods.get(prev.target)
-            if type(layer) not in _FOLDABLE or layer.weight.shape[0] != bn.num_features:
-                continue  # exact types: a subclass may change what forward computes
-            had_bias = layer.bias is not None
-            if not had_bias:
-                layer.bias = nn.Parameter(torch.zeros_like(bn.running_mean, dtype=layer.weight.dtype),
-                                          requires_grad=False)
-            inv_std = torch.rsqrt(bn.running_var.to(layer.weight.dtype) + bn.eps)
-            pairs.append(_Pair(prev.target, node.target, had_bias, bn.affine,
-                               bn.running_mean.to(layer.weight.dtype), inv_std))
-            node.replace_all_uses_with(prev)
-            gm.graph.erase_node(node)
-        gm.graph.lint()
-        gm.recompile()
-        gm.delete_all_unused_submodules()
-        conv = channels_last and any(isinstance(x, nn.Conv2d) for x in gm.modules())
-        if conv:
-            gm = gm.to(memory_format=torch.channels_last)
-        self.gm, self.pairs, self.channels_last = gm, pairs, conv
-        fmt = _channels_last if conv else (lambda t: t)
-        self.params = {k: fmt(v) for k, v in params.items()}  # the model's values, in the layout of the graph
-        gm_params = dict(gm.named_parameters())
-        pair_out = {n for pr in pairs for n in (f"{pr.layer}.weight", f"{pr.layer}.bias")}
-        missing = [k for k in gm_params if k not in pair_out and k not in params]
-        if missing:
-            raise ValueError(f"the traced graph has parameters the model does not name: {missing[:3]}")
-        moving = set(moving)
-        self.moving_pairs = [pr for pr in self.pairs if moving & set(pr.inputs())]
-        self.direct = [k for k in moving if k in gm_params and k not in pair_out]  # moved as they are
-        with torch.no_grad():
-            for pr in self.pairs:  # every fold at the origin; the moving ones are redone per point
-                for k, v in pr.fold(self.params).items():
-                    gm_params[k].copy_(v)
-        self.gm_params = gm_params
-        self._compiled = None
-        self.compiles = 0
-
-    def values(self, moved: dict) -> dict:
-        """Every graph parameter that depends on the moved parameters ``moved`` (by model name)."""
-        out = {k: moved[k] for k in self.direct}
-        if self.moving_pairs:
-            p = {**self.params, **moved}
-            for pr in self.moving_pairs:
-                out.update(pr.fold(p))
-        return out
-
-    def write(self, values: dict) -> None:
-        for k, v in values.items():
-            self.gm_params[k].copy_(v)
-
-    def compiled(self):
-        """``f(values, x)``: the graph's output with ``values`` in place of its parameters, compiled
-        on first use (one ``torch.compile`` per surface; each new input shape compiles once)."""
-        if self._compiled is None:
-            # a fresh code object per surface: torch._dynamo keeps its compiled graphs per code
-            # object, and a shared one would reach its recompile limit after a few surfaces
-            ns = {"functional_call": functional_call}
-            src = "def surface_forward(module, values, x):\n    return functional_call(module, values, (x,))\n"
-            exec(compile(src, f"<landscape.surface forward {next(_forward_ids)}>", "exec"), ns)
-            inner = _COMPILE_BACKEND
-            if isinstance(inner, str):
-                from torch._dynamo import lookup_backend
-
-                inner = lookup_backend(inner)
-
-            def backend(graph, example_inputs):
-                self.compiles += 1
-                return inner(graph, example_inputs)
-
-            fn = torch.compile(ns["surface_forward"], backend=backend, dynamic=False)
-            gm = self.gm
-            self._compiled = lambda values, x: fn(gm, values, x)
-        return self._compiled
-
-
 class _Evaluator:
     """Evaluates loss and accuracy at ``theta + c @ dirs`` for rows ``c`` of a coordinate matrix,
     with any of the engines of the module docstring, on a list of batches."""
@@ -322,7 +170,7 @@ class _Evaluator:
         self.dirs = [{k: v.to(self.base[k]) for k, v in d.items()} for d in dirs]
         self.classify = True
         self._copy = None
-        self.folded: _Folded | None = None
+        self.folded: Folded | None = None
         self.fold_note = ""
         self._inputs: dict = {}
 
@@ -339,10 +187,10 @@ class _Evaluator:
             x = to_device(take(x0, len(y0), min(16, len(y0))), self.dev)
             # channels_last: measured on the CPU only (accelerators keep their layout), for a 4-D tensor input
             cl = isinstance(x, torch.Tensor) and x.dim() == 4 and self.dev.type == "cpu"
-            f = _Folded(self.model, self.params, self.moving, channels_last=cl)
+            f = Folded(self.model, self.params, self.moving, channels_last=cl)
             with torch.inference_mode():
                 ref = self.model(x)
-                got = f.gm(_channels_last(x) if f.channels_last else x)
+                got = f.gm(to_channels_last(x) if f.channels_last else x)
             if not (isinstance(ref, torch.Tensor) and ref.shape == got.shape):
                 raise ValueError("the traced graph's output differs in type or shape from the model's")
             tol = 1e-4 * float(ref.abs().max()) + 1e-6 if ref.numel() else 0.0
@@ -382,7 +230,7 @@ class _Evaluator:
             return self._inputs[key][1]
         xs = [to_device(b[0], self.dev) for b in batches]  # any pytree of tensors
         if cl:
-            xs = [tree_map(lambda t: _channels_last(t) if isinstance(t, torch.Tensor) else t, x) for x in xs]
+            xs = [tree_map(lambda t: to_channels_last(t) if isinstance(t, torch.Tensor) else t, x) for x in xs]
         size = sum(t.numel() * t.element_size() for x in xs for t in tree_flatten(x)[0] if isinstance(t, torch.Tensor))
         if size <= _INPUT_CACHE_BYTES:
             self._inputs[key] = (batches, xs)  # the batches are kept alive with their key
@@ -406,39 +254,51 @@ class _Evaluator:
         out = {r: [0.0, 0.0, None] for r in rows}
         ys = [b[1].to(self.dev) for b in batches]
         if engine == "vmap":
-            f = vmap(lambda p, x: functional_call(self.model, {**self.fixed, **self.buffers, **p}, (x,)),
-                     in_dims=(0, None))
-            xs = self._xs(batches, False)
+            self._evaluate_vmap(rows, batches, ys, chunk, coords, out)
+        elif engine == "copy":
+            self._evaluate_copy(rows, batches, ys, coords, out)
+        else:
+            self._evaluate_folded(engine, rows, batches, ys, coords, out)
+        return out
+
+    def _evaluate_vmap(self, rows, batches, ys, chunk, coords, out) -> None:
+        """``chunk`` grid points at a time through ``torch.func.vmap`` of a functional call."""
+        f = vmap(lambda p, x: functional_call(self.model, {**self.fixed, **self.buffers, **p}, (x,)),
+                 in_dims=(0, None))
+        xs = self._xs(batches, False)
+        with torch.no_grad():
+            for s in range(0, len(rows), chunk):
+                part = rows[s:s + chunk]
+                stacked = self._params_at(coords[part])
+                for b, (x, y) in enumerate(zip(xs, ys)):
+                    for r, o in zip(part, f(stacked, x)):
+                        self._accumulate(o, y, b, out[r])
+
+    def _evaluate_copy(self, rows, batches, ys, coords, out) -> None:
+        """One copy of the model for the whole surface, its parameters written per grid point."""
+        if self._copy is None:
+            self._copy = copy.deepcopy(self.model).eval()  # one copy for the whole surface
+            self._copy_params = dict(self._copy.named_parameters())
+        xs = self._xs(batches, False)
+        for r in rows:
             with torch.no_grad():
-                for s in range(0, len(rows), chunk):
-                    part = rows[s:s + chunk]
-                    stacked = self._params_at(coords[part])
-                    for b, (x, y) in enumerate(zip(xs, ys)):
-                        for r, o in zip(part, f(stacked, x)):
-                            self._accumulate(o, y, b, out[r])
-            return out
-        if engine == "copy":
-            if self._copy is None:
-                self._copy = copy.deepcopy(self.model).eval()  # one copy for the whole surface
-                self._copy_params = dict(self._copy.named_parameters())
-            xs = self._xs(batches, False)
-            for r in rows:
-                with torch.no_grad():
-                    for k, t in self._moved(coords[r], self.base, self.dirs).items():
-                        self._copy_params[k].copy_(t)
-                with torch.inference_mode():
-                    for b, (x, y) in enumerate(zip(xs, ys)):
-                        self._accumulate(self._copy(x), y, b, out[r])
-            return out
+                for k, t in self._moved(coords[r], self.base, self.dirs).items():
+                    self._copy_params[k].copy_(t)
+            with torch.inference_mode():
+                for b, (x, y) in enumerate(zip(xs, ys)):
+                    self._accumulate(self._copy(x), y, b, out[r])
+
+    def _evaluate_folded(self, engine, rows, batches, ys, coords, out) -> None:
+        """The folded graph (BatchNorm folded, eval mode), eager or compiled."""
         f = self.folded
         if f is None:
             raise RuntimeError(f"the {engine} engine needs a folded graph: {self.fold_note}")
         if not hasattr(self, "_fbase"):
             self._fbase = {k: f.params[k] for k in self.moving}
-            fmt = _channels_last if f.channels_last else (lambda t: t)
+            fmt = to_channels_last if f.channels_last else (lambda t: t)
             self._fdirs = [{k: fmt(v) for k, v in d.items()} for d in self.dirs]
         xs = self._xs(batches, f.channels_last)
-        fwd = f.compiled() if engine == "compiled" else None
+        fwd = f.compiled(_COMPILE_BACKEND) if engine == "compiled" else None
         for r in rows:
             with torch.no_grad():
                 values = f.values(self._moved(coords[r], self._fbase, self._fdirs))
@@ -452,7 +312,6 @@ class _Evaluator:
                 with torch.no_grad():
                     for b, (x, y) in enumerate(zip(xs, ys)):
                         self._accumulate(fwd(values, x), y, b, out[r])
-        return out
 
 
 class _Plan:
@@ -497,8 +356,16 @@ class _Plan:
 
 def _choose(ev, plan, planner, data, chunk, compile, max_batch, per_rank, n_mine):
     """Make the batching and engine decisions; returns ``(engine, chunk, batches)``."""
-    dev = ev.dev
-    # -- the engine family: requested, or the folded graph when the model folds
+    eager, requested = _engine_family(ev, data, chunk, compile)
+    probe = eager if eager != "vmap" else "copy"  # the engine the batching is timed with
+    batches, t_point = _batching(ev.dev, plan, planner, data, max_batch, per_rank, probe)
+    if requested:
+        return _requested_engine(ev, plan, planner, eager, chunk, compile, batches, t_point)
+    return _automatic_engine(ev, plan, planner, eager, compile, batches, t_point, per_rank, n_mine)
+
+
+def _engine_family(ev, data, chunk, compile) -> tuple[str, bool]:
+    """The engine family, requested or the folded graph when the model folds: ``(engine, requested)``."""
     if chunk != "auto":
         if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
             raise ValueError(f"chunk_size must be 'auto' or a positive integer, got {chunk!r}")
@@ -514,9 +381,11 @@ def _choose(ev, plan, planner, data, chunk, compile, max_batch, per_rank, n_mine
     else:
         eager = "folded" if ev.prepare_folded(data) else "copy"
         requested = False
-    probe = eager if eager != "vmap" else "copy"  # the engine the batching is timed with
+    return eager, requested
 
-    # -- batching
+
+def _batching(dev, plan, planner, data, max_batch, per_rank, probe) -> tuple[list, float | None]:
+    """The batches the surface is evaluated with, and the time of one point when it was timed."""
     batches, t_point = data, None
     if max_batch is None:
         merged = _merge_batches(data, 4096)
@@ -543,33 +412,38 @@ def _choose(ev, plan, planner, data, chunk, compile, max_batch, per_rank, n_mine
             batches = _merge_batches(data, max_batch)
         planner.record(Choice("batching", "merged" if len(batches) < len(data) else "given", "requested",
                               reason=f"max_batch={max_batch}"))
+    return batches, t_point
 
+
+def _requested_engine(ev, plan, planner, eager, chunk, compile, batches, t_point):
+    """The engine that ``chunk_size`` / ``compile=True`` asked for (compiled when it compiles)."""
     note = ev.fold_note
-    # -- requested engines
-    if requested:
-        if eager == "vmap":
-            planner.record(Choice("compile", "none", "requested" if compile is False else "rule",
-                                  reason="vmapped chunks are not compiled"))
-            planner.record(Choice("surface", "vmap", "requested", reason=f"chunk_size={chunk}", block=chunk))
-            return "vmap", chunk, batches
-        if compile is True:
-            ok, err, t_c = _compile(plan, batches)
-            planner.record(Choice("compile", "inductor" if ok else "none", "requested", dict(plan.compile_info),
-                                  {} if ok else {"inductor": err}, reason="compile=True"))
-            if ok:
-                planner.record(Choice("surface", "compiled", "requested", {"compiled": t_c},
-                                      reason=f"compile=True; {note}"))
-                return "compiled", 1, batches
-            warnings.warn(f"surface: compile=True failed, evaluating eagerly ({err})", RuntimeWarning, stacklevel=4)
-            planner.record(Choice("surface", eager, "rule", {} if t_point is None else {eager: t_point},
-                                  {"compiled": err}, reason=f"compile=True failed; {note}"))
-            return eager, 1, batches
+    if eager == "vmap":
         planner.record(Choice("compile", "none", "requested" if compile is False else "rule",
-                              reason="chunk_size=1: point by point on a plain copy of the model"))
-        planner.record(Choice("surface", "copy", "requested", reason="chunk_size=1"))
-        return "copy", 1, batches
+                              reason="vmapped chunks are not compiled"))
+        planner.record(Choice("surface", "vmap", "requested", reason=f"chunk_size={chunk}", block=chunk))
+        return "vmap", chunk, batches
+    if compile is True:
+        ok, err, t_c = _compile(plan, batches)
+        planner.record(Choice("compile", "inductor" if ok else "none", "requested", dict(plan.compile_info),
+                              {} if ok else {"inductor": err}, reason="compile=True"))
+        if ok:
+            planner.record(Choice("surface", "compiled", "requested", {"compiled": t_c},
+                                  reason=f"compile=True; {note}"))
+            return "compiled", 1, batches
+        warnings.warn(f"surface: compile=True failed, evaluating eagerly ({err})", RuntimeWarning, stacklevel=5)
+        planner.record(Choice("surface", eager, "rule", {} if t_point is None else {eager: t_point},
+                              {"compiled": err}, reason=f"compile=True failed; {note}"))
+        return eager, 1, batches
+    planner.record(Choice("compile", "none", "requested" if compile is False else "rule",
+                          reason="chunk_size=1: point by point on a plain copy of the model"))
+    planner.record(Choice("surface", "copy", "requested", reason="chunk_size=1"))
+    return "copy", 1, batches
 
-    # -- automatic: time vmap on accelerators, compile when the grid is long enough to pay
+
+def _automatic_engine(ev, plan, planner, eager, compile, batches, t_point, per_rank, n_mine):
+    """``"auto"``: time vmap on accelerators, compile when the grid is long enough to pay."""
+    dev, note = ev.dev, ev.fold_note
     candidates, errors = {}, {}
     if dev.type == "cpu" and not _VMAP_ON_CPU:
         errors["vmap"] = "rule: not on the CPU (vmap turns convolutions into grouped ones, slower per point)"

@@ -254,24 +254,7 @@ class TaylorQuadratic:
             raise UnsupportedError(f"module {target} ({type(mod).__name__}) called with several inputs")
         x = args[0]
         if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
-            w, w1 = self._param(target, "weight", V)
-            b, b1 = self._param(target, "bias", V)
-            if isinstance(mod, nn.Linear):
-                def f(u, W):
-                    return F.linear(u, W)
-            else:
-                if mod.padding_mode != "zeros":
-                    raise UnsupportedError(f"{target}: padding_mode {mod.padding_mode!r}")
-                conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[w.dim() - 2]
-
-                def f(u, W):
-                    return conv(u, W, None, mod.stride, mod.padding, mod.dilation, mod.groups)
-            wt, bt = (w, w1, None), (b, b1, None)
-            if target in self.fused:  # fold the following BatchNorm into the layer's Taylor series
-                wt, bt = self._fold_bn(self.fused[target], wt, bt, V)
-            if isinstance(mod, nn.Conv2d) and mod.groups == 1:
-                return _affine(f, x, wt, bt, 1, conv2d=_Conv2dFolded(mod))
-            return _affine(f, x, wt, bt, -1 if isinstance(mod, nn.Linear) else 1)
+            return self._layer(target, mod, x, V)
         if isinstance(mod, nn.modules.batchnorm._BatchNorm) and target in self.folded:
             return x  # already applied by the layer before it
         if isinstance(mod, nn.modules.batchnorm._BatchNorm):
@@ -296,6 +279,27 @@ class TaylorQuadratic:
                 (mod.start_dim if isinstance(mod, nn.Flatten) else mod.dim) not in (0, -x[0].dim())
             return _linear(mod, x, (), {}, per_sample=per_sample)
         raise UnsupportedError(f"no Taylor-mode rule for module {target} ({type(mod).__name__})")
+
+    def _layer(self, target, mod, x, V):
+        """The Taylor series through a Conv/Linear layer (with the BatchNorm after it folded in)."""
+        w, w1 = self._param(target, "weight", V)
+        b, b1 = self._param(target, "bias", V)
+        if isinstance(mod, nn.Linear):
+            def f(u, W):
+                return F.linear(u, W)
+        else:
+            if mod.padding_mode != "zeros":
+                raise UnsupportedError(f"{target}: padding_mode {mod.padding_mode!r}")
+            conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[w.dim() - 2]
+
+            def f(u, W):
+                return conv(u, W, None, mod.stride, mod.padding, mod.dilation, mod.groups)
+        wt, bt = (w, w1, None), (b, b1, None)
+        if target in self.fused:  # fold the following BatchNorm into the layer's Taylor series
+            wt, bt = self._fold_bn(self.fused[target], wt, bt, V)
+        if isinstance(mod, nn.Conv2d) and mod.groups == 1:
+            return _affine(f, x, wt, bt, 1, conv2d=_Conv2dFolded(mod))
+        return _affine(f, x, wt, bt, -1 if isinstance(mod, nn.Linear) else 1)
 
     def _fold_bn(self, bn_name, wt, bt, V):
         """Taylor series of the weight and bias of ``BN(conv(x, W) + b)`` seen as one layer.

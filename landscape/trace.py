@@ -17,11 +17,13 @@ the estimator and the batch; ``on_nonfinite="nan"`` returns a result of NaN valu
 Example:
     >>> import torch, torch.nn as nn
     >>> from landscape import HessianOperator, hessian_trace
+    >>> _ = torch.manual_seed(0)
     >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
     >>> op = HessianOperator(model, nn.functional.cross_entropy, (torch.randn(16, 4), torch.randint(0, 3, (16,))))
     >>> tr = hessian_trace(op, num_matvecs=30, method="hutch++", seed=0)
-    >>> tr.num_matvecs
-    30
+    >>> H = op.matmat(torch.eye(op.dim))  # the dense 67 x 67 Hessian, to compare with
+    >>> tr.num_matvecs, abs(tr.value - H.trace().item()) < 3 * tr.std_error
+    (30, True)
 """
 
 from __future__ import annotations

@@ -22,6 +22,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 DATA = "synthetic:10:50000"  # CIFAR-10 shaped: 50,000 3x32x32 images, 10 classes (10,000 test)
+# the pytest stage's environment on top of the others': a CUDA test runs under
+# torch.use_deterministic_algorithms(True), which needs cuBLAS's deterministic workspace from the start
+PYTEST_ENV = {"CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
 
 
 def _epochs(run: Path) -> list[dict]:
@@ -59,8 +62,10 @@ def stages(out: Path, runs: Path) -> list[tuple[str, int, list[str], object]]:
         bench("taylor_memory", 120, "bench_taylor_memory.py"),
         # reconstruction PTQ on the GPU: 1,000 steps per block (x20 for the papers' 20,000)
         bench("recon", 240, "bench_recon.py", "--models", "resnet20", "--iters", "1000", "--device", "cuda"),
-        ("pytest_cuda", 300, [PY, "-m", "pytest", "-m", "cuda", "tests/test_cuda.py", "tests/test_landscape_cuda.py",
-                              "-q", "-rA", "-p", "no:cacheprovider", f"--junitxml={junit}"], lambda: _junit(junit)),
+        # the CUDA variants of the tests taking the device fixture (tests/dnq/test_devices.py,
+        # tests/landscape/test_devices.py, ...), with deterministic cuBLAS (PYTEST_ENV)
+        ("pytest_cuda", 300, [PY, "-m", "pytest", "-m", "cuda", "tests", "--continue-on-collection-errors", "-q",
+                              "-rA", "-p", "no:cacheprovider", f"--junitxml={junit}"], lambda: _junit(junit)),
         train("train_dnq_compiled", 240, "dnq", 2, "--compile"),
     ]
 
@@ -114,7 +119,8 @@ def main(argv=None):
             log.write(f"\n== {name}: {rec['command']}\n")
             t0 = time.monotonic()
             # a session of its own, so a timeout ends the stage's children too (compile workers)
-            proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            proc = subprocess.Popen(cmd, cwd=ROOT, env={**env, **PYTEST_ENV} if name == "pytest_cuda" else env,
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                     text=True, start_new_session=True)
             try:
                 text, _ = proc.communicate(timeout=limit)

@@ -22,6 +22,29 @@ def run_dnq(*args, timeout=600, check=True, **kw):
     return p
 
 
+CUDA_MARKS = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=CUDA_MARKS)], ids=["cpu", "cuda"])
+def device(request):
+    """The device a shared test runs on: ``"cpu"`` (in CI) and ``"cuda"`` (marked ``cuda``, skipped
+    without a GPU; ``pytest -m cuda`` runs these on a GPU machine). A test that needs other cases per
+    device (fewer on the CPU) parametrizes ``device`` indirectly with :func:`on_devices`."""
+    return request.param
+
+
+def on_devices(cpu, cuda):
+    """Parameters for ``@pytest.mark.parametrize("device, NAME[, NAME...]", on_devices(...), indirect=["device"])``:
+    the cases in ``cpu`` on the CPU and those in ``cuda`` on CUDA (marked like the ``device`` fixture's
+    ``"cuda"``); a case is a value, or a tuple of values for several names."""
+    out = []
+    for dev, cases, marks in (("cpu", cpu, ()), ("cuda", cuda, CUDA_MARKS)):
+        for case in cases:
+            case = case if isinstance(case, tuple) else (case,)
+            out.append(pytest.param(dev, *case, marks=marks, id="-".join(map(str, (dev, *case)))))
+    return out
+
+
 @pytest.fixture
 def tiny_cnn():
     """A small CNN with BatchNorm whose statistics are not the defaults (eval mode)."""

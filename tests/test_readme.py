@@ -83,6 +83,7 @@ def test_every_readme_block_runs_as_written(tmp_path):
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
            "PYTHONPATH": str(ROOT), "MPLBACKEND": "Agg"}
     env.pop("DNQ_DEBUG", None)
+    env.pop("LANDSCAPE_DEBUG", None)
     ran = []
     for b in blocks():
         if b["lang"] not in CODE or b["verb"] == "skip":

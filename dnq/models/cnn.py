@@ -1,4 +1,14 @@
-"""Small models for the 8x8 digits data."""
+"""Small models for the 8x8 digits data.
+
+Example:
+    >>> import torch
+    >>> from dnq.models.cnn import CNNDigits, MLPDigits
+    >>> x = torch.zeros(5, 1, 8, 8)  # five 8x8 grey images
+    >>> CNNDigits()(x).shape, MLPDigits()(x).shape  # 10 logits each
+    (torch.Size([5, 10]), torch.Size([5, 10]))
+    >>> CNNDigits()(torch.zeros(5, 1, 28, 28)).shape  # the CNN pools globally: any input size
+    torch.Size([5, 10])
+"""
 
 import torch.nn as nn
 

@@ -1,5 +1,13 @@
 """MobileNetV2 for 32x32 inputs: torchvision's model with a stride-1 stem and the second
-stage at stride 1 (as in the common CIFAR variant), so the last feature map is 4x4."""
+stage at stride 1 (as in the common CIFAR variant), so the last feature map is 4x4.
+
+Example:
+    >>> import torch
+    >>> from dnq.models.mobilenet import mobilenetv2
+    >>> model, x = mobilenetv2(num_classes=10), torch.zeros(2, 3, 32, 32)
+    >>> model.features(x).shape[-2:], model(x).shape
+    (torch.Size([4, 4]), torch.Size([2, 10]))
+"""
 
 import torch.nn as nn
 import torchvision

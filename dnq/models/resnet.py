@@ -4,6 +4,18 @@
 layers); the shortcut across a stride-2 block is a 1x1 convolution with BatchNorm (option B), so
 that every shortcut is a Conv layer the quantizer sees.
 ``resnet18``: torchvision's ResNet-18 with the CIFAR stem (3x3 stride-1 conv, no max-pool).
+
+Example:
+    >>> import torch, torch.nn as nn
+    >>> from dnq.models.resnet import resnet20, resnet56
+    >>> for build in (resnet20, resnet56):  # depth 6n+2: 3x3 convolutions + the classifier; ~0.27M / 0.85M weights
+    ...     model = build()
+    ...     print(sum(m.kernel_size == (3, 3) for m in model.modules() if isinstance(m, nn.Conv2d)) + 1,
+    ...           round(sum(p.numel() for p in model.parameters()) / 1e6, 2))
+    20 0.27
+    56 0.86
+    >>> model(torch.zeros(2, 3, 32, 32)).shape
+    torch.Size([2, 10])
 """
 
 import torch.nn as nn

@@ -4,6 +4,15 @@ Built from torchvision's ``MLPBlock``; attention is our own small module with ``
 projections because ``nn.MultiheadAttention`` (used by torchvision's ViT) calls its output
 projection functionally: forward hooks on it never fire, so neither activation noise nor
 activation quantization could see its input.
+
+Example:
+    >>> import torch
+    >>> from dnq.models.vit import vit_tiny
+    >>> model = vit_tiny(num_classes=10)
+    >>> model.pos.shape, len(model.blocks), model.blocks[0].attn.heads  # 64 patch tokens + the class token
+    (torch.Size([1, 65, 192]), 12, 3)
+    >>> model(torch.zeros(2, 3, 32, 32)).shape
+    torch.Size([2, 10])
 """
 
 import torch

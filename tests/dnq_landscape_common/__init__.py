@@ -1,0 +1,1 @@
+"""Tests of the leaf layer (dnq_landscape_common)."""
