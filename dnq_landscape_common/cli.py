@@ -33,8 +33,8 @@ import warnings
 
 from .errors import NonFiniteError
 
-__all__ = ["EXIT_ERROR", "EXIT_INTERRUPTED", "EXIT_OK", "OneLineParser", "UsageError", "debug_requested", "guarded",
-           "one_line", "one_line_warnings"]
+__all__ = ["EXIT_ERROR", "EXIT_INTERRUPTED", "EXIT_OK", "OneLineParser", "UsageError", "debug_requested",
+           "first_line", "guarded", "one_line", "one_line_warnings"]
 
 EXIT_OK, EXIT_ERROR, EXIT_INTERRUPTED = 0, 2, 130
 
@@ -68,6 +68,11 @@ def debug_requested(argv: list[str] | None = None, env: str = "DNQ_DEBUG") -> bo
     return "--debug" in args or os.environ.get(env, "") not in ("", "0")
 
 
+def first_line(e: BaseException) -> str:
+    """The first line of an error's message, whitespace collapsed (its type's name when empty)."""
+    return " ".join(str(e).split("\n")[0].split()) or type(e).__name__
+
+
 def one_line(e: BaseException) -> str:
     """An exception as one line: its message's first line, whitespace collapsed; for an
     ``OSError`` its type, path and reason; a ``RuntimeError`` of unknown kind says how to see its
@@ -76,7 +81,7 @@ def one_line(e: BaseException) -> str:
         where = f": {e.filename}" if getattr(e, "filename", None) else ""
         what = e.strerror or " ".join(str(e).split()) or type(e).__name__
         return f"{type(e).__name__}{where}: {what} (check the path and its permissions)"
-    text = " ".join(str(e).split("\n")[0].split()) or type(e).__name__
+    text = first_line(e)
     if isinstance(e, RuntimeError) and not isinstance(e, NonFiniteError):
         return f"{text} (--debug shows the traceback)"
     return text

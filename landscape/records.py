@@ -1,9 +1,9 @@
 """The on-disk record format of a study (``landscape study``): its version, the names of its
 measurements and summary columns, and the readers of ``study.json`` and ``models/<run>.json``.
 
-This module imports only the standard library, so that the figures (:mod:`landscape.plot`), the
-report and any script can read a study folder without the trainer (:mod:`dnq`) or the study's
-runner (:mod:`landscape.study`), which writes what is read here.
+This module imports only the standard library and the leaf layer, so that the figures
+(:mod:`landscape.plot`), the report and any script can read a study folder without the trainer
+(:mod:`dnq`) or the study's runner (:mod:`landscape.study`), which writes what is read here.
 
 A study folder::
 
@@ -30,6 +30,8 @@ import json
 import os
 from pathlib import Path
 
+from dnq_landscape_common.cli import first_line  # how the study quotes an error inside its own message
+
 __all__ = ["STUDY_VERSION", "StudyError", "check_record", "first_line", "method_suffix", "mixed_measurement",
            "ptq_column", "ptq_measurement", "read_json", "read_record", "read_study_json", "uniform_measurement"]
 
@@ -38,12 +40,6 @@ STUDY_VERSION = 3  # 3: measurement keys are MeasurementKey classes (records of 
 
 class StudyError(ValueError):
     """A bad study configuration or output directory (the message names the fix)."""
-
-
-def first_line(e: BaseException) -> str:
-    """The first line of an error's message, whitespace collapsed (its type's name when empty):
-    how the study quotes an error inside its own message."""
-    return " ".join(str(e).split("\n")[0].split()) or type(e).__name__
 
 
 # -- names -----------------------------------------------------------------------------------------

@@ -154,12 +154,7 @@ def test_every_result_repr_is_short_and_prints_no_tensor(dense):
         assert len(text) < 1500, (type(r).__name__, len(text))
 
 
-DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs a CUDA device")])]
-
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_lanczos_in_float32_within_a_budget_on_each_device(device):
+def test_lanczos_in_float32_within_a_budget_on_each_device(device):  # the device fixture: cpu, cuda
     """The float64 accumulation and the budgeted basis where the vectors live (a 2M-parameter
     diagonal Hessian, float32: float32 sums at this length are off by ~1e-5 relative)."""
     from tests.landscape.scale_operators import diagonal_case
