@@ -7,7 +7,7 @@ with the training images they are taken on (issue 13).
 ``MODEL_DIR`` is a trained run folder (``dnq train --out``, or ``<study>/runs/<run>/`` of a study):
 its ``model.pt`` and the dataset and validation split recorded in it. For each number of images
 per subset, the training split (validation images excluded) is cut into disjoint subsets with
-:func:`landscape.study.training_subsets` (a seeded permutation: subset 0 holds the images a
+:func:`dnq.data.training_subsets` (a seeded permutation: subset 0 holds the images a
 study with ``hessian_samples`` = that number and this seed measures), and on each subset ``r``
 the Hutch++ trace (``--matvecs`` products, probe seed ``seed + r``) and the top eigenvalue
 (Lanczos, k = 1, ``--tol``, start seed ``seed + r``) are computed in float32, in eval mode, as the
@@ -36,9 +36,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
+from dnq.data import training_subsets  # noqa: E402
 from dnq_landscape_common.precision import full_precision  # noqa: E402
 from landscape import HessianOperator, hessian_trace, top_eigenvalues  # noqa: E402
-from landscape.study import spread, training_subsets  # noqa: E402
+from landscape.study import spread  # noqa: E402
 
 
 def _ints(text: str) -> list[int]:
