@@ -173,12 +173,7 @@ def run_ptq(run_dir, bits: str | None = None, ranges: str = ",".join(RANGE_METHO
     run_dir = Path(run_dir)
     dev = parse_device(device)
     loaded = load_model(run_dir, dev)  # a damaged model.pt is refused before anything is written
-    if not fold_bn and any(v in RECON_METHODS for v in method_list):
-        raise ValueError("the reconstruction methods fold BatchNorm first (as the papers do); drop --no-fold-bn or "
-                         "use rtn / rtn+bn only")
-    if weight_mode != "symmetric" and any(v in RECON_METHODS for v in method_list):
-        raise ValueError("the reconstruction methods quantize weights symmetric per channel; use --weight-mode "
-                         "symmetric, or rtn / rtn+bn only")
+    _check_recon_settings(method_list, weight_mode, fold_bn)
     if budgets and weight_mode != "symmetric":
         raise ValueError("mixed precision uses the sensitivity of the symmetric per-channel weight quantizer; use "
                          "--weight-mode symmetric")
@@ -201,6 +196,17 @@ def run_ptq(run_dir, bits: str | None = None, ranges: str = ",".join(RANGE_METHO
     return report
 
 
+def _check_recon_settings(methods, weight_mode: str, fold_bn: bool) -> None:
+    """Refuse settings the reconstruction methods do not take (they fold BatchNorm and quantize
+    weights symmetric per channel, as the papers do)."""
+    if not fold_bn and any(v in RECON_METHODS for v in methods):
+        raise ValueError("the reconstruction methods fold BatchNorm first (as the papers do); drop --no-fold-bn or "
+                         "use rtn / rtn+bn only")
+    if weight_mode != "symmetric" and any(v in RECON_METHODS for v in methods):
+        raise ValueError("the reconstruction methods quantize weights symmetric per channel; use --weight-mode "
+                         "symmetric, or rtn / rtn+bn only")
+
+
 def apply_ptq(model: nn.Module, method: str, wbits: int, abits: int, calib, *, range_method: str = "minmax",
               first_last_bits: int | None = 8, bits_by_layer: dict | None = None, weight_mode: str = "symmetric",
               fold_bn: bool = True, seed: int = 0, iters: int | None = None, batch_size: int = 32,
@@ -210,7 +216,8 @@ def apply_ptq(model: nn.Module, method: str, wbits: int, abits: int, calib, *, r
     ``rtn`` and ``rtn+bn`` are :func:`dnq.quant.quantize` (``rtn+bn`` re-estimates BatchNorm on
     ``calib`` through the quantized model); ``adaround``, ``brecq`` and ``qdrop`` are
     :func:`dnq.recon.reconstruct` (``iters`` steps per block, ``batch_size`` images per step;
-    ``weight_mode`` and ``fold_bn`` are fixed by the papers there: symmetric, folded).
+    they fold BatchNorm and quantize weights symmetric per channel, as the papers do, and refuse
+    another ``weight_mode`` or ``fold_bn=False``).
 
     Args:
         model: the float model.
@@ -231,6 +238,7 @@ def apply_ptq(model: nn.Module, method: str, wbits: int, abits: int, calib, *, r
         ('rtn', False)
     """
     if method in RECON_METHODS:
+        _check_recon_settings([method], weight_mode, fold_bn)
         return reconstruct(model, wbits, abits, calib, method, iters=iters, batch_size=batch_size,
                            first_last_bits=first_last_bits, range_method=range_method, seed=seed, progress=progress,
                            bits_by_layer=bits_by_layer)

@@ -428,3 +428,22 @@ def test_format_table_of_an_older_report_without_variants():
     assert format_table(report, "val_acc").splitlines()[2].split() == ["W4A4", "n/a", "n/a"]
     with pytest.raises(ValueError, match="test_acc"):
         format_table(report, "acc")
+
+
+def test_apply_ptq_is_the_one_dispatch_and_refuses_what_a_method_cannot_do(tiny_cnn):
+    from dnq.ptq import apply_ptq
+    from dnq.quant import quantize
+
+    calib = torch.randn(32, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    for method in ("rtn", "rtn+bn"):
+        q = apply_ptq(tiny_cnn, method, 4, 4, calib, seed=3)
+        ref = quantize(tiny_cnn, 4, 4, calib, seed=3, bn_reestimate=method == "rtn+bn")
+        assert q.ptq_method == q.ptq_variant == method
+        assert torch.equal(q(x), ref(x))
+    with pytest.raises(ValueError, match="symmetric per channel"):
+        apply_ptq(tiny_cnn, "qdrop", 4, 4, calib, weight_mode="asymmetric")
+    with pytest.raises(ValueError, match="fold BatchNorm first"):
+        apply_ptq(tiny_cnn, "adaround", 4, 4, calib, fold_bn=False)
+    with pytest.raises(ValueError, match="unknown PTQ method 'nope'; valid: rtn, rtn\\+bn, adaround, brecq, qdrop"):
+        apply_ptq(tiny_cnn, "nope", 4, 4, calib)
