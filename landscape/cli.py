@@ -33,7 +33,7 @@ import json
 import os
 import sys
 
-from dnq_landscape_common.cli import (  # noqa: F401 - one_line, one_line_warnings, UsageError: their old path
+from dnq_landscape_common.cli import (
     OneLineParser,
     UsageError,
     debug_requested,
@@ -47,6 +47,9 @@ from . import __version__
 from .report import build
 from .sensitivity_run import SENSITIVITY_FILE, format_sensitivity_table, run_sensitivity
 from .study import PRESETS, Study, StudyError, load_config
+
+__all__ = ["DEBUG_ENV", "OneLineParser", "UsageError", "build_parser", "debug_requested", "entry", "guarded", "main",
+           "one_line", "one_line_warnings"]  # the error helpers stay importable here, their old home
 
 DEBUG_ENV = "LANDSCAPE_DEBUG"
 

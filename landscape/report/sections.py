@@ -27,7 +27,7 @@ from ..plot import (
     plot_sharpness,
     plot_surface_2d,
 )
-from .analysis import grid_html, method_comparison, ptq_settings_text, splits_text
+from .analysis import grid_html, ptq_settings_text, splits_text
 from .html import esc, table
 
 __all__ = ["correlation_section", "grid_section", "header", "methods_section", "model_section",
@@ -72,9 +72,9 @@ def summary_section(rows: list[dict], bits: list[str], vars_: list) -> list[str]
             + ". Accuracies on the split named in the header; curvature on training images.</p>"]
 
 
-def methods_section(rows: list[dict], bits: list[str], vars_: list) -> list[str]:
-    """Per training method, the configuration chosen on validation and its test accuracy."""
-    comparison = method_comparison(rows, bits, vars_)
+def methods_section(comparison: list[dict], bits: list[str], vars_: list) -> list[str]:
+    """Per training method, the configuration chosen on validation and its test accuracy
+    (``comparison``: :func:`landscape.report.analysis.method_comparison`)."""
     ccols_m = [("method", "method"), ("configs", "configs")] + [
         (c, c) for c in ["FP"] + [f"{b} {name}" for b in bits for name, _, _ in vars_]]
     return ["<h2 id='methods'>Methods compared, choices on validation</h2>",

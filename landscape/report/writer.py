@@ -111,6 +111,7 @@ class _Report:
         self.n_configs = len({r["config"] for r in self.rows}) if self.clustered else None
         self.mrows = report_mixed.mixed_rows(records, self.cfg)
         self.mtable = report_mixed.budget_table(self.mrows, self.cfg) if self.mrows else []
+        self.comparison = method_comparison(self.rows, self.bits, self.vars_)  # the page and summary.json
 
     def write_tables(self, dest: Path, digest: str) -> None:
         """``summary.csv``, ``correlations.csv``, ``grid.csv``, ``mixed.csv`` (with mixed
@@ -141,7 +142,7 @@ class _Report:
                 "mixed": ({"settings": cfg.get("mixed"), "accuracy_at_budget": self.mtable, "points": self.mrows}
                           if self.mrows else None),
                 "models": self.rows, "correlations": self.corr, "skipped_fits": self.skipped,
-                "methods_chosen_on_validation": method_comparison(self.rows, self.bits, self.vars_),
+                "methods_chosen_on_validation": self.comparison,
                 "prediction": {k: {"slope": f.slope, "slope_ci": f.slope_ci, "intercept": f.intercept, "n": f.n,
                                    "pearson_r": f.pearson_r, "spearman_rho": f.spearman_rho,
                                    "bootstrap_slope_ci": f.bootstrap_slope_ci, "bootstrap_unit": f.bootstrap_unit,
@@ -157,7 +158,7 @@ class _Report:
         parts = header(self.cfg, self.meta, bits, len(self.records)) + grid_section(self.grid, bits, vars_)
         parts += report_mixed.section(self.mrows, self.cfg, place)
         parts += report_sampling.section(self.records, dest)  # sampling.csv; [] without instruments.replicates
-        parts += summary_section(rows, bits, vars_) + methods_section(rows, bits, vars_)
+        parts += summary_section(rows, bits, vars_) + methods_section(self.comparison, bits, vars_)
         parts += scatter_section(rows, self.fits, bits, vars_, self.adjusted, place)
         parts += correlation_section(self.families, self.n_boot, note, self.clustered)
         parts += prediction_section(rows, bits, self.pfits, self.holdouts, note, place)
