@@ -5,7 +5,11 @@ full-data gradient (forward + backward over all batches) measured in the same ru
 figures survive a noisy machine. Accuracy is against a reference computed here in float64
 with our Lanczos at a tight tolerance, cross-checked with SciPy's ARPACK (to 1e-7).
 
-    python benchmarks/bench_instruments.py [--json out.json] [--skip-resnet]
+    python benchmarks/bench_instruments.py [--json out.json] [--skip-resnet] [--device cuda]
+
+A tool that crashes becomes a row ("crash: Type: first line") and the run goes on; with --json
+every row is written out as soon as it is measured. On CUDA our rows say what was replayed from
+CUDA graphs, and "ours, no graphs" rows time the same calls with ``graphs=False``.
 
 Workloads: the digits CNN (cnn-digits, 14,458 parameters, trained 30 epochs with SGD, seed 0)
 on all 1,797 digits images in batches of 256; resnet20 at initialization on a batch of 128
@@ -17,12 +21,14 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
 import json
 import os
 import statistics
 import sys
 import tempfile
 import time
+import traceback
 import warnings
 from pathlib import Path
 
@@ -94,126 +100,260 @@ def resnet_workload():
     return model, [batch], ("cifar10-subset" if npz.is_file() else "random")
 
 
-def run(name, model, batches, rows, surface_steps, do_eigs=True):
-    import pyhessian
-    try:  # the bench extra; the GPU machine may have only the dev extra (PyHessian)
-        from curvlinops import HessianLinearOperator, hutchinson_trace
-    except ImportError:
-        HessianLinearOperator = hutchinson_trace = None
-        print("  curvlinops is not installed: its rows are left out")
-    from scipy.sparse.linalg import eigsh
+class Table:
+    """The rows of one run: each printed as it comes and, with ``json_path``, written out at once
+    (a run cut short, by a timeout or a dead GPU, keeps every row it measured)."""
 
-    g = grad_time(model, batches)
-    cl = copy.deepcopy(model).to(memory_format=torch.channels_last)
-    g_cl = grad_time(cl, [(x.contiguous(memory_format=torch.channels_last), y) for x, y in batches])
-    print(f"\n== {name}: {sum(p.numel() for p in model.parameters())} parameters, "
-          f"{sum(len(b[1]) for b in batches)} samples; one gradient = {1e3 * g:.1f} ms "
-          f"(the unit; with a channels-last copy of the model: {1e3 * g_cl:.1f} ms)")
+    def __init__(self, json_path=None):
+        self.rows, self.json_path = [], json_path
 
-    def add(task, tool, seconds, value=None, err=None, note="", per=1, engines=None):
+    def append(self, row):
+        self.rows.append(row)
+        if self.json_path:
+            Path(self.json_path).write_text(json.dumps(self.rows, indent=2))
+
+
+def crash_note(e: BaseException) -> str:
+    """``"crash: Type: first line"`` (at most 120 characters of message)."""
+    first = str(e).splitlines()[0][:120] if str(e) else ""
+    return f"crash: {type(e).__name__}: {first}"
+
+
+def attempt(table, workload, task, tool, fn):
+    """Run one tool's measurement ``fn()`` (which adds its own rows). A tool that raises becomes a
+    row ``"crash: Type: first line"`` and the run goes on (ours also prints its traceback: a crash
+    of ours is a bug to fix). Returns ``fn``'s result, or ``None`` after a crash."""
+    try:
+        return fn()
+    except Exception as e:  # noqa: BLE001 - whatever a tool raises is reported, not fatal
+        note = crash_note(e)
+        table.append({"workload": workload, "task": task, "tool": tool, "note": note})
+        print(f"  {task:<28}{tool:<22}{note}")
+        if tool.startswith("ours"):
+            traceback.print_exc()
+        if DEVICE.type == "cuda":
+            torch.cuda.synchronize()  # a failed kernel surfaces here, not in the next tool's row
+        return None
+
+
+def graph_note(op) -> str:
+    """What the operator replayed from CUDA graphs (empty on the CPU)."""
+    c = op.planner.get("graph")
+    if c is None or DEVICE.type != "cuda":
+        return ""
+    return f"graphs: {c.engine}" + (f" ({len(c.errors)} eager)" if c.errors else "")
+
+
+class Workload:
+    """One model and its data: the unit (one gradient), the float64 reference, and the rows."""
+
+    def __init__(self, name, model, batches, rows):
+        self.name, self.model, self.batches, self.rows = name, model, batches, rows
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.cuda = DEVICE.type == "cuda"
+        self.g = grad_time(model, batches)
+        cl = copy.deepcopy(model).to(memory_format=torch.channels_last)
+        g_cl = grad_time(cl, [(x.contiguous(memory_format=torch.channels_last), y) for x, y in batches])
+        print(f"\n== {name}: {sum(p.numel() for p in model.parameters())} parameters, "
+              f"{sum(len(b[1]) for b in batches)} samples; one gradient = {1e3 * self.g:.1f} ms "
+              f"(the unit; with a channels-last copy of the model: {1e3 * g_cl:.1f} ms)")
+        self.ref = self.tool("reference (float64)", "ours", self.reference)
+
+    def add(self, task, tool, seconds, value=None, err=None, note="", per=1, engines=None):
         eng = "" if engines is None else ", ".join(f"{k} x{v}" for k, v in engines.items())
-        rows.append({"workload": name, "task": task, "tool": tool, "seconds": seconds, "grad_eq": seconds / g / per,
-                     "value": value, "rel_error": err, "note": note, "engines": eng})
+        g = self.g
+        self.rows.append({"workload": self.name, "task": task, "tool": tool, "seconds": seconds,
+                          "grad_eq": seconds / g / per, "value": value, "rel_error": err, "note": note, "engines": eng})
         e = "" if err is None else f"  rel. error {err:.1e}"
         v = "" if value is None else f"  value {value:.6g}"
         print(f"  {task:<28}{tool:<22}{seconds / g / per:>8.2f} grad-eq{v}{e}  {note}  {eng}")
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    # reference in float64 (float32 products carry ~1e-5 relative noise), cross-checked with ARPACK
-    m64, b64 = copy.deepcopy(model).double(), [(x.double(), y) for x, y in batches]
-    ref = landscape.top_eigenvalues(landscape.HessianOperator(m64, CE, b64), k=3, tol=1e-9, seed=1).eigenvalues
-    ref_scipy = np.sort(eigsh(landscape.HessianOperator(m64, CE, b64).to_scipy(), k=3, which="LA", tol=1e-12)[0])[::-1]
-    assert np.allclose(ref, ref_scipy, rtol=1e-7), (ref, ref_scipy)
-    print(f"  reference top-3 eigenvalues {ref}  (gap top-1/top-2 {(ref[0] - ref[1]) / ref[0]:.1%})")
+    def tool(self, task, who, fn):
+        """One tool's measurement; a crash is a row (:func:`attempt`)."""
+        return attempt(self.rows, self.name, task, who, fn)
 
-    def cold():  # a new operator: every timed call of ours pays for its own engine choice
-        return landscape.HessianOperator(model, CE, batches)
+    def rel_err(self, vals, k):
+        if self.ref is None:
+            return None
+        return max(abs(a - b) / abs(b) for a, b in zip(sorted(vals, reverse=True), self.ref[:k]))
 
-    # -- Hutchinson, 16 probes
-    op = cold()
-    ours, t = timed(lambda: landscape.hessian_trace(op, 16, method="hutchinson", seed=0))
-    add("Hutchinson, per probe (16)", "ours", t, ours.value, per=16, engines=ours.engines)
-    op = landscape.HessianOperator(model, CE, batches, quadratic="hvp")
-    ours, t = timed(lambda: landscape.hessian_trace(op, 16, method="hutchinson", seed=0))
-    add("Hutchinson, per probe (16)", "ours, products", t, ours.value, per=16, engines=ours.engines)
-    torch.manual_seed(0)
-    ph = pyhessian.hessian(copy.deepcopy(model), CE, dataloader=batches, cuda=DEVICE.type == "cuda")
-    vals, t = timed(lambda: ph.trace(maxIter=16, tol=float("-inf")))
-    add("Hutchinson, per probe (16)", "PyHessian", t, float(np.mean(vals)), per=16)
-    if HessianLinearOperator is not None:
-        cl = HessianLinearOperator(model, nn.CrossEntropyLoss(), params, batches, check_deterministic=False)
+    def reference(self):
+        """Top-3 in float64 (float32 products carry ~1e-5 relative noise), cross-checked with ARPACK."""
+        from scipy.sparse.linalg import eigsh
+
+        m64, b64 = copy.deepcopy(self.model).double(), [(x.double(), y) for x, y in self.batches]
+        top = landscape.top_eigenvalues(landscape.HessianOperator(m64, CE, b64), k=3, tol=1e-9, seed=1).eigenvalues
+        arpack = np.sort(eigsh(landscape.HessianOperator(m64, CE, b64).to_scipy(), k=3, which="LA", tol=1e-12)[0])
+        assert np.allclose(top, arpack[::-1], rtol=1e-7), (top, arpack)
+        print(f"  reference top-3 eigenvalues {top}  (gap top-1/top-2 {(top[0] - top[1]) / top[0]:.1%})")
+        return top
+
+    def cold(self, **kw):
+        """A new operator: every timed call of ours pays for its own engine choice."""
+        return landscape.HessianOperator(self.model, CE, self.batches, **kw)
+
+    def ours(self, task, fn):
+        """Our row(s) for ``task``: ``fn(label, **operator_kwargs)``; on CUDA also without graphs."""
+        self.tool(task, "ours", lambda: fn("ours"))
+        if self.cuda:
+            self.tool(task, "ours, no graphs", lambda: fn("ours, no graphs", graphs=False))
+
+    def pyhessian(self):
+        import pyhessian
+
+        torch.manual_seed(0)
+        return pyhessian.hessian(copy.deepcopy(self.model), CE, dataloader=self.batches, cuda=self.cuda)
+
+    def curvlinops(self):
+        """curvlinops' Hessian operator of this workload."""
+        from curvlinops import HessianLinearOperator
+
+        return HessianLinearOperator(self.model, nn.CrossEntropyLoss(), self.params, self.batches,
+                                     check_deterministic=False)
+
+
+def has_curvlinops() -> bool:
+    """Whether curvlinops is installed (the bench extra; the GPU machine may have only the dev extra)."""
+    return importlib.util.find_spec("curvlinops") is not None
+
+
+def trace_tasks(w):
+    """Hutchinson with 16 probes (ours: Taylor forms, and products), Hutch++ with 48 matvecs."""
+    task = "Hutchinson, per probe (16)"
+
+    def ours(label, **kw):
+        op = w.cold(**kw)
+        res, t = timed(lambda: landscape.hessian_trace(op, 16, method="hutchinson", seed=0))
+        w.add(task, label, t, res.value, per=16, engines=res.engines, note=graph_note(op))
+
+    w.ours(task, ours)
+    w.tool(task, "ours, products", lambda: ours("ours, products", quadratic="hvp"))
+
+    def peer_pyhessian():
+        ph = w.pyhessian()
+        vals, t = timed(lambda: ph.trace(maxIter=16, tol=float("-inf")))
+        w.add(task, "PyHessian", t, float(np.mean(vals)), per=16)
+
+    def peer_curvlinops():
+        from curvlinops import hutchinson_trace
+
+        cl = w.curvlinops()
         torch.manual_seed(0)
         val, t = timed(lambda: hutchinson_trace(cl, 16))
-        add("Hutchinson, per probe (16)", "curvlinops", t, float(val), per=16)
-    op = cold()
-    hpp, t = timed(lambda: landscape.hessian_trace(op, 48, method="hutch++", seed=0))
-    add("Hutch++, 48 matvecs", "ours", t, hpp.value, note=f"+- {hpp.std_error:.3g}", engines=hpp.engines)
+        w.add(task, "curvlinops", t, float(val), per=16)
 
-    # -- SLQ spectral density: one run of 32 Lanczos steps
-    op = cold()
-    dens, t = timed(lambda: landscape.spectral_density(op, num_runs=1, lanczos_steps=32, seed=0))
-    add("SLQ density (1 x 32 steps)", "ours", t, engines=dens.engines)
-    torch.manual_seed(0)
-    ph = pyhessian.hessian(copy.deepcopy(model), CE, dataloader=batches, cuda=DEVICE.type == "cuda")
-    try:
+    w.tool(task, "PyHessian", peer_pyhessian)
+    if has_curvlinops():
+        w.tool(task, "curvlinops", peer_curvlinops)
+
+    def hutchpp():
+        op = w.cold()
+        hpp, t = timed(lambda: landscape.hessian_trace(op, 48, method="hutch++", seed=0))
+        w.add("Hutch++, 48 matvecs", "ours", t, hpp.value, note=f"+- {hpp.std_error:.3g} {graph_note(op)}".strip(),
+              engines=hpp.engines)
+
+    w.tool("Hutch++, 48 matvecs", "ours", hutchpp)
+
+
+def slq_tasks(w):
+    """SLQ spectral density: one run of 32 Lanczos steps."""
+    task = "SLQ density (1 x 32 steps)"
+
+    def ours(label, **kw):
+        op = w.cold(**kw)
+        dens, t = timed(lambda: landscape.spectral_density(op, num_runs=1, lanczos_steps=32, seed=0))
+        w.add(task, label, t, engines=dens.engines, note=graph_note(op))
+
+    def peer_pyhessian():  # PyHessian 0.1 calls torch.eig, removed from PyTorch in 2.0: a crash row
+        ph = w.pyhessian()
         _, t = timed(lambda: ph.density(iter=32, n_v=1))
-        add("SLQ density (1 x 32 steps)", "PyHessian", t)
-    except RuntimeError as e:  # PyHessian 0.1 calls torch.eig, removed from PyTorch in 2.0
-        note = f"crash: {str(e).splitlines()[0][:70]}"
-        rows.append({"workload": name, "task": "SLQ density (1 x 32 steps)", "tool": "PyHessian", "note": note})
-        print(f"  {'SLQ density (1 x 32 steps)':<28}{'PyHessian':<22}{note}")
-    if HessianLinearOperator is not None:
+        w.add(task, "PyHessian", t)
+
+    def peer_curvlinops():
         from curvlinops.papyan2020traces.spectrum import lanczos_approximate_spectrum
 
-        cl = HessianLinearOperator(model, nn.CrossEntropyLoss(), params, batches, check_deterministic=False)
+        cl = w.curvlinops()
         _, t = timed(lambda: lanczos_approximate_spectrum(cl, ncv=32, num_repeats=1))
-        add("SLQ density (1 x 32 steps)", "curvlinops", t)
+        w.add(task, "curvlinops", t)
 
-    if do_eigs:
-        for k, tol in ((1, 5e-3), (3, 5e-3)):
-            task = f"top-{k} eigenvalue{'s' if k > 1 else ''}"
-            op_k = cold()
-            res, t = timed(lambda op_k=op_k, k=k, tol=tol: landscape.top_eigenvalues(op_k, k=k, tol=tol, seed=0))
-            err = max(abs(a - b) / abs(b) for a, b in zip(res.eigenvalues, ref[:k]))
-            add(task, f"ours (Lanczos, {res.num_matvecs} mv)", t, res.eigenvalues[0], err, engines=res.engines)
-            torch.manual_seed(0)
-            ph = pyhessian.hessian(copy.deepcopy(model), CE, dataloader=batches, cuda=DEVICE.type == "cuda")
-            (vals, _), t = timed(lambda: ph.eigenvalues(top_n=k))  # noqa: B023 - called within the iteration
-            err = max(abs(a - b) / abs(b) for a, b in zip(sorted(vals, reverse=True), ref[:k]))
-            add(task, "PyHessian (power it.)", t, vals[0], err)
-            if HessianLinearOperator is None:
-                continue
-            lin = HessianLinearOperator(model, nn.CrossEntropyLoss(), params, batches,
-                                        check_deterministic=False).to_scipy()
-            vals, t = timed(lambda: eigsh(lin, k=k, which="LA")[0])  # noqa: B023 - called within the iteration
-            err = max(abs(a - b) / abs(b) for a, b in zip(sorted(vals, reverse=True), ref[:k]))
-            add(task, "curvlinops (ARPACK)", t, float(max(vals)), err)
+    w.ours(task, ours)
+    w.tool(task, "PyHessian", peer_pyhessian)
+    if has_curvlinops():
+        w.tool(task, "curvlinops", peer_curvlinops)
 
-    # -- 2D surface
-    npts = surface_steps ** 2
-    dirs = landscape.random_directions(model, 2, seed=0)
-    s, t = timed(lambda: landscape.surface_2d(model, CE, batches, dirs, steps=surface_steps))
-    add(f"2D surface, per point ({surface_steps}x{surface_steps})", "ours", t, float(s.center_loss), per=npts,
-        engines={c["what"]: c["engine"] for c in getattr(s, "engine", {}).values()} or None)
-    try:
-        import loss_landscapes
+
+def eig_tasks(w, k, tol=5e-3):
+    """The top ``k`` eigenvalues: ours (Lanczos), PyHessian (power iteration), curvlinops (ARPACK)."""
+    from scipy.sparse.linalg import eigsh
+
+    task = f"top-{k} eigenvalue{'s' if k > 1 else ''}"
+
+    def ours(label, **kw):
+        op = w.cold(**kw)
+        res, t = timed(lambda: landscape.top_eigenvalues(op, k=k, tol=tol, seed=0))
+        w.add(task, f"{label} (Lanczos, {res.num_matvecs} mv)", t, res.eigenvalues[0], w.rel_err(res.eigenvalues, k),
+              engines=res.engines, note=graph_note(op))
+
+    def peer_pyhessian():
+        ph = w.pyhessian()
+        (vals, _), t = timed(lambda: ph.eigenvalues(top_n=k))
+        w.add(task, "PyHessian (power it.)", t, vals[0], w.rel_err(vals, k))
+
+    def peer_curvlinops():
+        lin = w.curvlinops().to_scipy()
+        vals, t = timed(lambda: eigsh(lin, k=k, which="LA")[0])
+        w.add(task, "curvlinops (ARPACK)", t, float(max(vals)), w.rel_err(vals, k))
+
+    w.ours(task, ours)
+    w.tool(task, "PyHessian (power it.)", peer_pyhessian)
+    if has_curvlinops():
+        w.tool(task, "curvlinops (ARPACK)", peer_curvlinops)
+
+
+def surface_tasks(w, steps):
+    """A 2-D surface of ``steps`` x ``steps`` points: ours and loss-landscapes."""
+    npts = steps ** 2
+    task = f"2D surface, per point ({steps}x{steps})"
+
+    def ours():
+        dirs = landscape.random_directions(w.model, 2, seed=0)
+        s, t = timed(lambda: landscape.surface_2d(w.model, CE, w.batches, dirs, steps=steps))
+        w.add(task, "ours", t, float(s.center_loss), per=npts,
+              engines={c["what"]: c["engine"] for c in getattr(s, "engine", {}).values()} or None)
+
+    def peer_loss_landscapes():  # at initialization its filter normalization divides by zero; on CUDA it
+        import loss_landscapes  # mixes devices (filter_normalize_): crash rows, and the run goes on
         import loss_landscapes.metrics
+
+        x = torch.cat([b[0] for b in w.batches])
+        y = torch.cat([b[1] for b in w.batches])
+        metric = loss_landscapes.metrics.Loss(CE, x, y)
+        m = copy.deepcopy(w.model).eval()
+        _, t = timed(lambda: loss_landscapes.random_plane(m, metric, distance=1, steps=steps, normalization="filter",
+                                                          deepcopy_model=True))
+        w.add(task, "loss-landscapes", t, per=npts)
+
+    w.tool(task, "ours", ours)
+    try:
+        import loss_landscapes  # noqa: F401 - is it installed?
     except ImportError:
         print("  loss-landscapes is not installed: its row is left out")
-        return g
+        return
+    w.tool(task, "loss-landscapes", peer_loss_landscapes)
 
-    x = torch.cat([b[0] for b in batches])
-    y = torch.cat([b[1] for b in batches])
-    metric = loss_landscapes.metrics.Loss(CE, x, y)
-    m = copy.deepcopy(model).eval()
-    try:
-        _, t = timed(lambda: loss_landscapes.random_plane(m, metric, distance=1, steps=surface_steps,
-                                                          normalization="filter", deepcopy_model=True))
-        add(f"2D surface, per point ({surface_steps}x{surface_steps})", "loss-landscapes", t, per=npts)
-    except ZeroDivisionError as e:  # its filter normalization divides by a zero filter norm (BatchNorm bias at init)
-        rows.append({"workload": name, "task": "2D surface", "tool": "loss-landscapes", "note": f"crash: {e}"})
-        print(f"  2D surface                  loss-landscapes      crash: ZeroDivisionError: {e}")
-    return g
+
+def run(name, model, batches, rows, surface_steps, do_eigs=True):
+    """Every task on one workload, each tool's crash a row; returns the unit (one gradient, s)."""
+    w = Workload(name, model, batches, rows)
+    if not has_curvlinops():
+        print("  curvlinops is not installed: its rows are left out")
+    trace_tasks(w)
+    slq_tasks(w)
+    if do_eigs:
+        eig_tasks(w, 1)
+        eig_tasks(w, 3)
+    surface_tasks(w, surface_steps)
+    return w.g
 
 
 def bn_init_crash(rows):
@@ -314,20 +454,24 @@ def main(argv=None):
         torch.set_num_threads(2)
     tuned = all(os.environ.get(k) == v for k, v in TUNED_MALLOC.items())
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, malloc {'tuned' if tuned else 'default'}")
-    rows = []
+    rows = Table(a.json)
     if a.surface_floor:
         surface_floor(*digits_workload())
         return
     if not a.skip_digits:
-        run("cnn-digits, 1797 digits", *digits_workload(), rows, 11)
+        attempt(rows, "cnn-digits, 1797 digits", "workload", "setup",
+                lambda: run("cnn-digits, 1797 digits", *digits_workload(), rows, 11))
     if not a.skip_resnet:
-        model, batches, src = resnet_workload()
-        run(f"resnet20, 128 images ({src})", model, batches, rows, 5, do_eigs=True)
+        def resnet():
+            model, batches, src = resnet_workload()
+            run(f"resnet20, 128 images ({src})", model, batches, rows, 5, do_eigs=True)
+
+        attempt(rows, "resnet20, 128 images", "workload", "setup", resnet)
     if DEVICE.type == "cpu":
-        bn_init_crash(rows)
-    print_ratios(rows)
+        attempt(rows, "cnn-digits at init", "2D surface, BatchNorm at init", "setup", lambda: bn_init_crash(rows))
+    print_ratios(rows.rows)
     if a.json:
-        Path(a.json).write_text(json.dumps(rows, indent=2))
+        Path(a.json).write_text(json.dumps(rows.rows, indent=2))
 
 
 if __name__ == "__main__":

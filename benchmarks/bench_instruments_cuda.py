@@ -2,6 +2,11 @@
 
     python benchmarks/bench_instruments_cuda.py [--batch 256] [--json out.json]
 
+Each product engine is timed per vector at blocks of 1 and 32, replayed from CUDA graphs (the
+default) and eagerly (``graphs=False``), in the same run. A measurement that crashes is recorded
+under ``crashes`` ("Type: first line") and the run goes on; with --json the results are written
+out after every measurement.
+
 Workload: resnet20 (0.27 M parameters) at initialization, eval mode, one batch of random
 32x32 images, mean cross-entropy. Every time is the median of a few synchronized runs, also
 given as a ratio to one gradient (forward + backward) of the same batch, measured in the same
@@ -18,6 +23,7 @@ import copy
 import json
 import statistics
 import time
+import traceback
 
 import torch
 import torch.nn as nn
@@ -71,24 +77,56 @@ def main(argv=None):
     t_grad = timed(gradient, dev)
     model.zero_grad(set_to_none=True)
     out["gradient_ms"] = 1e3 * t_grad
-    times = {}
+    times, out["crashes"], out["graphs"] = {}, {}, {}
+
+    def save():
+        out["times_ms"] = {k: 1e3 * v for k, v in times.items()}
+        out["gradient_equivalents"] = {k: v / t_grad for k, v in times.items()}
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump(out, f, indent=2)
+
+    def measure(name, fn):
+        """``times[name] = fn()``; a crash is recorded and the run goes on."""
+        try:
+            times[name] = fn()
+        except Exception as e:  # noqa: BLE001 - reported, not fatal
+            out["crashes"][name] = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+            traceback.print_exc()
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+        save()
+
     for method in ("fwd-rev", "rev-rev", "cached"):
-        op = landscape.HessianOperator(model, CE, data, method=method, max_block=32)
-        V = torch.randn(op.dim, 32, device=dev)
-        times[f"hvp {method}, block 32, per vector"] = timed(lambda op=op, V=V: op.matmat(V), dev, repeat=3) / 32
-    op = landscape.HessianOperator(model, CE, data, quadratic="taylor")
-    Z = torch.randn(op.dim, 32, device=dev)
-    times["quadratic form (taylor), per probe"] = timed(lambda: op.quadratic_forms(Z), dev, repeat=3) / 32
+        for k in (32, 1):
+            for graphs in (True, False):
+                def product(method=method, k=k, graphs=graphs):
+                    op = landscape.HessianOperator(model, CE, data, method=method, max_block=32, graphs=graphs)
+                    V = torch.randn(op.dim, k, device=dev)
+                    t = timed(lambda: op.matmat(V), dev, repeat=3) / k
+                    out["graphs"][f"{method}, block {k}, graphs {'on' if graphs else 'off'}"] = \
+                        op.planner.get("graph").to_dict()
+                    return t
+
+                measure(f"hvp {method}, block {k}, per vector, graphs {'on' if graphs else 'off'}", product)
+
+    def forms():
+        op = landscape.HessianOperator(model, CE, data, quadratic="taylor")
+        Z = torch.randn(op.dim, 32, device=dev)
+        return timed(lambda: op.quadratic_forms(Z), dev, repeat=3) / 32
+
+    measure("quadratic form (taylor), per probe", forms)
     op = landscape.HessianOperator(model, CE, data)
-    times["hutchinson trace, 64 probes"] = timed(lambda: landscape.hessian_trace(op, 64, method="hutchinson"), dev,
-                                                 repeat=2)
-    times["top-3 eigenvalues (lanczos, tol 1e-3)"] = timed(lambda: landscape.top_eigenvalues(op, k=3, tol=1e-3), dev,
-                                                           repeat=1)
+    measure("hutchinson trace, 64 probes", lambda: timed(lambda: landscape.hessian_trace(op, 64, method="hutchinson"),
+                                                         dev, repeat=2))
+    measure("top-3 eigenvalues (lanczos, tol 1e-3)", lambda: timed(lambda: landscape.top_eigenvalues(op, k=3, tol=1e-3),
+                                                                   dev, repeat=1))
     d = landscape.random_directions(model, 1, seed=0)[0]
-    times["1-D surface, 21 points"] = timed(lambda: landscape.surface_1d(model, CE, data, d, steps=21), dev, repeat=2)
-    out["times_ms"] = {k: 1e3 * v for k, v in times.items()}
-    out["gradient_equivalents"] = {k: v / t_grad for k, v in times.items()}
-    out["engine_choice"] = {"method": op.method, "quadratic": op.quadratic, "timings": op.timings}
+    measure("1-D surface, 21 points", lambda: timed(lambda: landscape.surface_1d(model, CE, data, d, steps=21), dev,
+                                                    repeat=2))
+    out["engine_choice"] = {"method": op.method, "quadratic": op.quadratic, "timings": op.timings,
+                            "plan": op.planner.to_dict()}
+    save()
 
     # precision of one product under TF32, against float64
     v = {n: torch.randn_like(p) for n, p in model.named_parameters()}

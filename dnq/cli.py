@@ -116,6 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=d.channels_last,
                    help="channels_last memory format for model and batches (default: on CUDA only)")
     t.add_argument("--compile", action="store_true", help="torch.compile the model (the noise hooks compile too)")
+    t.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=d.cuda_graph,
+                   help="capture the whole training step (batch, forward, backward, noise, SAM's two passes, "
+                        "optimizer) in one CUDA graph and replay it (default: on CUDA wherever it applies; where it "
+                        "cannot, one line says why and the step runs eagerly); --no-cuda-graph: every step eagerly")
     t.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size)
     t.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint")
     t.add_argument("--overwrite", action="store_true", help="replace an existing run folder")

@@ -497,6 +497,8 @@ class BatchLoader:
         self.split = split
         self.x, self.y = ds.split(split)
         self.epoch = 0
+        self.generator = torch.Generator(device=self.x.device)  # reseeded every epoch (_generator)
+        self._order: torch.Tensor | None = None
         if train and len(self.x) < batch_size:
             raise DataError(f"batch size {batch_size} is larger than the {len(self.x)} training samples")
 
@@ -508,9 +510,49 @@ class BatchLoader:
         return n // self.batch_size if self.train else -(-n // self.batch_size)
 
     def _generator(self) -> torch.Generator:
-        g = torch.Generator(device=self.x.device)
-        g.manual_seed(1_000_003 * (self.seed + 1) + 7919 * self.epoch + 17)
-        return g
+        """The epoch's generator: one object, reseeded (a CUDA graph keeps the generators it was
+        captured with)."""
+        return self.generator.manual_seed(1_000_003 * (self.seed + 1) + 7919 * self.epoch + 17)
+
+    # -- static batches: the same batches, written into fixed buffers by a capturable function --
+    def begin_static_epoch(self) -> None:
+        """Start the epoch :meth:`set_epoch` chose for :meth:`static_batch`: reseed the generator
+        and draw the epoch's order into a fixed device buffer (as iterating would)."""
+        if not self.train:
+            raise DataError("static batches are for the training loader (shuffled, partial batch dropped)")
+        g = self._generator()
+        n = len(self.x)
+        if self._order is None or self._order.numel() != n:
+            self._order = torch.empty(n, dtype=torch.long, device=self.x.device)
+        torch.randperm(n, generator=g, out=self._order)
+
+    def static_batch(self, step: torch.Tensor, x_out: torch.Tensor, y_out: torch.Tensor) -> None:
+        """Write batch ``step`` (a 0-dim long device tensor) of the epoch into ``x_out`` and
+        ``y_out``: the batch iterating would give (same images, augmentation and normalization),
+        by fixed-shape device operations with no host read, so a CUDA graph can capture it.
+
+        Example:
+            >>> import torch
+            >>> from dnq.data import BatchLoader, load_dataset
+            >>> loader = BatchLoader(load_dataset("synthetic:10:64:32"), 16, True, seed=0)
+            >>> loader.set_epoch(1)
+            >>> x1, y1 = list(loader)[1]
+            >>> loader.begin_static_epoch()
+            >>> x, y = torch.empty_like(x1), torch.empty_like(y1)
+            >>> for i in range(2):
+            ...     loader.static_batch(torch.tensor(i), x, y)
+            >>> torch.equal(x, x1), torch.equal(y, y1)
+            (True, True)
+        """
+        b, per = self.batch_size, self.batch_size // self.world_size
+        idx = self._order[: len(self) * b].view(len(self), b).index_select(0, step.view(1)).view(b)
+        if self.world_size > 1:
+            idx = idx[self.rank * per: (self.rank + 1) * per]
+        x = self.x.index_select(0, idx)
+        if self.augment:
+            x = random_crop_flip(x, self.generator)
+        x_out.copy_(self.ds.normalize(x, self.dtype))
+        y_out.copy_(self.y.index_select(0, idx))
 
     def __iter__(self):
         n, b, dev = len(self.x), self.batch_size, self.x.device

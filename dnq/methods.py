@@ -89,6 +89,25 @@ class Method:
     def epoch_metrics(self) -> dict:
         return {}
 
+    # -- the capturable step (dnq.step_graph) ----------------------------------------------------
+    def prepare_step(self) -> None:
+        """Called before every static or replayed step, eagerly: bring every device tensor the
+        step reads (noise strength, noise statistics) up to date, in place."""
+
+    def graph_key(self) -> tuple:
+        """The Python-side state a captured step depends on (which branches the step takes); a
+        change means the step must be captured again."""
+        return ()
+
+    def generators(self) -> list[torch.Generator]:
+        """The device generators the step draws from (registered with a CUDA graph: a replay
+        advances them as an eager step would)."""
+        return []
+
+    def capture_unavailable(self) -> str | None:
+        """Why this method's step cannot be captured, or None."""
+        return None
+
     def on_train_end(self) -> None:
         """Called once after the last epoch: leave :attr:`model` clean (no noise, no hooks)."""
 
@@ -119,8 +138,11 @@ class NoiseMethod(Method):
     def _generators(self, epoch: int):
         # Weight noise: one stream shared by all ranks (the model is one model). Activation noise:
         # a stream per rank (each rank sees different samples). Both depend only on (seed, epoch).
+        # the generators are made once and reseeded (a CUDA graph keeps the generators it was captured with)
         base = 2_147_483_647 * (self.seed + 1) + 104_729 * epoch
-        self.w_gen = torch.Generator(device=self.device).manual_seed(base + 1)
+        if getattr(self, "w_gen", None) is None:
+            self.w_gen = torch.Generator(device=self.device)
+        self.w_gen.manual_seed(base + 1)
         self.noise.new_epoch(base + 3 + 2 * self.rank)
 
     def on_epoch_start(self, epoch, lam):
@@ -142,6 +164,27 @@ class NoiseMethod(Method):
 
     def epoch_metrics(self):
         return {"noise": self.noise.summary()}
+
+    def prepare_step(self):
+        if self.weight and self.lam != 0:
+            self.noise.prepare_weight_noise(self.lam)
+        if self.act:
+            self.noise.prepare_act_noise()
+
+    def graph_key(self):
+        return (self.lam != 0, self.noise.act_noise_key())
+
+    def generators(self):
+        gens = [self.w_gen] if self.weight and getattr(self, "w_gen", None) is not None else []
+        if self.act and self.noise.act_generator is not None:
+            gens.append(self.noise.act_generator)
+        return gens
+
+    def capture_unavailable(self):
+        if self.act and self.noise._sampler(self.device) == "table":
+            return ("--act-sampler table takes each step's slice offsets on the host; use --act-sampler fresh (the "
+                    "CUDA default) to capture the step")
+        return None
 
     def on_train_end(self):
         self.noise.act_lambda = 0.0

@@ -60,7 +60,8 @@ import torch.nn as nn
 
 from dnq_landscape_common.precision import full_precision
 
-from .quant import act_qparams, check_bits, fake_quantize, layer_bits, quant_layers, weight_error
+from .noise_stats import activation_error_stats, weight_error_stats
+from .quant import check_bits, layer_bits, quant_layers
 
 SAMPLERS = ("auto", "fresh", "table")
 # How the weight noise is drawn from the measured error statistics (mu_c, sigma_c^2) of a layer:
@@ -132,85 +133,6 @@ class LambdaSchedule:
         if self.warmup_epochs == 0:
             return float(self.lambda_max)
         return float(self.lambda_max) * min(1.0, (epoch - self.start_epoch + 1) / self.warmup_epochs)
-
-
-def weight_error_stats(model: nn.Module, bits: int,
-                       bits_override: dict[str, int] | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Per-output-channel mean and variance of ``Q(W) - W`` for every Conv/Linear weight.
-
-    ``Q`` is the symmetric max-abs per-channel quantizer at ``bits`` (or ``bits_override[name]``).
-    Returns ``{layer name: (mean (C,), variance (C,))}``, variances over the channel's elements
-    (population variance), computed in float32.
-    """
-    out = {}
-    with torch.no_grad():
-        for name, layer in quant_layers(model):
-            b = (bits_override or {}).get(name, bits)
-            err = weight_error(layer.weight, b).reshape(layer.weight.shape[0], -1)
-            out[name] = (err.mean(dim=1), err.var(dim=1, unbiased=False))
-    return out
-
-
-@torch.no_grad()
-def activation_error_stats(
-        model: nn.Module, bits: int, calib_x: torch.Tensor, batch_size: int = 256,
-        bits_override: dict[str, int] | None = None) -> tuple[dict[str, tuple[float, float]], list[str]]:
-    """Scalar mean and variance of ``Q(x) - x`` at the input of every Conv/Linear layer.
-
-    ``Q`` is an asymmetric per-tensor min-max quantizer whose range is calibrated on
-    ``calib_x``; the error statistics are taken over the same data, in float32 (float64 sums),
-    with autocast and TF32 off. The model runs in eval mode (BatchNorm running statistics) and is
-    returned to its previous mode. Ranges and sums stay on the device: two host reads in all.
-
-    Returns:
-        ``({layer name: (mean, variance)}, layer names in execution order)``.
-    """
-    layers = dict(quant_layers(model))
-    rng: dict[str, torch.Tensor] = {}  # name -> (2,) [min, max]
-    acc: dict[str, torch.Tensor] = {}  # name -> (3,) float64 [sum e, sum e^2, count]
-    qp: dict[str, tuple] = {}
-    order: list[str] = []
-    phase = "range"
-
-    def make_hook(name):
-        def hook(mod, args):
-            x = args[0].detach().float()
-            if phase == "range":
-                if name not in order:
-                    order.append(name)
-                r = torch.stack([x.min(), x.max()])
-                rng[name] = r if name not in rng else torch.stack([torch.minimum(rng[name][0], r[0]),
-                                                                    torch.maximum(rng[name][1], r[1])])
-            else:
-                s, z, qmin, qmax = qp[name]
-                e = fake_quantize(x, torch.tensor(s, device=x.device), torch.tensor(z, device=x.device), qmin, qmax) - x
-                part = torch.stack([e.sum(dtype=torch.float64), e.double().pow(2).sum(),
-                                    torch.tensor(float(e.numel()), dtype=torch.float64, device=x.device)])
-                acc[name] = part if name not in acc else acc[name] + part
-        return hook
-
-    was_training = model.training
-    handles = [m.register_forward_pre_hook(make_hook(n)) for n, m in layers.items()]
-    try:
-        model.eval()
-        with full_precision():
-            for phase in ("range", "error"):  # the hooks read ``phase`` from this scope
-                if phase == "error":
-                    bounds = torch.stack([rng[n] for n in order]).tolist() if order else []
-                    for n, (lo, hi) in zip(order, bounds):
-                        qp[n] = act_qparams(lo, hi, (bits_override or {}).get(n, bits))
-                for x in calib_x.split(batch_size):
-                    model(x.float())
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
-    sums = torch.stack([acc[n] for n in order]).tolist() if order else []
-    stats = {}
-    for n, (s, s2, cnt) in zip(order, sums):
-        mean = s / cnt
-        stats[n] = (mean, max(s2 / cnt - mean * mean, 0.0))
-    return stats, order
 
 
 def channel_salience_probs(x: torch.Tensor, channel_dim: int, temperature: float = 1.0, rho: float = 0.5,
@@ -315,6 +237,7 @@ class QuantNoise:
         self._u_table: torch.Tensor | None = None
         self._n_tables: dict = {}
         self._ws: dict = {}
+        self._coef_state: dict | None = None  # the activation noise's device coefficients (_coef_tensors)
 
     # -- statistics -------------------------------------------------------------------------
     @property
@@ -523,10 +446,48 @@ class QuantNoise:
         """Reseed the activation-noise streams (called at every epoch start by the trainer, with
         a seed that depends on run seed, epoch and rank); the noise tables are drawn anew."""
         dev = self.params[0].device
-        self.act_generator = torch.Generator(device=dev).manual_seed(seed)
+        if self.act_generator is None or self.act_generator.device != dev:
+            self.act_generator = torch.Generator(device=dev)
+        self.act_generator.manual_seed(seed)  # reseeded, not replaced: a CUDA graph keeps its generators
         self._host_rng = random.Random(seed)
         self._version += 1
         self._refresh_sites()
+
+    # -- the capturable step (dnq.step_graph): device tensors refreshed before the step ------------
+    def prepare_weight_noise(self, lam: float) -> None:
+        """Bring the weight noise's per-element ``lam * mu`` and ``lam * sigma`` buffers up to date
+        (in place), so that a captured step, which only reads them, draws the current noise."""
+        if self.weight and lam != 0:
+            self._weight_buffers(lam)
+
+    def prepare_act_noise(self) -> None:
+        """Bring the activation noise's per-site ``(lam * mu, lam * sigma)`` device tensors up to
+        date (in place: ``fill_``, no host read)."""
+        if self.act and self.act_generator is not None:
+            self._coef_tensors(self.params[0].device)
+
+    def act_noise_key(self) -> tuple:
+        """The Python-side state of the activation noise a captured step depends on: whether the
+        hooks add noise, the sites with statistics, and the sampler."""
+        return (self._on, self._sites, bool(self._hooks), self._sampler(self.params[0].device))
+
+    def _coef_tensors(self, device) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Per site, 0-dim float32 device tensors ``(lam * mu, lam * sigma)``: one table, refreshed
+        in place when the statistics or lambda change (its views stay the same tensors)."""
+        names = sorted(self.a_mean)
+        c = self._coef_state
+        if c is None or c["names"] != names or c["table"].device != torch.device(device):
+            table = torch.zeros(len(names), 2, device=device)
+            c = self._coef_state = {"names": names, "table": table, "version": None,
+                              "views": {n: (table[i, 0], table[i, 1]) for i, n in enumerate(names)}}
+        if c["version"] != self._version:
+            with torch.no_grad():
+                for n in names:
+                    mu, sd = self._coef(n)
+                    c["views"][n][0].fill_(mu)
+                    c["views"][n][1].fill_(sd)
+            c["version"] = self._version
+        return c["views"]
 
     def _sampler(self, device: torch.device) -> str:
         if self.sampler == "auto":
@@ -609,13 +570,15 @@ class QuantNoise:
             plan["buffers"] = (u, views)
         u, views = plan["buffers"]
         g = self.act_generator
+        coef = self._coef_tensors(plan["device"])
         with torch.no_grad():
             u.uniform_(generator=g)
             for name, slots in views.items():
                 if name in self.a_mean:
-                    mu, sd = self._coef(name)
+                    mu, sd = coef[name]  # device tensors: a captured step reads the current values
                     for _, nv, _ in slots:
-                        nv.normal_(mu, sd, generator=g)
+                        nv.normal_(generator=g)
+                        torch.addcmul(mu, sd, nv, out=nv)
         return views
 
     def _tables(self, name: str, dtype: torch.dtype, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -39,8 +39,13 @@ order) get ``first_last_bits`` (8). The paper defaults are 20,000 iterations per
 32 and 1,024 calibration images (:data:`PAPER_ITERS`); on a CPU the default is
 :data:`CPU_ITERS` iterations. Inputs of the block being reconstructed are cached on the device
 up to ``device_budget`` bytes and streamed from host memory past it (:class:`InputCache`).
-The model passed in is never modified; the same seed gives the same quantized model (on one
-device).
+Each unit's optimisation step (:class:`dnq.recon_step.UnitStep`) is static and reads nothing back
+from the device: batch indices, learning rates and the regularizer's schedule come from device
+tables, the quantizer arithmetic is fused (one ``h(V)`` per step for all the unit's layers,
+constant hard weights computed once), and on a GPU the step is captured once in a CUDA graph and
+replayed (``cuda_graph``). The model passed in is never modified; the same seed gives the same
+quantized model (on one device; since issue 22 the batches of a unit are drawn as one table, and
+the results differ from earlier versions' in the last bits).
 
 Example:
     >>> import torch
@@ -85,6 +90,7 @@ from .quant import (
     quant_layers,
     weight_qparams,
 )
+from .recon_step import GAMMA, ZETA, UnitStep, lsq_quantize, recon_loss, soft_round
 
 RECON_METHODS = ("adaround", "brecq", "qdrop")
 PTQ_METHODS = (*ROUNDING_METHODS, *RECON_METHODS)
@@ -102,7 +108,6 @@ DESCRIPTIONS = {
 PAPER_ITERS = 20_000
 CPU_ITERS = 500
 PAPER_CALIB_SIZE = 1024
-ZETA, GAMMA = 1.1, -0.1
 
 
 def check_methods(spec) -> list[str]:
@@ -151,7 +156,10 @@ class AdaRoundWeight(nn.Module):
     """A parametrization of a Conv/Linear ``weight``: per-channel quantized with learnable rounding.
 
     ``mode`` is ``"soft"`` (``floor(W/s) + h(V)``, differentiable in ``V``), ``"hard"``
-    (``floor(W/s) + [V >= 0]``, the final rounding) or ``"nearest"`` (round to nearest).
+    (``floor(W/s) + [V >= 0]``, the final rounding) or ``"nearest"`` (round to nearest). The
+    hard and nearest weights are constant: computed once and kept until ``mode`` changes (or
+    :meth:`refresh`). While :attr:`override` is set (the reconstruction step's soft weights of
+    the whole unit, :class:`dnq.recon_step.UnitStep`), it is the weight.
     """
 
     def __init__(self, weight: torch.Tensor, bits: int, mode: str = "symmetric", method: str = "mse"):
@@ -165,20 +173,48 @@ class AdaRoundWeight(nn.Module):
         self.register_buffer("base", torch.floor(w))
         self.register_buffer("nearest_up", torch.round(w) - self.base)
         self.v = nn.Parameter(_inverse_rectified_sigmoid(w - self.base))
-        self.bits, self.mode = bits, "soft"
+        self.bits, self._mode, self._fixed = bits, "soft", None
+        self.symmetric = not bool(zp.any())  # the zero point is left out of the fused soft weights
+        self.override: torch.Tensor | None = None
+
+    @property
+    def mode(self) -> str:
+        return self._mode
+
+    @mode.setter
+    def mode(self, value: str) -> None:
+        if value not in ("soft", "hard", "nearest"):
+            raise ValueError(f"unknown AdaRound mode {value!r}; valid: soft, hard, nearest")
+        self._mode, self._fixed = value, None
+
+    def refresh(self) -> None:
+        """Forget the cached hard / nearest weights (after ``v`` or the buffers changed)."""
+        self._fixed = None
+
+    def _apply(self, fn, recurse=True):
+        self._fixed = None  # .to(), .double(): the cache is rebuilt on the new device / dtype
+        return super()._apply(fn, recurse)
 
     def h(self) -> torch.Tensor:
         return rectified_sigmoid(self.v)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         """The quantized weight; ``weight`` (the original, unchanged since construction) is not read."""
-        if self.mode == "soft":
-            up = self.h()
-        elif self.mode == "hard":
-            up = (self.v >= 0).to(self.base.dtype)
-        else:
-            up = self.nearest_up
-        q = torch.clamp(self.base + up + self.zero_point, self.qmin, self.qmax)
+        if self.override is not None:
+            return self.override
+        if self._mode == "soft":
+            zp = None if self.symmetric else self.zero_point
+            return soft_round(self.v, self.base, self.scale, zp, self.qmin, self.qmax)[0]
+        if self._fixed is None:
+            with torch.no_grad():
+                up = (self.v >= 0).to(self.base.dtype) if self._mode == "hard" else self.nearest_up
+                q = torch.clamp(self.base + up + self.zero_point, self.qmin, self.qmax)
+                self._fixed = (q - self.zero_point) * self.scale
+        return self._fixed
+
+    def soft_reference(self) -> torch.Tensor:
+        """The soft weight composed of autograd operations (the formula :func:`dnq.recon_step.soft_round` fuses)."""
+        q = torch.clamp(self.base + self.h() + self.zero_point, self.qmin, self.qmax)
         return (q - self.zero_point) * self.scale
 
     def round_loss(self, beta: float) -> torch.Tensor:
@@ -225,14 +261,15 @@ class LSQActQuantizer(nn.Module):
         self.enabled, self.drop_prob, self.generator = True, 0.0, None  # a generator switches the drops on
 
     def forward(self, x):
+        """:func:`lsq_fake_quantize` of ``x`` (fused: :func:`dnq.recon_step.lsq_quantize`), each element
+        left in float with probability ``drop_prob`` while a generator is set."""
         if not self.enabled:
             return x
-        g = 1.0 / math.sqrt(x[0].numel() * self.qmax)
-        q = lsq_fake_quantize(x, self.scale.to(x.dtype), self.zero_point.to(x.dtype), self.qmin, self.qmax, g)
-        if self.generator is not None:
-            keep_float = torch.rand(x.shape, generator=self.generator, device=x.device) < self.drop_prob
-            q = torch.where(keep_float, x, q)
-        return q
+        g = 1.0 / math.sqrt(x.numel() // x.shape[0] * self.qmax)
+        keep = None
+        if self.generator is not None:  # the draws of the version before issue 22: float where rand < drop_prob
+            keep = torch.rand(x.shape, generator=self.generator, device=x.device).lt_(self.drop_prob).to(x.dtype)
+        return lsq_quantize(x, self.scale.to(x.dtype), self.zero_point.to(x.dtype), self.qmin, self.qmax, g, keep)
 
     def frozen(self) -> ActQuantizer:
         """The inference quantizer (:class:`dnq.quant.ActQuantizer`) with the learned step size."""
@@ -349,7 +386,8 @@ def reconstruct(model: nn.Module, wbits: int, abits: int, calib_data, method: st
                 reg_weight: float = 0.01,
                 beta: tuple[float, float] = (20.0, 2.0), warmup: float = 0.2, drop_prob: float = 0.5,
                 act_iters: int | None = None, seed: int = 0, device_budget: int | None = None,
-                calib_batch_size: int = 256, progress: bool = False, bits_by_layer: dict | None = None) -> nn.Module:
+                calib_batch_size: int = 256, progress: bool = False, bits_by_layer: dict | None = None,
+                cuda_graph: bool | None = None) -> nn.Module:
     """Quantize ``model`` with AdaRound, BRECQ or QDrop (see the module doc); the original is never touched.
 
     Args:
@@ -379,6 +417,8 @@ def reconstruct(model: nn.Module, wbits: int, abits: int, calib_data, method: st
         progress: a progress bar over the steps (tqdm; the block being reconstructed in its postfix).
         bits_by_layer: mixed precision: ``{layer: weight bits}`` or ``{layer: (weight bits,
             activation bits)}`` for named layers (:func:`dnq.quant.layer_bits`).
+        cuda_graph: capture each unit's step once in a CUDA graph and replay it
+            (:mod:`dnq.recon_step`); None: on for a CUDA model. True on a CPU model is refused.
 
     Returns:
         A new model in eval mode, with the quantized weights written into each Conv/Linear and an
@@ -389,38 +429,22 @@ def reconstruct(model: nn.Module, wbits: int, abits: int, calib_data, method: st
         ``layers``, ``steps``, ``cached`` (images), ``streamed`` (cached tensors kept in host
         memory), ``loss_before`` (the output error with round-to-nearest weights, or the initial
         step sizes), ``loss_after``, ``h_binary`` (the fraction of soft rounding variables at
-        exactly 0 or 1 before the final rounding) and ``time_s``.
+        exactly 0 or 1 before the final rounding), ``cuda_graph`` (whether the unit's step was
+        replayed as a CUDA graph) and ``time_s``; ``cuda_graph`` (whether any unit was) and
+        ``cuda_graph_note`` (why not, or why a unit ran eagerly; None otherwise).
 
     Raises:
         ValueError: a bad setting or empty calibration data.
-        ReconstructionError: a NaN or Inf loss (naming the unit and the step).
+        ReconstructionError: a NaN or Inf loss (naming the unit, the stage and the first bad step;
+            the losses are read every :data:`dnq.recon_step.CHECK_EVERY` steps and at the end
+            of each unit).
     """
-    check_bits(wbits, "weight bits")
-    check_bits(abits, "activation bits")
-    if first_last_bits is not None:
-        check_bits(first_last_bits, "first/last layer bits")
-    if method not in RECON_METHODS:
-        raise ValueError(f"unknown reconstruction method {method!r}; valid: {', '.join(RECON_METHODS)} "
-                         f"(rtn and rtn+bn are dnq.quant.quantize)")
-    if range_method not in RANGE_METHODS:
-        raise ValueError(f"unknown range method {range_method!r}; valid: {', '.join(RANGE_METHODS)}")
-    for name, v in (("batch_size", batch_size), ("calib_batch_size", calib_batch_size)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name} must be a positive integer, got {v!r}")
-    for name, v in (("iters", iters), ("act_iters", act_iters)):
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-            raise ValueError(f"{name} must be a positive integer (steps per block), got {v!r}")
-    if not 0.0 <= drop_prob < 1.0:
-        raise ValueError(f"drop_prob must be in [0, 1), got {drop_prob!r}")
-    if not 0.0 <= warmup < 1.0:
-        raise ValueError(f"warmup must be in [0, 1), got {warmup!r}")
-    for name, v in (("weight_lr", weight_lr), ("act_lr", act_lr), ("reg_weight", reg_weight)):
-        if v is None and name != "reg_weight":
-            continue
-        if not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0):
-            raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
-
+    _check_settings(wbits, abits, first_last_bits, method, range_method, batch_size, calib_batch_size, iters,
+                    act_iters, drop_prob, warmup, weight_lr, act_lr, reg_weight, cuda_graph)
     device = _device_of(model)
+    if cuda_graph and device.type != "cuda":
+        raise ValueError(f"cuda_graph=True needs a model on a CUDA device, got {device}; leave it None (auto)")
+    use_graph = device.type == "cuda" if cuda_graph is None else cuda_graph
     iters = default_iters(device) if iters is None else iters
     act_iters = max(iters // 4, 1) if act_iters is None else act_iters
     lr_w, lr_a = budget_lrs(iters)
@@ -445,31 +469,19 @@ def reconstruct(model: nn.Module, wbits: int, abits: int, calib_data, method: st
             warnings.warn(f"{type(model).__name__} has no block this toolkit knows (residual, inverted-residual or "
                           f"transformer block): {method} reconstructs layer by layer", stacklevel=2)
         weights, acts = _attach(qmodel, fp, order, bits_of, calib, device, range_method, seed)
-        gen = torch.Generator().manual_seed(seed)
-        drop_gen = torch.Generator(device=device).manual_seed(seed + 1)
         common = dict(qmodel=qmodel, fp=fp, weights=weights, acts=acts, calib=calib, device=device,
-                      budget=device_budget, batch_size=batch_size, gen=gen, weight_lr=weight_lr, act_lr=act_lr,
-                      reg_weight=reg_weight, beta=beta, warmup=warmup)
+                      budget=device_budget, batch_size=batch_size, gen=torch.Generator().manual_seed(seed),
+                      weight_lr=weight_lr, act_lr=act_lr, reg_weight=reg_weight, beta=beta, warmup=warmup,
+                      cuda_graph=use_graph)
+        stages = _stages(method, iters, act_iters, (drop_prob, torch.Generator(device=device).manual_seed(seed + 1)))
         log: list[dict] = []
-        total = len(units) * (iters + (act_iters if method == "brecq" else 0))
+        total = len(units) * sum(s["iters"] for s in stages)
         bar = tqdm(total=total, desc=f"{method} W{wbits}A{abits}", unit="step", disable=not progress, leave=False)
-        common["bar"] = bar
         try:
-            if method in ("adaround", "brecq"):
-                _set_acts(acts, enabled=False)
+            for stage in stages:
+                _set_acts(acts, enabled=stage.pop("acts"))
                 for unit, layers in units:
-                    log.append(_reconstruct_unit(unit, layers, iters=iters, learn_v=True, learn_s=False, drop=None,
-                                                 stage="weights", **common))
-                _set_acts(acts, enabled=True)
-                if method == "brecq":
-                    for unit, layers in units:
-                        log.append(_reconstruct_unit(unit, layers, iters=act_iters, learn_v=False, learn_s=True,
-                                                     drop=None, stage="activations", **common))
-            else:  # qdrop: rounding and step sizes together, activations on, dropped at random
-                _set_acts(acts, enabled=True)
-                for unit, layers in units:
-                    log.append(_reconstruct_unit(unit, layers, iters=iters, learn_v=True, learn_s=True,
-                                                 drop=(drop_prob, drop_gen), stage="joint", **common))
+                    log.append(_reconstruct_unit(unit, layers, **stage, bar=bar, **common))
         finally:
             bar.close()
         info = _finalize(qmodel, order, bits_of, weights, acts)
@@ -477,14 +489,61 @@ def reconstruct(model: nn.Module, wbits: int, abits: int, calib_data, method: st
     qmodel.ptq_layers = info
     qmodel.ptq_method = qmodel.ptq_variant = method  # ptq_variant: the older name, kept for readers of it
     qmodel.ptq_bn_reestimated = []
+    notes = sorted({u["cuda_graph_note"] for u in log if u.get("cuda_graph_note")})
     qmodel.ptq_recon = {
         "method": method, "iters": iters, "act_iters": act_iters if method == "brecq" else None,
         "batch_size": batch_size, "calib_size": sum(len(x) for x in calib), "range_method": range_method,
         "weight_lr": weight_lr, "act_lr": act_lr if method != "adaround" else None, "reg_weight": reg_weight,
         "beta": list(beta), "warmup": warmup, "drop_prob": drop_prob if method == "qdrop" else None, "seed": seed,
+        "cuda_graph": any(u["cuda_graph"] for u in log),
+        "cuda_graph_note": "; ".join(notes) or (None if use_graph else
+                                                 "CUDA graphs need a CUDA device" if device.type != "cuda"
+                                                 else "cuda_graph=False"),
         "units": log, "time_s": time.perf_counter() - t_start,
     }
     return qmodel
+
+
+def _check_settings(wbits, abits, first_last_bits, method, range_method, batch_size, calib_batch_size, iters,
+                    act_iters, drop_prob, warmup, weight_lr, act_lr, reg_weight, cuda_graph) -> None:
+    """:func:`reconstruct`'s settings, validated (a ValueError naming the bad one)."""
+    check_bits(wbits, "weight bits")
+    check_bits(abits, "activation bits")
+    if first_last_bits is not None:
+        check_bits(first_last_bits, "first/last layer bits")
+    if method not in RECON_METHODS:
+        raise ValueError(f"unknown reconstruction method {method!r}; valid: {', '.join(RECON_METHODS)} "
+                         f"(rtn and rtn+bn are dnq.quant.quantize)")
+    if range_method not in RANGE_METHODS:
+        raise ValueError(f"unknown range method {range_method!r}; valid: {', '.join(RANGE_METHODS)}")
+    for name, v in (("batch_size", batch_size), ("calib_batch_size", calib_batch_size)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a positive integer, got {v!r}")
+    for name, v in (("iters", iters), ("act_iters", act_iters)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise ValueError(f"{name} must be a positive integer (steps per block), got {v!r}")
+    if not 0.0 <= drop_prob < 1.0:
+        raise ValueError(f"drop_prob must be in [0, 1), got {drop_prob!r}")
+    if not 0.0 <= warmup < 1.0:
+        raise ValueError(f"warmup must be in [0, 1), got {warmup!r}")
+    for name, v in (("weight_lr", weight_lr), ("act_lr", act_lr), ("reg_weight", reg_weight)):
+        if v is None and name != "reg_weight":
+            continue
+        if not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0):
+            raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+    if cuda_graph is not None and not isinstance(cuda_graph, bool):
+        raise ValueError(f"cuda_graph must be True, False or None (auto), got {cuda_graph!r}")
+
+
+def _stages(method: str, iters: int, act_iters: int, drop) -> list[dict]:
+    """The reconstruction stages of ``method``, each over every unit: whether the activation
+    quantizers are on, what is learned, and QDrop's ``(drop probability, generator)``."""
+    if method == "qdrop":  # rounding and step sizes together, activations on, dropped at random
+        return [dict(stage="joint", acts=True, iters=iters, learn_v=True, learn_s=True, drop=drop)]
+    stages = [dict(stage="weights", acts=False, iters=iters, learn_v=True, learn_s=False, drop=None)]
+    if method == "brecq":
+        stages.append(dict(stage="activations", acts=True, iters=act_iters, learn_v=False, learn_s=True, drop=None))
+    return stages
 
 
 def _attach(qmodel, fp, order, bits_of, calib, device, range_method, seed):
@@ -517,102 +576,67 @@ def _set_acts(acts, enabled: bool) -> None:
         a.enabled = enabled
 
 
-def _beta_at(step: int, iters: int, beta, warmup: float) -> float | None:
-    """The annealed exponent at ``step`` (None during the warm-up: no regularizer)."""
-    start = warmup * iters
-    if step < start:
-        return None
-    frac = (step - start) / max(iters - start, 1)
-    return beta[1] + (beta[0] - beta[1]) * max(0.0, 1.0 - frac)
+_recon_loss = recon_loss
+"""The output error of a unit (:func:`dnq.recon_step.recon_loss`); the steps look it up here at each unit."""
 
 
-def _recon_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Squared error summed over channels (dim 1), averaged over the batch and positions."""
-    return (pred - target).pow(2).sum(1).mean()
+def _evaluate(qunit: nn.Module, cache: InputCache) -> float:
+    """The output error over every cached input (batches of 256, no gradients)."""
+    n, tot = len(cache), 0.0
+    with torch.no_grad():
+        for i in range(0, n, 256):
+            idx = torch.arange(i, min(i + 256, n))
+            tot += float(_recon_loss(qunit(cache.batch("qx", idx)), cache.batch("fy", idx))) * len(idx)
+    return tot / n
 
 
 def _reconstruct_unit(unit, layers, *, qmodel, fp, weights, acts, calib, device, budget, batch_size, gen, iters,
-                      learn_v, learn_s, weight_lr, act_lr, reg_weight, beta, warmup, drop, stage, bar=None) -> dict:
+                      learn_v, learn_s, weight_lr, act_lr, reg_weight, beta, warmup, drop, stage, bar=None,
+                      cuda_graph=False) -> dict:
     t0 = time.perf_counter()
     qunit, funit = qmodel.get_submodule(unit), fp.get_submodule(unit)
     cache = InputCache(device, budget)
-    for n in layers:  # earlier units are hard-rounded already; this one is soft while it learns
-        weights[n].mode = "soft" if learn_v else "hard"
-    _capture(qmodel, qunit, calib, device, cache, "q", output=False)
+    _capture(qmodel, qunit, calib, device, cache, "q", output=False)  # earlier units are hard-rounded already
     _capture(fp, funit, calib, device, cache, "f", output=True)
     cache.finish()
-    n_cached = len(cache)
-    params_v = [weights[n].v for n in layers] if learn_v else []
-    params_s = [acts[n].scale for n in layers if acts[n].enabled] if learn_s else []
-    for p in (*params_v, *params_s):
-        p.requires_grad_(True)
-    opt_groups = ([{"params": params_v, "lr": weight_lr}] if params_v else []) + \
-                 ([{"params": params_s, "lr": act_lr}] if params_s else [])
-
-    def evaluate_loss() -> float:
-        tot, cnt = 0.0, 0
-        with torch.no_grad():
-            for i in range(0, n_cached, 256):
-                idx = torch.arange(i, min(i + 256, n_cached))
-                tot += float(_recon_loss(qunit(cache.batch("qx", idx)), cache.batch("fy", idx))) * len(idx)
-                cnt += len(idx)
-        return tot / cnt
-
+    soft = [weights[n] for n in layers] if learn_v else []
+    scales = [acts[n].scale for n in layers if acts[n].enabled] if learn_s else []
     was = qunit.training
     qunit.eval()  # eval throughout: a float BatchNorm left unfolded keeps its statistics; drops follow the generator
-    if learn_v:  # the baseline of the rounding: round to nearest
-        for n in layers:
-            weights[n].mode = "nearest"
-    before = evaluate_loss()
+    for n in layers:  # the baseline of the rounding: round to nearest
+        weights[n].mode = "nearest" if learn_v else "hard"
+    before = _evaluate(qunit, cache)
     for n in layers:
         weights[n].mode = "soft" if learn_v else "hard"
-    if drop is not None:
-        for n in layers:
-            acts[n].drop_prob, acts[n].generator = drop[0], drop[1]
-    steps = 0
-    if opt_groups:
-        opt = torch.optim.Adam(opt_groups)
-        sched = None
-        if params_s:  # cosine decay of the step sizes' learning rate (BRECQ / QDrop code); constant for V
-            cosine = lambda i, n=iters: 0.5 * (1 + math.cos(math.pi * min(i, n) / n))  # noqa: E731
-            sched = torch.optim.lr_scheduler.LambdaLR(opt, [lambda i: 1.0] * bool(params_v) + [cosine])
-        for step in range(iters):
-            idx = torch.randint(0, n_cached, (min(batch_size, n_cached),), generator=gen)
-            out = qunit(cache.batch("qx", idx))
-            rec = _recon_loss(out, cache.batch("fy", idx))
-            loss = rec
-            b = _beta_at(step, iters, beta, warmup) if params_v else None
-            if b is not None and reg_weight:
-                loss = loss + reg_weight * sum(weights[n].round_loss(b) for n in layers)
-            if not torch.isfinite(loss):
-                raise ReconstructionError(f"{stage} reconstruction of unit {unit!r} (layers {layers}): the loss is "
-                                          f"{float(loss)} at step {step} of {iters}; lower the learning rates "
-                                          f"(weight_lr {weight_lr}, act_lr {act_lr}) or check the model's weights")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if sched is not None:
-                sched.step()
-            steps += 1
-            if bar is not None and (steps % 50 == 0 or steps == iters):
-                bar.update(50 if steps % 50 == 0 else steps % 50)
-                bar.set_postfix_str(f"{unit} {stage}", refresh=False)
-    soft = torch.cat([weights[n].h().detach().flatten() for n in layers]) if learn_v else None
+        if drop is not None:
+            acts[n].drop_prob, acts[n].generator = drop
+    for p in scales:
+        p.requires_grad_(True)
+    step = None
+    if soft or scales:
+        step = UnitStep(qunit, cache.tensors["qx"], cache.tensors["fy"], device=device, iters=iters,
+                        batch_size=batch_size, generator=gen, soft=soft, scales=scales, weight_lr=weight_lr,
+                        act_lr=act_lr, reg_weight=reg_weight, beta=beta, warmup=warmup, loss_fn=_recon_loss,
+                        name=f"{stage} reconstruction of unit {unit!r} (layers {layers})", cuda_graph=cuda_graph)
+        if bar is not None:
+            bar.set_postfix_str(f"{unit} {stage}", refresh=False)
+        step.run(bar)
+    h = torch.cat([w.h().detach().flatten() for w in soft]) if soft else None
     for n in layers:
         acts[n].generator, acts[n].drop_prob = None, 0.0
         weights[n].mode = "hard"
         if acts[n].scale.detach() <= 0:
             with torch.no_grad():
                 acts[n].scale.abs_().clamp_min_(1e-8)
-    for p in (*params_v, *params_s):
+    for p in scales:
         p.requires_grad_(False)
-        p.grad = None
-    after = evaluate_loss()
+    after = _evaluate(qunit, cache)
     qunit.train(was)
-    return {"unit": unit, "stage": stage, "layers": list(layers), "steps": steps, "cached": n_cached,
-            "streamed": cache.streamed, "loss_before": before, "loss_after": after,
-            "h_binary": None if soft is None else float(((soft == 0) | (soft == 1)).float().mean()),
-            "time_s": time.perf_counter() - t0}
+    return {"unit": unit, "stage": stage, "layers": list(layers), "steps": 0 if step is None else step.steps,
+            "cached": len(cache), "streamed": cache.streamed, "loss_before": before, "loss_after": after,
+            "h_binary": None if h is None else float(((h == 0) | (h == 1)).float().mean()),
+            "cuda_graph": step is not None and step.captured,
+            "cuda_graph_note": None if step is None else step.why_eager, "time_s": time.perf_counter() - t0}
 
 
 @torch.no_grad()

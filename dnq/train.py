@@ -45,6 +45,7 @@ import platform
 import subprocess
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,6 +79,7 @@ from .rundir import (
     save_final,
     write_config,
 )
+from .step_graph import CHECK_EVERY, TrainStep, capture_unavailable, current_lr, make_optimizer, tensor_lr
 
 
 @dataclass
@@ -119,6 +121,7 @@ class TrainConfig:
     amp: bool | None = None  # bf16 autocast; None: on CUDA only
     channels_last: bool | None = None  # None: on CUDA only
     compile: bool = False
+    cuda_graph: bool | None = None  # capture the whole step in a CUDA graph; None: on CUDA wherever it applies
     eval_batch_size: int = 1024
 
     def to_dict(self) -> dict:
@@ -126,7 +129,7 @@ class TrainConfig:
 
 
 # Settings that may differ between an interrupted run and its resumption.
-RESUMABLE_CHANGES = ("out", "device", "compile", "download", "data_root", "eval_batch_size")
+RESUMABLE_CHANGES = ("out", "device", "compile", "cuda_graph", "download", "data_root", "eval_batch_size")
 # Settings a resumption may change on purpose (after a NaN stop: a lower lr or noise strength, a
 # warm-up, more or fewer epochs); the changes are recorded in config.json under "resumed".
 RESUME_ADJUSTABLE = ("lr", "lr_warmup_epochs", "lambda_max", "lambda_start", "lambda_warmup", "epochs")
@@ -209,7 +212,7 @@ def _validate_numbers(cfg: TrainConfig) -> None:
 
 def _validate_switches(cfg: TrainConfig) -> None:
     check_device(cfg.device, ConfigError)
-    for key in ("amp", "channels_last"):
+    for key in ("amp", "channels_last", "cuda_graph"):
         if getattr(cfg, key) not in (None, True, False):
             raise ConfigError(f"{key} must be true, false or null (on CUDA only), got {getattr(cfg, key)!r}")
     for key in ("compile", "bn_recompute"):
@@ -246,11 +249,14 @@ def resolve_precision(cfg: TrainConfig, device: torch.device) -> TrainConfig:
                                channels_last=cuda if cfg.channels_last is None else cfg.channels_last)
 
 
-def make_autocast(device: torch.device, amp: bool):
-    """A factory of the training forward's autocast context: bf16 on ``device``'s type, or none."""
+def make_autocast(device: torch.device, amp: bool, cache: bool = True):
+    """A factory of the training forward's autocast context: bf16 on ``device``'s type, or none.
+
+    ``cache=False`` turns off autocast's cache of casted weights, as a CUDA graph capture needs
+    (the numbers are the same)."""
     if not amp:
         return contextlib.nullcontext
-    return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+    return lambda: torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=cache)
 
 
 # ----------------------------------------------------------------------------------- helpers
@@ -388,32 +394,39 @@ def _barrier(world: int) -> None:
         dist.barrier()
 
 
-def train_one_epoch(net: nn.Module, method, loader: BatchLoader, optimizer, scheduler, criterion, autocast, *,
-                    epoch: int, out: Path, bar=None) -> tuple[torch.Tensor, int]:
-    """One epoch of ``method``'s steps; returns ``([sum of losses, correct], samples seen)`` (a
-    device tensor: one host sync every 20 steps, for the NaN check and the progress bar)."""
+def train_one_epoch(step: TrainStep, method, loader: BatchLoader, scheduler, *, epoch: int, out: Path,
+                    bar=None) -> tuple[torch.Tensor, int]:
+    """One epoch of ``method``'s steps (``step``: :class:`dnq.step_graph.TrainStep`); returns
+    ``([sum of losses, correct], samples seen)`` (a device tensor). The losses stay on the device;
+    they are read (a host sync: the finite-loss check and the progress bar) every
+    :data:`dnq.step_graph.CHECK_EVERY` steps of the step's mode and at the end."""
     steps = len(loader)
-    net.train()
-    losses = torch.zeros(steps, device=loader.x.device)
-    correct = torch.zeros((), device=loader.x.device, dtype=torch.long)
+    step.net.train()
+    step.new_epoch()
+    every = CHECK_EVERY[step.mode]
     seen = 0
-    for step, (x, y) in enumerate(loader):
-        optimizer.zero_grad(set_to_none=True)
-        loss, logits = method.step(net, x, y, criterion, autocast)
-        losses[step] = loss
-        correct += (logits.argmax(1) == y).sum()
-        seen += len(y)
-        if step % 20 == 19 or step == steps - 1:
-            _check_finite(losses[: step + 1], epoch, out)
+    bound = step.loader is not None  # the step samples its batches itself (static buffers, in the graph)
+    if bound:
+        loader.begin_static_epoch()
+    batches = None if bound else iter(loader)
+    for i in range(steps):
+        if bound:
+            step.next()
+            seen += loader.batch_size // loader.world_size
+        else:
+            x, y = next(batches)
+            step(x, y)
+            seen += len(y)
+        if i % every == every - 1 or i == steps - 1:
+            _check_finite(step.losses[: i + 1], epoch, out)
             if bar is not None:
-                bar.set_postfix(loss=f"{float(losses[step]):.4f}", acc=f"{float(correct) / seen:.3f}",
+                bar.set_postfix(loss=f"{float(step.losses[i]):.4f}", acc=f"{float(step.correct) / seen:.3f}",
                                 lam=f"{method.lam:.3g}")
-        optimizer.step()
         scheduler.step()
         if bar is not None:
             bar.update()
-    _check_finite(losses, epoch, out)
-    return torch.stack([losses.sum(), correct.float()]), seen
+    _check_finite(step.losses, epoch, out)
+    return torch.stack([step.losses.sum(), step.correct.float()]), seen
 
 
 class _Run:
@@ -478,20 +491,37 @@ class _Run:
                                   cfg.act_rho, noise_first_last_bits(cfg), cfg.act_sampler)
         self.method.setup(model, calib_x, device, cfg.seed, rank)
         self.schedule = LambdaSchedule(cfg.lambda_max, cfg.lambda_start, cfg.lambda_warmup)
-        self.optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                                         nesterov=cfg.momentum > 0, weight_decay=cfg.weight_decay)
+        self.step_mode, self.why_eager = self._step_mode(world)
+        self.optimizer = make_optimizer(model, cfg.lr, cfg.momentum, cfg.weight_decay, static=self.step_mode != "eager")
         steps = len(self.train_loader)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, _lr_lambda(max(1, cfg.epochs * steps), cfg.lr_warmup_epochs * steps))
         self.swa_epoch = None if cfg.swa_start is None else min(cfg.epochs - 1, int(cfg.swa_start * cfg.epochs))
         self.swa = torch.optim.swa_utils.AveragedModel(model) if self.swa_epoch is not None else None
         self.criterion = make_criterion(cfg)
-        self.autocast = make_autocast(device, cfg.amp)
+        self.autocast = make_autocast(device, cfg.amp, cache=self.step_mode != "graph")
         net: nn.Module = model
         if world > 1:
             net = nn.parallel.DistributedDataParallel(
                 model, device_ids=[self.local_rank] if device.type == "cuda" else None)
         self.net = torch.compile(net) if cfg.compile else net
+        self.step = TrainStep(self.net, self.method, self.optimizer, self.criterion, self.autocast,
+                              steps=steps, mode=self.step_mode, device=device)
+        if self.step_mode != "eager":
+            self.step.bind(self.train_loader)
+
+    def _step_mode(self, world: int) -> tuple[str, str | None]:
+        """``"graph"`` where the step can be captured and ``cuda_graph`` is not False, else
+        ``"eager"`` (and why not, said in one line when a capture was asked for or expected)."""
+        cfg = self.cfg
+        if cfg.cuda_graph is False:
+            return "eager", "--no-cuda-graph"
+        why = capture_unavailable(self.device, world=world, compiled=cfg.compile, method=self.method)
+        if why is None:
+            return "graph", None
+        if self.rank == 0 and (cfg.cuda_graph or self.device.type == "cuda"):
+            warnings.warn(f"the training step is not captured in a CUDA graph: {why}; it runs eagerly", stacklevel=3)
+        return "eager", why
 
     # -- the loop ---------------------------------------------------------------------------
     def fit(self, resume: bool, overwrite: bool) -> dict:
@@ -535,9 +565,11 @@ class _Run:
                             method=self.method, device=self.device)
             if self.adjusted:
                 self._apply_adjustments(start)
+            if self.step_mode != "eager":
+                tensor_lr(self.optimizer)  # load_state_dict put back the checkpoint's float
         elif rank == 0:
             write_config(out, {**cfg.to_dict(), "world_size": world, "resolved_device": str(self.device),
-                               "splits": self._splits(), "environment": environment()})
+                               "splits": self._splits(), "step": self._step_record(), "environment": environment()})
         log = MetricsLog(out, start - 1) if rank == 0 else None
         for epoch in range(start, cfg.epochs):
             self._epoch(epoch, log)
@@ -562,6 +594,15 @@ class _Run:
                 saved[k] = b
             atomic_write_json(path, saved)
 
+    def _step_record(self) -> dict:
+        """How the training step runs (``config.json``): its mode, why it is not captured, the
+        optimizer's form, and the training images each epoch leaves out (the last partial batch
+        is dropped, so every step has one static shape)."""
+        n, b = len(self.ds.x_train), self.cfg.batch_size
+        return {"mode": self.step_mode, "cuda_graph": self.step_mode == "graph", "not_captured_because": self.why_eager,
+                "optimizer": "SGD, fused, tensor learning rate" if self.step_mode != "eager" else "SGD, foreach",
+                "dropped_last_batch": n % b, "steps_per_epoch": n // b}
+
     def _splits(self) -> dict:
         ds = self.ds
         return {"train": len(ds.x_train), "val": ds.val_size, "test": len(ds.x_test), "val_seed": ds.val_seed}
@@ -575,8 +616,8 @@ class _Run:
         bar = tqdm(total=len(self.train_loader), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
                    dynamic_ncols=True) if self.show else None
         try:
-            tr, seen = train_one_epoch(self.net, method, self.train_loader, self.optimizer, self.scheduler,
-                                       self.criterion, self.autocast, epoch=epoch, out=self.out, bar=bar)
+            tr, seen = train_one_epoch(self.step, method, self.train_loader, self.scheduler, epoch=epoch, out=self.out,
+                                       bar=bar)
         finally:
             if bar is not None:
                 bar.close()
@@ -590,9 +631,10 @@ class _Run:
         steps = len(self.train_loader)
         sp = self.eval_split
         rec = {"epoch": epoch, "train_loss": float(tr[0]) / (steps * world), "train_acc": float(tr[1]) / (seen * world),
-               f"{sp}_loss": ev_loss, f"{sp}_acc": ev_acc, "lr": self.optimizer.param_groups[0]["lr"],
+               f"{sp}_loss": ev_loss, f"{sp}_acc": ev_acc, "lr": current_lr(self.optimizer),
                "lambda": lam, "time_s": time.perf_counter() - t0, **method.epoch_metrics()}
         rec["images_per_s"] = seen * world / rec["time_s"]
+        rec["step"] = self.step.summary()  # eager / static / graph, and the captures and replays so far
         if self.rank == 0:
             save_checkpoint(self.out, epoch=epoch, config=cfg.to_dict(), world_size=world, model=self.model,
                             optimizer=self.optimizer, scheduler=self.scheduler, swa=self.swa, method=method,

@@ -14,15 +14,25 @@ passes, accumulation, all-reduce, gradient, SciPy export) with two engines from
   Hutchinson needs): ``"taylor"`` (second-order forward mode) or ``"hvp"`` (from products).
 
 Each is chosen once per operator and recorded in :attr:`HessianOperator.planner`: as the caller
-says (``method=``, ``quadratic=``, or ``engine=`` for either), or by timing the candidates on a
-quarter of the first batch (products: for single vectors and blocks; forms: Taylor mode, checked
-against double-backward products to a relative 1e-4, is kept when it is also faster). A
+says (``method=``, ``quadratic=``, or ``engine=`` for either), or by timing the candidates on the
+device (products: for single vectors and blocks; forms: Taylor mode, checked against
+double-backward products to a relative 1e-4, is kept when it is also faster). On the CPU the
+timing batch is a quarter of the first batch (the cost scales with the batch) and the forms are
+timed against double backward; on an accelerator, whose cost does not scale with the batch
+(kernel launches), it is the whole first batch, the candidates are timed as they would run
+(replayed CUDA graphs) and the forms against the product engine just chosen, at its block. A
 candidate that fails (no forward-mode or batching rule, a loss without a Taylor rule, an input
 that is not a tensor) is skipped, its error recorded; ``"rev-rev"`` with a loop over the block is
 the exact fallback of last resort. A batch the Taylor rules cannot take (a target equal to
 ``ignore_index``) is computed with the product engine instead, and counted
 (``"fallback:taylor->hvp"``). :attr:`HessianOperator.counts` says how many vectors each engine
 computed; the instruments copy the counts of their own run into their results (``engines``).
+
+On CUDA the products are replayed from CUDA graphs (:class:`landscape.engines.Graphed`, one
+capture per static shape, checked against the eager product; ``graphs=False`` turns this off); a
+product whose capture fails runs eagerly with a one-line warning. The planner's ``"graph"``
+choice says what was captured and why anything was not. A pass makes one host read (its NaN/Inf
+flags and the data fingerprint's comparison together), whatever the number of batches.
 
 The user's model is left as it was: parameters and buffers are read, never written (products
 use ``torch.func.functional_call`` on detached copies), and the training flags of every module
@@ -57,7 +67,7 @@ import torch
 import torch.nn as nn
 
 from ._timing import best_of, timed
-from .engines import PRODUCT_ENGINES, CachedGraph, FwdRev, ProductForms, RevRev, TaylorForms
+from .engines import PRODUCT_ENGINES, CachedGraph, FwdRev, Graphed, ProductForms, RevRev, TaylorForms
 from .errors import NonFiniteError, check_policy
 from .fp64 import dots, norms
 from .operator import BaseOperator, DataChangedError, eval_mode, finite_pair, select_params, take
@@ -146,6 +156,8 @@ class HessianOperator(BaseOperator):
         engine: an engine named directly, product or quadratic (``"taylor"``, ``"fwd-rev"``,
             ...); the same as passing it as ``method`` or ``quadratic``.
         reduction: ``"auto"``, ``"mean"`` or ``"sum"`` (:mod:`landscape.operator`).
+        graphs: ``None`` or ``True``: on CUDA, products of static shapes are replayed from CUDA
+            graphs (elsewhere they run eagerly); ``False``: always eagerly.
 
     Under ``torch.distributed``, each rank passes its own shard of the data; products are
     all-reduced weighted by sample counts, so every rank gets the same answer, and rank 0's
@@ -159,7 +171,7 @@ class HessianOperator(BaseOperator):
     def __init__(self, model: nn.Module, loss_fn: Callable, data, params=None, *, method: str = "auto",
                  cache_bytes: int = 2 << 30, max_block: int | None = None, quadratic: str = "auto",
                  progress: bool = False, on_nonfinite: str = "raise", engine: str | None = None,
-                 reduction: str = "auto"):
+                 reduction: str = "auto", graphs: bool | None = None):
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
         if quadratic not in QUADRATIC:
@@ -177,6 +189,8 @@ class HessianOperator(BaseOperator):
                 method = engine
         if max_block is not None and (not isinstance(max_block, int) or max_block < 1):
             raise ValueError(f"max_block must be a positive integer, got {max_block!r}")
+        if graphs not in (None, True, False):
+            raise ValueError(f"graphs must be None, True or False, got {graphs!r}")
         super().__init__(model, loss_fn, data, params, reduction=reduction, progress=progress,
                          on_nonfinite=on_nonfinite)
         self.cache_bytes = cache_bytes
@@ -185,11 +199,14 @@ class HessianOperator(BaseOperator):
         self.quadratic_block = 16 if self.device.type == "cpu" else 32
         self.taylor_budget = (16 << 20) if self.device.type == "cpu" else (1 << 30)  # bytes per tangent
         self.requested_method, self.requested_quadratic = method, quadratic
-        self._products = None
+        self.graphs = graphs is not False
+        self._products: Graphed | None = None
         self._forms = None
+        self._graph_state = None  # what the "graph" choice last recorded
         if method != "auto":
-            self._products = PRODUCT_ENGINES[method]()
+            self._products = Graphed(PRODUCT_ENGINES[method](), self.graphs)
             self.planner.record(Choice("product", method, "requested", reason="method given", block=self.max_block))
+            self._note_graphs()
         if quadratic == "hvp":
             self.planner.record(Choice("quadratic", "hvp", "requested", reason="quadratic given"))
 
@@ -230,12 +247,14 @@ class HessianOperator(BaseOperator):
     def _choose_products(self, V: dict, frozen: dict) -> None:
         x, y = self.first_batch()
         n_full = len(y)
-        if len(y) >= 32:  # time on a quarter of the batch: the choice stays cheap
+        accel = self.device.type != "cpu"
+        if len(y) >= 32 and not accel:  # time on a quarter of the batch: the choice stays cheap
             x, y = take(x, len(y), len(y) // 4), y[: len(y) // 4]
         nb = len(self.data) if hasattr(self.data, "__len__") else None
         width = V[self.names[0]].shape[0]
         widths = sorted({1, width})
-        engines = {"cached": CachedGraph(), "fwd-rev": FwdRev(), "rev-rev": RevRev()}
+        engines = {m: Graphed(cls(), self.graphs) for m, cls in
+                   (("cached", CachedGraph), ("fwd-rev", FwdRev), ("rev-rev", RevRev))}
         errors = {}
         try:  # measured on the timing batch, scaled to a full one
             size = CachedGraph.graph_bytes(self, x, y, frozen) * n_full // max(len(y), 1)
@@ -251,7 +270,7 @@ class HessianOperator(BaseOperator):
 
         def timer(eng, w):
             Vw = {n: v[:w] for n, v in V.items()}
-            if isinstance(eng, CachedGraph):  # a cached product skips the graph construction
+            if isinstance(eng.engine, CachedGraph) or eng.active(self):  # graph built (or product captured) first
                 eng.products(self, 0, x, y, Vw, frozen)
             # a warm-up run each: vmap traces on first use, autograd allocates its buffers
             return lambda: best_of(lambda: eng.products(self, 0, x, y, Vw, frozen)[0], self.device,
@@ -263,8 +282,36 @@ class HessianOperator(BaseOperator):
                 candidates[f"{m}@{w}"] = lambda eng=eng, w=w: timer(eng, w)()
         names = tuple(f"{m}@{w}" for m in METHODS[1:] for w in widths)
         choice = self.planner.decide("product", candidates, names=names, errors=errors, catch=(Exception,))
-        self._products = PRODUCT_ENGINES[choice.engine]()
+        if accel and self._reusable(engines[choice.engine]):  # timed on batch 0 itself: keep its captures
+            self._products = engines[choice.engine]
+        else:
+            self._products = Graphed(PRODUCT_ENGINES[choice.engine](), self.graphs)
         self.block = choice.block or self.block
+        self._note_graphs()
+
+    def _reusable(self, engine: Graphed) -> bool:
+        """Whether an engine timed on :meth:`first_batch` may compute batch 0 of the passes: a
+        cached engine keeps batch 0's gradient graph, which only data that yields the same first
+        batch on every iteration (a list or tuple of batches) is sure to match."""
+        return not isinstance(engine.engine, CachedGraph) or isinstance(self.data, (list, tuple))
+
+    def _note_graphs(self) -> None:
+        """Record (again, when it changed) what the product engine replays from CUDA graphs."""
+        eng = self._products
+        state = (len(eng.graphs), len(eng.errors))
+        if state == self._graph_state:
+            return
+        self._graph_state = state
+        if not self.graphs:
+            c = Choice("graph", "eager", "requested", reason="graphs=False")
+        elif self.device.type != "cuda":
+            c = Choice("graph", "eager", "rule", reason=f"CUDA graphs capture CUDA work: on {self.device.type} "
+                                                        "the products run eagerly")
+        else:
+            c = Choice("graph", "captured" if eng.graphs else "eager", "rule", errors=dict(eng.errors),
+                       reason=f"{len(eng.graphs)} product(s) of static shape captured and replayed, each checked "
+                              "against the eager product" + (" (the errors ran eagerly)" if eng.errors else ""))
+        self.planner.record(c)
 
     @full_precision()
     def matmat(self, V: torch.Tensor) -> torch.Tensor:
@@ -301,6 +348,7 @@ class HessianOperator(BaseOperator):
                     flags.append(finite_pair(loss, block))
                 acc += len(y) * block
                 n_total += len(y)
+        self._note_graphs()
         acc = self.reduce(acc, n_total, flags, "Hessian-vector product")
         self.num_matvecs += k
         self.count("quadratic:hvp" if kind == "quadratic" else f"product:{engine.name}", k)
@@ -361,6 +409,7 @@ class HessianOperator(BaseOperator):
 
     def _choose_quadratic(self, Z: torch.Tensor) -> None:
         errors, timings, choice, reason = {}, {}, "hvp", ""
+        accel = self.device.type != "cpu"
         with eval_mode(self.model):
             try:
                 self._forms = TaylorForms(self)
@@ -369,7 +418,7 @@ class HessianOperator(BaseOperator):
                 if why is not None:
                     raise NotImplementedError(why)
                 n_full = len(y)
-                if len(y) >= 32:
+                if len(y) >= 32 and not accel:  # as for the products (_choose_products)
                     x, y = x[: len(y) // 4], y[: len(y) // 4]
                 V, frozen = self.unflatten(Z), self.frozen()
                 # probes per pass: tangents are k times the largest activation; past a budget memory
@@ -380,16 +429,17 @@ class HessianOperator(BaseOperator):
                 Z = Z[:, : self.quadratic_block]
                 V = self.unflatten(Z)
                 self._forms.forms(self, 0, x, y, V, frozen)  # warm-up
+                P, hvp = self._hvp_candidate(Z, V, x, y, frozen, accel)
                 t_taylor = t_hvp = float("inf")
-                rev = RevRev()
-                for _ in range(2):  # best of two: single timings of small batches are noisy
+                for _ in range(1 if accel else 2):  # best of two on the CPU, where single timings are noisy
                     (q_t, _), t = timed(lambda: self._forms.forms(self, 0, x, y, V, frozen), self.device)
                     t_taylor = min(t_taylor, t)
-                    HV, t = timed(lambda: self.to_block(rev.products(self, 0, x, y, V, frozen)[0]), self.device)
+                    HV, t = timed(hvp, self.device)
                     t_hvp = min(t_hvp, t)
-                q_h = dots(Z, HV).to(q_t.dtype)
-                scale = (norms(Z) * norms(HV)).to(q_t.dtype)
-                timings = {"taylor": t_taylor / Z.shape[1], "hvp": t_hvp / Z.shape[1]}
+                q_t = q_t[: P.shape[1]]
+                q_h = dots(P, HV).to(q_t.dtype)
+                scale = (norms(P) * norms(HV)).to(q_t.dtype)
+                timings = {"taylor": t_taylor / Z.shape[1], "hvp": t_hvp / P.shape[1]}
                 if bool(((q_t - q_h).abs() > 1e-4 * scale + 1e-12).any()):
                     errors["taylor"] = (f"Taylor-mode forms disagree with Hessian-vector products ({q_t.tolist()} vs "
                                         f"{q_h.tolist()}): please report this model")
@@ -411,6 +461,25 @@ class HessianOperator(BaseOperator):
                 self._forms = TaylorForms(self)
         elif self.quadratic == "hvp":
             self._forms = None
+
+    def _hvp_candidate(self, Z, V, x, y, frozen, accel: bool):
+        """The probes the ``"hvp"`` forms are timed on and the function computing their products:
+        on the CPU double backward on all of ``Z``; on an accelerator the operator's own product
+        engine (chosen now if not yet) at its block, as the forms would run (warmed up, captured)."""
+        if not accel:
+            rev = RevRev()
+            return Z, lambda: self.to_block(rev.products(self, 0, x, y, V, frozen)[0])
+        engine = self._product_engine(self.unflatten(Z[:, : self.max_block]))
+        if not self._reusable(engine):  # batch 0's graph is not to be built from this batch
+            engine = Graphed(type(engine.engine)(), self.graphs)
+        P = Z[:, : self.block]
+        Vp = self.unflatten(P)
+
+        def hvp():
+            return self.to_block(engine.products(self, 0, x, y, Vp, frozen)[0])
+
+        hvp()
+        return P, hvp
 
     def __repr__(self) -> str:
         return (f"HessianOperator(dim={self.dim}, params={len(self.names)} tensors, "

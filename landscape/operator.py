@@ -29,10 +29,12 @@ sample count is ``len(targets)``.
 
 **The same data on every pass.** A product is a pass over the data, and an operator is only
 linear (and symmetric) if every pass sees the same batches. Each pass records the batches'
-sizes and a checksum (the float64 sum of every input and target tensor, computed where the
-tensor lies) and compares them with the first complete pass: a shuffling loader, a
+sizes and a checksum (the float64 sum of every input and target tensor, computed on the
+operator's device) and compares them with the first complete pass: a shuffling loader, a
 ``drop_last`` loader over shuffled data, or a generator that is exhausted after one pass raises
-:class:`DataChangedError` naming the batch, instead of a silently wrong answer.
+:class:`DataChangedError` naming the batch, instead of a silently wrong answer. The checksums stay
+on the device and are compared there once per pass; the answer is read with the pass's NaN/Inf
+flags, in the pass's one host read (:meth:`BaseOperator.reduce`).
 
 Example:
     >>> import torch, torch.nn as nn
@@ -243,7 +245,9 @@ class BaseOperator:
         self.planner = Planner(self.device)
         self.counts: dict[str, int] = {}
         self.num_matvecs = 0
-        self._fingerprint: list[tuple[int, float]] | None = None
+        self._fingerprint: tuple[list[int], torch.Tensor] | None = None  # the first pass's sizes and checksums
+        # the last pass, until its comparison is read: (sizes, checksums, changed per batch)
+        self._data_check: tuple[list[int], torch.Tensor, torch.Tensor] | None = None
         self.reduction: str | None = None
         if reduction != "auto" or own is not None:
             self.reduction = own or reduction
@@ -371,7 +375,10 @@ class BaseOperator:
 
     def passes(self, desc: str = "hvp"):
         """One pass over the data: ``(index, inputs, targets)`` on the device, checked against the
-        first complete pass when it ends (:class:`DataChangedError`)."""
+        first complete pass when it ends (:class:`DataChangedError`; a difference in the batches'
+        sizes raises at once, one in their checksums is computed on the device and read by the
+        next :meth:`reduce`)."""
+        self.check_data()  # a pass whose comparison nobody read
         it = iter(self.data)
         if self.progress:
             it = tqdm(it, desc=desc, leave=False)
@@ -380,48 +387,92 @@ class BaseOperator:
             if not (isinstance(b, (tuple, list)) and len(b) >= 2 and isinstance(b[1], torch.Tensor)):
                 raise TypeError(f"batch {i} is a {type(b).__name__}; each batch must be an (inputs, targets) pair "
                                 "with a tensor of targets")
-            x, y = b[0], b[1]
+            x, y = to_device(b[0], self.device), b[1].to(self.device)
             sizes.append(len(y))
             sums.append(checksum(x, y))
-            yield i, to_device(x, self.device), y.to(self.device)
+            yield i, x, y
         self._check_pass(sizes, sums)
 
     def _check_pass(self, sizes: list[int], sums: list[torch.Tensor]) -> None:
+        """Compare a finished pass with the first: sizes on the host, checksums on the device (no
+        host read: the flag waits for :meth:`reduce` or :meth:`check_data`)."""
         if not sizes:
             raise ValueError("the data yielded no batch (an exhausted iterator? pass a list or a DataLoader)")
-        fp = list(zip(sizes, torch.stack([s.cpu() for s in sums]).tolist()))
+        fp = torch.stack([s.to(self.device) for s in sums])
         if self._fingerprint is None:
-            self._fingerprint = fp
+            self._fingerprint = (sizes, fp)
             return
-        ref = self._fingerprint
-        for i in range(max(len(fp), len(ref))):
-            if i >= len(fp) or i >= len(ref):
-                raise DataChangedError(f"the data yielded {len(fp)} batches on this pass and {len(ref)} on the first: "
-                                       "every product must see the same batches; pass a list of batches or a "
-                                       "DataLoader with shuffle=False")
-            (n, s), (n0, s0) = fp[i], ref[i]
-            if n != n0 or abs(s - s0) > 1e-9 * max(abs(s0), 1.0):
-                raise DataChangedError(f"batch {i} differs from the first pass's ({n} samples, checksum {s:.10g} vs "
-                                       f"{n0} samples, checksum {s0:.10g}): a shuffling loader or random "
-                                       "augmentation makes the operator non-linear and non-symmetric; pass a list "
-                                       "of batches or a DataLoader with shuffle=False and no random transforms")
+        ref, fp0 = self._fingerprint
+        if len(sizes) != len(ref):
+            raise DataChangedError(f"the data yielded {len(sizes)} batches on this pass and {len(ref)} on the first: "
+                                   "every product must see the same batches; pass a list of batches or a "
+                                   "DataLoader with shuffle=False")
+        for i, (n, n0) in enumerate(zip(sizes, ref)):
+            if n != n0:
+                raise self._data_changed(i, sizes, fp)
+        self._data_check = (sizes, fp, (fp - fp0).abs() > 1e-9 * fp0.abs().clamp_min(1.0))
+
+    def _data_changed(self, i: int, sizes: list[int], fp: torch.Tensor) -> DataChangedError:
+        """The error naming batch ``i`` of a pass with these sizes and checksums (reads them)."""
+        ref, fp0 = self._fingerprint
+        return DataChangedError(f"batch {i} differs from the first pass's ({sizes[i]} samples, checksum "
+                                f"{float(fp[i]):.10g} vs {ref[i]} samples, checksum {float(fp0[i]):.10g}): a "
+                                "shuffling loader or random augmentation makes the operator non-linear and "
+                                "non-symmetric; pass a list of batches or a DataLoader with shuffle=False and no "
+                                "random transforms")
+
+    def _data_flag(self) -> torch.Tensor | None:
+        """Whether a checksum of the last pass changed (0-d bool on the device), or ``None`` when
+        no pass waits to be checked."""
+        return None if self._data_check is None else self._data_check[2].any()
+
+    def _data_error(self) -> DataChangedError:
+        """The error for the waiting pass (whose flag was read as set), which stops waiting."""
+        sizes, fp, changed = self._data_check
+        self._data_check = None
+        return self._data_changed(int(changed.nonzero()[0, 0]), sizes, fp)
+
+    def check_data(self) -> None:
+        """Read the last pass's checksum comparison if no :meth:`reduce` read it (one host read).
+
+        Raises:
+            DataChangedError: a batch's checksum differs from the first pass's.
+        """
+        flag = self._data_flag()
+        if flag is not None and bool(flag):
+            raise self._data_error()
+        self._data_check = None
 
     # -- accumulation -------------------------------------------------------------------------
     def reduce(self, acc: torch.Tensor, n: int, flags: list | None = None, what: str = "product") -> torch.Tensor:
         """The accumulated ``sum_b n_b * value_b`` normalized by the reduction (over batches and
-        ranks), after checking the per-batch ``(loss finite, value finite)`` flags (one host
-        read; under ``torch.distributed`` the bad batches are counted over ranks, so that every
-        rank raises or none)."""
-        bad = None
+        ranks), after checking the per-batch ``(loss finite, value finite)`` flags and the pass's
+        data fingerprint (one host read for both; under ``torch.distributed`` bad batches and
+        changed data are counted over ranks, so that every rank raises or none)."""
+        bad = changed = 0.0
+        data = self._data_flag()
         if distributed():
-            cnt = torch.tensor([float(n), 0.0], dtype=torch.float64, device=acc.device)
+            cnt = torch.tensor([float(n), 0.0, 0.0], dtype=torch.float64, device=acc.device)
             if flags:
                 cnt[1] = (~torch.stack(flags)).any(1).sum()
+            if data is not None:
+                cnt[2] = data
             dist.all_reduce(acc)
             dist.all_reduce(cnt)
-            n, bad = cnt.tolist()
-        elif flags:
-            bad = float((~torch.stack(flags)).any(1).sum())
+            n, bad, changed = cnt.tolist()
+        elif flags or data is not None:
+            parts = ([(~torch.stack(flags)).any(1).sum().double()] if flags else []) + \
+                ([data.double()] if data is not None else [])
+            read = torch.stack(parts).tolist()  # the pass's one host read
+            bad, changed = (read[0] if flags else 0.0), (read[-1] if data is not None else 0.0)
+        if changed:
+            if data is None or not bool(data):  # another rank's data changed (an error path: reads are fine)
+                self._data_check = None
+                raise DataChangedError("the data changed between passes on another process: every product must "
+                                       "see the same batches; pass a list of batches or a DataLoader with "
+                                       "shuffle=False")
+            raise self._data_error()
+        self._data_check = None
         if bad:
             raise self.nonfinite_error(flags, what)
         if n == 0:

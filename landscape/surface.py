@@ -391,16 +391,18 @@ def _batching(dev, plan, planner, data, max_batch, per_rank, probe) -> tuple[lis
         merged = _merge_batches(data, 4096)
         if len(merged) >= len(data):
             planner.record(Choice("batching", "given", "rule", reason="no consecutive batches to merge"))
-        elif dev.type != "cpu":
+        elif per_rank < _MIN_TIMED_POINTS and dev.type != "cpu":
             batches = merged
-            planner.record(Choice("batching", "merged", "rule", reason="accelerators: merged up to 4096 samples"))
+            planner.record(Choice("batching", "merged", "rule", reason=f"accelerators: merged up to 4096 samples "
+                                                                       f"(fewer than {_MIN_TIMED_POINTS} points per "
+                                                                       "process: not timed)"))
         elif per_rank < _MIN_TIMED_POINTS:
             planner.record(Choice("batching", "given", "rule",
                                   reason=f"fewer than {_MIN_TIMED_POINTS} points per process: not timed"))
         else:
-            # on the CPU, bigger batches are not always cheaper per sample (activations that
-            # leave the caches, page faults of large allocations; fewer, larger operations
-            # where the cores are oversubscribed): time one point each way
+            # bigger batches are not always cheaper per sample: on the CPU activations that leave
+            # the caches, page faults of large allocations, fewer, larger operations where the
+            # cores are oversubscribed; on an accelerator the kernels' shapes: time one point each way
             c = planner.decide("batching", {"given": lambda: plan.timed_rows(probe, data),
                                             "merged": lambda: plan.timed_rows(probe, merged)}, catch=())
             batches = merged if c.engine == "merged" else data
@@ -625,8 +627,9 @@ def surface_1d(model: nn.Module, loss_fn, data, direction: dict, span=(-1.0, 1.0
             1: point by point on a plain copy of the model (the reference engine); an integer
             above 1: that many grid points per vmapped pass (memory grows with it).
         max_batch: consecutive data batches are merged up to this many samples per pass; 0 never
-            merges; ``None`` merges up to 4096 on accelerators and, on the CPU, times one point
-            both ways (for grids of 16 points or more per process) and keeps the faster.
+            merges; ``None`` times one point both ways (for grids of 16 points or more per
+            process; below that it merges up to 4096 on accelerators and keeps the given batches
+            on the CPU) and keeps the faster.
         on_nonfinite: ``"nan"`` (default): a point whose loss is NaN or Inf is NaN in the
             result; ``"raise"``: :class:`landscape.errors.NonFiniteError` naming the point and
             batch (after the whole grid is evaluated).

@@ -50,24 +50,49 @@ def stages(out: Path, runs: Path) -> list[tuple[str, int, list[str], object]]:
            "'cudnn_tf32_default': torch.backends.cudnn.allow_tf32, 'matmul_tf32_default': "
            "torch.backends.cuda.matmul.allow_tf32}))"]
     junit = out / "pytest_cuda.xml"
+    subset = _cifar10_subset()
+    study = runs / "study_cifar10_subset"
+    study_cmd = [PY, "-m", "landscape", "study", "--preset", "cifar10-subset", "--device", "cuda", "--out", str(study),
+                 "--no-report", "--quiet", "--set", f"data=npz:{subset}"] if subset else \
+        [PY, "-c", "import sys; sys.exit('cifar10-subset.npz not found: set CIFAR10_SUBSET=PATH')"]
     return [
+        # issue 22 first (a lease is 15 minutes): the captured steps against the eager ones, the instruments
+        # against the peers, the CUDA tests, the study end to end; then the older stages
         ("environment", 60, env, None),
+        # the training step (dnq.step_graph): sgd / dnq / sam on resnet20 and resnet18, CIFAR-100-shaped batches
+        # of 128, bf16 + channels_last, eager and captured in the same run
+        bench("train_graph", 240, "bench_train.py", "--suite", "graph", "--models", "resnet20,resnet18",
+              "--batch-size", "128", "--rounds", "5", "--steps", "20"),
+        # the reconstruction step (dnq.recon_step): eager and captured, ms per step, resnet20 and resnet18 blocks
+        bench("recon_step", 300, "bench_recon.py", "--step", "--device", "cuda", "--steps", "200"),
+        # ours against PyHessian (and curvlinops, loss-landscapes where installed) on resnet20, same run
+        bench("instruments_peers", 240, "bench_instruments.py", "--device", "cuda", "--skip-digits"),
+        # the CUDA variants of the tests taking the device fixture and the CUDA-only ones (graph replay equals
+        # eager), with deterministic cuBLAS (PYTEST_ENV)
+        ("pytest_cuda", 300, [PY, "-m", "pytest", "-m", "cuda", "tests", "--continue-on-collection-errors", "-q",
+                              "-rA", "-p", "no:cacheprovider", f"--junitxml={junit}"], lambda: _junit(junit)),
+        # the cifar10-subset study end to end on CUDA (8 models), its wall time in "seconds" (target <= 240)
+        ("study_cifar10_subset", 600, study_cmd, lambda: {"models": len(list((study / "models").glob("*.json")))}),
         train("train_sgd", 150, "sgd", 3),
         train("train_dnq", 150, "dnq", 3),
+        train("train_dnq_eager", 150, "dnq", 3, "--no-cuda-graph"),
         bench("bench_train", 240, "bench_train.py", "--suite", "issue8", "--models", "resnet20", "--batch-size", "512",
               "--rounds", "5"),
         bench("instruments", 150, "bench_instruments_cuda.py"),
-        # ours against PyHessian (and curvlinops, loss-landscapes where installed) on resnet20, same run
-        bench("instruments_peers", 240, "bench_instruments.py", "--device", "cuda", "--skip-digits"),
         bench("taylor_memory", 120, "bench_taylor_memory.py"),
         # reconstruction PTQ on the GPU: 1,000 steps per block (x20 for the papers' 20,000)
         bench("recon", 240, "bench_recon.py", "--models", "resnet20", "--iters", "1000", "--device", "cuda"),
-        # the CUDA variants of the tests taking the device fixture (tests/dnq/test_devices.py,
-        # tests/landscape/test_devices.py, ...), with deterministic cuBLAS (PYTEST_ENV)
-        ("pytest_cuda", 300, [PY, "-m", "pytest", "-m", "cuda", "tests", "--continue-on-collection-errors", "-q",
-                              "-rA", "-p", "no:cacheprovider", f"--junitxml={junit}"], lambda: _junit(junit)),
         train("train_dnq_compiled", 240, "dnq", 2, "--compile"),
     ]
+
+
+def _cifar10_subset() -> str | None:
+    """The cifar10-subset file: $CIFAR10_SUBSET, or shared/data/cifar10-subset.npz beside or above the repository."""
+    for path in (os.environ.get("CIFAR10_SUBSET"), ROOT / "shared" / "data" / "cifar10-subset.npz",
+                 ROOT.parent / "shared" / "data" / "cifar10-subset.npz"):
+        if path and Path(path).is_file():
+            return str(Path(path).resolve())
+    return None
 
 
 def _junit(path: Path) -> dict:

@@ -1,3 +1,4 @@
+import contextlib
 import os
 import subprocess
 import sys
@@ -73,3 +74,45 @@ class UntraceableConvBN(torch.nn.Module):
         if x.sum() > 0:  # data-dependent control flow: torch.fx cannot trace it
             x = -x
         return self.bn(self.conv(x)).flatten(1)
+
+
+class HostReads(contextlib.AbstractContextManager):
+    """Counts the calls that read a tensor's value on the host (a device sync on CUDA) and, with
+    ``tensor_builds``, the tensors built from Python data (a host-to-device copy on CUDA)."""
+
+    NAMES = ("item", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__")
+
+    def __init__(self, tensor_builds: bool = True):
+        self.calls: list[str] = []
+        self.tensor_builds = tensor_builds
+
+    def __enter__(self):
+        self.calls = []
+        self.saved = {n: getattr(torch.Tensor, n) for n in self.NAMES}
+        self.saved_tensor = torch.tensor
+        for n, f in self.saved.items():
+            setattr(torch.Tensor, n, self._spy(n, f))
+        if self.tensor_builds:
+            torch.tensor = self._spy("torch.tensor", self.saved_tensor)
+        return self
+
+    def _spy(self, name, f):
+        def g(*a, **k):
+            self.calls.append(name)
+            return f(*a, **k)
+        return g
+
+    def __exit__(self, *exc):
+        for n, f in self.saved.items():
+            setattr(torch.Tensor, n, f)
+        torch.tensor = self.saved_tensor
+        return False
+
+
+@pytest.fixture
+def no_tf32():
+    """TF32 off for cuDNN and cuBLAS within the test (a CUDA variant compares with float32 or float64)."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved

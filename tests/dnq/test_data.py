@@ -163,3 +163,25 @@ def test_one_class_data_is_refused(tmp_path):
              x_test=rng.integers(0, 256, (8, 8, 8, 3), dtype=np.uint8), y_test=np.arange(8) % 4)
     with pytest.raises(DataError, match="every training label is 3: a classifier needs at least 2 classes"):
         load_dataset(f"npz:{path}")
+
+
+@pytest.mark.parametrize("world_size,rank,channels_last", [(1, 0, False), (1, 0, True), (2, 1, True)])
+def test_static_batches_are_the_batches_iteration_gives(device, world_size, rank, channels_last):
+    """The capturable batch (dnq.step_graph samples it inside the step) is the iterated batch bit
+    for bit: same order, augmentation, normalization, shard and layout, over two epochs."""
+    ds = load_dataset("synthetic:10:80:32")
+    ds.to(torch.device(device))
+    assert ds.augment
+    loader = BatchLoader(ds, 16, True, seed=3, rank=rank, world_size=world_size, channels_last=channels_last)
+    for epoch in (0, 1):
+        loader.set_epoch(epoch)
+        want = list(loader)
+        loader.begin_static_epoch()
+        x = torch.empty_like(want[0][0], memory_format=torch.preserve_format)
+        y = torch.empty_like(want[0][1])
+        for i, (wx, wy) in enumerate(want):
+            loader.static_batch(torch.tensor(i, device=device), x, y)
+            assert torch.equal(x, wx) and torch.equal(y, wy)
+            assert x.is_contiguous(memory_format=torch.channels_last) == channels_last
+    with pytest.raises(DataError, match="training loader"):
+        BatchLoader(ds, 16, False).begin_static_epoch()

@@ -33,12 +33,7 @@ from tests.conftest import on_devices
 SIZE = {"cpu": 8, "cuda": 32}  # image size: the CPU variants run at 8x8 (the CNNs pool globally)
 
 
-@pytest.fixture(autouse=True)
-def no_tf32():
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+pytestmark = pytest.mark.usefixtures("no_tf32")  # tests/conftest.py
 
 
 def test_dnq_trains_with_bf16_and_channels_last(tmp_path, device):

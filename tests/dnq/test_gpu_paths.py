@@ -15,6 +15,7 @@ from dnq.methods import METHODS, make_method
 from dnq.models import build_model
 from dnq.noise import QuantNoise
 from dnq.train import make_autocast
+from tests.conftest import HostReads
 
 CPU = torch.device("cpu")
 LR = {"resnet20": 0.02, "vit-tiny": 0.003}
@@ -190,34 +191,7 @@ def test_compiled_vit_with_dnq_is_one_graph():
     assert _clean_loss(model, method, x, y, autocast) < before
 
 
-class _HostReads(contextlib.AbstractContextManager):
-    """Counts the calls that read a tensor's value on the host (a device sync on CUDA) and the
-    tensors built from Python data (a host-to-device copy on CUDA)."""
-
-    NAMES = ("item", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__")
-
-    def __init__(self):
-        self.calls: list[str] = []
-
-    def __enter__(self):
-        self.saved = {n: getattr(torch.Tensor, n) for n in self.NAMES}
-        self.saved_tensor = torch.tensor
-        for n, f in self.saved.items():
-            setattr(torch.Tensor, n, self._spy(n, f))
-        torch.tensor = self._spy("torch.tensor", self.saved_tensor)
-        return self
-
-    def _spy(self, name, f):
-        def g(*a, **k):
-            self.calls.append(name)
-            return f(*a, **k)
-        return g
-
-    def __exit__(self, *exc):
-        for n, f in self.saved.items():
-            setattr(torch.Tensor, n, f)
-        torch.tensor = self.saved_tensor
-        return False
+_HostReads = HostReads  # the spy lives in tests/conftest.py
 
 
 @pytest.mark.parametrize("method_name", METHODS)
