@@ -474,8 +474,10 @@ class QuantNoise:
     def _coef_tensors(self, device) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Per site, 0-dim float32 device tensors ``(lam * mu, lam * sigma)``: one table, refreshed
         in place when the statistics or lambda change (its views stay the same tensors)."""
-        names = sorted(self.a_mean)
         c = self._coef_state
+        if c is not None and c["version"] == self._version and c["table"].device == torch.device(device):
+            return c["views"]  # the hot path: every step of a static or replayed step asks
+        names = sorted(self.a_mean)
         if c is None or c["names"] != names or c["table"].device != torch.device(device):
             table = torch.zeros(len(names), 2, device=device)
             c = self._coef_state = {"names": names, "table": table, "version": None,

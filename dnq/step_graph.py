@@ -115,8 +115,7 @@ def capture_unavailable(device: torch.device, *, world: int = 1, compiled: bool 
         return "DistributedDataParallel's gradient hooks are not captured (torchrun with more than one process)"
     if compiled:
         return "--compile: torch.compile's step is not captured here (its mode='reduce-overhead' has its own graphs)"
-    why = getattr(method, "capture_unavailable", lambda: None)()
-    return why
+    return None if method is None else method.capture_unavailable()
 
 
 class TrainStep:
