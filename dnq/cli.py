@@ -24,11 +24,13 @@ import sys
 from dnq_landscape_common.cli import OneLineParser, UsageError, debug_requested, guarded
 from dnq_landscape_common.distributed import exit_distributed
 
+from .convention import CONVENTIONS
 from .data import DATASET_NAMES
 from .methods import METHODS
 from .models import MODELS
 from .ptq import format_table, run_ptq
 from .quant import RANGE_METHODS, WEIGHT_MODES
+from .recon import LR_RULES
 from .train import TrainConfig, train
 
 
@@ -133,7 +135,15 @@ def build_parser() -> argparse.ArgumentParser:
                    "W3A3,W2A4, or with --mixed the uniform W{b}A{abits} at the sensitivity's candidate bits")
     q.add_argument("--range", dest="ranges", default=",".join(RANGE_METHODS),
                    help=f"comma-separated clipping-range methods: {', '.join(RANGE_METHODS)}")
-    q.add_argument("--weight-mode", default="symmetric", choices=WEIGHT_MODES)
+    q.add_argument("--convention", default="dnq", choices=CONVENTIONS,
+                   help="quantization convention: dnq (this toolkit's: activations at every Conv/Linear input, "
+                        "symmetric weights) or paper (the BRECQ/QDrop reference code's: activations at layer and "
+                        "block outputs, asymmetric weights on 2^b levels, QDrop's mixing, the papers' learning rates)")
+    q.add_argument("--lr-rule", default=None, choices=LR_RULES,
+                   help="reconstruction learning rates: paper (fixed) or scaled (times 20000/steps); default: the "
+                        "convention's (dnq: scaled, paper: paper)")
+    q.add_argument("--weight-mode", default=None, choices=WEIGHT_MODES,
+                   help="per-channel weight grid (default: the convention's; dnq: symmetric, paper: asymmetric)")
     q.add_argument("--first-last-bits", type=_opt_bits, default=8,
                    help="bits of the first and last layer ('none' quantizes them like the rest)")
     q.add_argument("--method", dest="methods", default="rtn",
@@ -195,12 +205,14 @@ def _run(args) -> int:
                          bn_reestimate=args.bn_reestimate, methods=args.methods, iters=args.iters,
                          recon_batch_size=args.recon_batch_size, mixed=args.mixed, objectives=args.objective,
                          sensitivity=args.sensitivity, abits=args.abits, tie_shared_inputs=args.tie_shortcuts,
-                         data=args.data)
+                         data=args.data, convention=args.convention, lr_rule=args.lr_rule)
         if report["fp"]["val_acc"] is not None:
             print(f"validation accuracy ({report['data']['val_size']} images):")
             print(format_table(report, "val_acc"))
             print(f"test accuracy ({report['data']['test_size']} images):")
         print(format_table(report))
+        conv = report["settings"]["convention"]
+        print(f"quantization convention: {conv['convention']} ({conv['source']})")
         print(f"wrote {args.run}/ptq.json")
     return 0
 

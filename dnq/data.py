@@ -221,9 +221,12 @@ def _load_torchvision(name: str, data_root: str | None, download: bool):
         tr = cls(root, train=True, download=download)
         te = cls(root, train=False, download=download)
     except RuntimeError:  # torchvision: "Dataset not found or corrupted."
+        folder = os.path.join(os.path.abspath(root), getattr(cls, "base_folder", name))
         raise DataError(
-            f"{name} not found (or corrupted) under --data-root {os.path.abspath(root)!r}. "
-            f"Pass --download to fetch it there, or point --data-root at a folder that holds it."
+            f"{name} not found (or corrupted) under the data root {os.path.abspath(root)!r} (torchvision reads it "
+            f"from, and --download writes it to, {folder!r}); pass --download to fetch it there, point --data-root "
+            f"at a folder that holds it, or give the images as a file with --data npz:PATH (uint8 x_train, y_train, "
+            f"x_test, y_test)"
         ) from None
     except PermissionError as e:
         raise DataError(f"{name} under {os.path.abspath(root)!r} cannot be read: permission denied ({e.filename}); "

@@ -12,6 +12,11 @@ validation split the run held out (its ``model.pt`` metadata ``val_size`` / ``va
 written before these keys existed have none). Accuracy and loss are reported on the validation
 split (when there is one) and on the test split.
 
+The quantization convention (``convention``, ``--convention``; :mod:`dnq.convention`): ``dnq``
+(activations at every Conv/Linear input, symmetric weights) or ``paper`` (the BRECQ / QDrop
+reference code's places and grids, :mod:`dnq.quant_paper`), recorded in ``settings["convention"]``
+and in every row.
+
 Mixed precision (``mixed``, ``--mixed avg-bits=3``): per budget and objective, one weight bit-width per
 layer chosen by :func:`dnq.mixed.plan` from the run's per-layer sensitivity
 (``RUN/sensitivity.json``, :mod:`dnq.sensitivity_file`; measured by ``landscape sensitivity``, which
@@ -42,11 +47,23 @@ from tqdm.auto import tqdm
 from dnq_landscape_common.device import parse_device
 from dnq_landscape_common.precision import full_precision
 
+from .convention import check_convention
+from .convention import describe as describe_convention
 from .data import BatchLoader
 from .io import atomic_write_json
 from .mixed import OBJECTIVES, allocations, parse_budgets, shared_input_groups
 from .quant import RANGE_METHODS, WEIGHT_MODES, check_bits, parse_bits, ptq_method, quantize
-from .recon import DESCRIPTIONS, PAPER_CALIB_SIZE, PTQ_METHODS, RECON_METHODS, check_methods, default_iters, reconstruct
+from .quant_paper import quantize_paper
+from .recon import (
+    DESCRIPTIONS,
+    LR_RULES,
+    PAPER_CALIB_SIZE,
+    PTQ_METHODS,
+    RECON_METHODS,
+    check_methods,
+    default_iters,
+    reconstruct,
+)
 from .run import run_dataset
 from .rundir import folder_lock
 from .sensitivity_file import (
@@ -84,12 +101,13 @@ def _describe_rounding(fold_bn: bool, calib: str) -> dict:
                       f"BatchNorm with the re-estimated statistics"}
 
 
-def run_ptq(run_dir, bits: str | None = None, ranges: str = ",".join(RANGE_METHODS), weight_mode: str = "symmetric",
+def run_ptq(run_dir, bits: str | None = None, ranges: str = ",".join(RANGE_METHODS), weight_mode: str | None = None,
             first_last_bits: int | None = 8, calib_size: int | None = None, fold_bn: bool = True,
             device: str = "auto", seed: int = 0, data_root: str | None = None, quiet: bool = False,
             write: bool = True, bn_reestimate: bool = False, methods: str | list | None = None,
             iters: int | None = None, recon_batch_size: int = 32, mixed=None, objectives: str | list = "predicted",
-            sensitivity=None, abits: int = 4, tie_shared_inputs: bool = False, data: str | None = None) -> dict:
+            sensitivity=None, abits: int = 4, tie_shared_inputs: bool = False, data: str | None = None,
+            convention: str = "dnq", lr_rule: str | None = None) -> dict:
     """Quantize the final model of ``run_dir`` for every (method, bits, range method) and evaluate it.
 
     Args:
@@ -99,7 +117,8 @@ def run_ptq(run_dir, bits: str | None = None, ranges: str = ",".join(RANGE_METHO
             candidate bit-width ``b`` of the sensitivity (the uniform line of a Pareto plot).
         ranges: comma-separated range methods (``minmax``, ``percentile``, ``mse``), used for
             weights and activations alike.
-        weight_mode: ``"symmetric"`` or ``"asymmetric"`` per-output-channel weight quantizer.
+        weight_mode: ``"symmetric"`` or ``"asymmetric"`` per-output-channel weight quantizer
+            (None: the convention's; the paper convention takes asymmetric only).
         first_last_bits: bits of the first and last layer (``None``: like the rest).
         calib_size: number of calibration images for every method (default: 256 for ``rtn`` and
             ``rtn+bn``, 1,024 for the reconstruction methods): non-augmented images of the training
@@ -131,6 +150,10 @@ def run_ptq(run_dir, bits: str | None = None, ranges: str = ",".join(RANGE_METHO
             convolution and its first convolution) the same bits.
         data: the run's dataset at another place (``npz:NEWPATH``, for a file that moved); its
             content is checked against the run's record first (:func:`dnq.run.run_dataset`).
+        convention: ``"dnq"`` or ``"paper"`` (:mod:`dnq.convention`): recorded in the report's
+            ``settings["convention"]`` (what it means) and in every row.
+        lr_rule: the reconstruction's learning-rate rule (:func:`dnq.recon.default_lrs`; None: the
+            convention's).
 
     Returns:
         The report (also written to ``ptq.json``): ``fp`` (``val_acc``, ``val_loss``,
@@ -157,6 +180,12 @@ def run_ptq(run_dir, bits: str | None = None, ranges: str = ",".join(RANGE_METHO
     check_bits(abits, "activation bits (--abits)")
     settings = parse_bits(bits) if bits is not None else ([] if budgets else parse_bits(DEFAULT_BITS))
     range_list = parse_ranges(ranges)
+    weight_mode = _convention_weight_mode(check_convention(convention), weight_mode)
+    if budgets and convention == "paper":
+        raise ValueError("mixed precision (--mixed) uses the sensitivity of the dnq convention's symmetric weight "
+                         "quantizer; use --convention dnq")
+    if lr_rule is not None and lr_rule not in LR_RULES:
+        raise ValueError(f"unknown lr_rule {lr_rule!r}; valid: {', '.join(LR_RULES)}")
     if weight_mode not in WEIGHT_MODES:
         raise ValueError(f"unknown weight mode {weight_mode!r}; valid: {', '.join(WEIGHT_MODES)}")
     if first_last_bits is not None:
@@ -173,11 +202,12 @@ def run_ptq(run_dir, bits: str | None = None, ranges: str = ",".join(RANGE_METHO
     run_dir = Path(run_dir)
     dev = parse_device(device)
     loaded = load_model(run_dir, dev)  # a damaged model.pt is refused before anything is written
-    _check_recon_settings(method_list, weight_mode, fold_bn)
+    _check_recon_settings(method_list, weight_mode, fold_bn, convention)
     if budgets and weight_mode != "symmetric":
         raise ValueError("mixed precision uses the sensitivity of the symmetric per-channel weight quantizer; use "
                          "--weight-mode symmetric")
-    recon = {"iters": default_iters(dev) if iters is None else iters, "batch_size": recon_batch_size}
+    recon = {"iters": default_iters(dev) if iters is None else iters, "batch_size": recon_batch_size,
+             "convention": convention, "lr_rule": lr_rule}
     mix = None
     if budgets:
         mix = {"budgets": budgets, "objectives": objective_list, "abits": abits, "tie": tie_shared_inputs,
@@ -196,9 +226,21 @@ def run_ptq(run_dir, bits: str | None = None, ranges: str = ",".join(RANGE_METHO
     return report
 
 
-def _check_recon_settings(methods, weight_mode: str, fold_bn: bool) -> None:
-    """Refuse settings the reconstruction methods do not take (they fold BatchNorm and quantize
-    weights symmetric per channel, as the papers do)."""
+def _convention_weight_mode(convention: str, weight_mode: str | None) -> str:
+    """The weight grid of a convention (dnq: symmetric unless asked; paper: asymmetric only)."""
+    if convention == "paper":
+        if weight_mode not in (None, "asymmetric"):
+            raise ValueError(f"the paper convention quantizes weights asymmetric per channel on 2^b levels; drop "
+                             f"--weight-mode {weight_mode} or use --convention dnq")
+        return "asymmetric"
+    return "symmetric" if weight_mode is None else weight_mode
+
+
+def _check_recon_settings(methods, weight_mode: str, fold_bn: bool, convention: str = "dnq") -> None:
+    """Refuse settings the reconstruction methods do not take (they fold BatchNorm, and quantize
+    weights symmetric per channel under the dnq convention, asymmetric under the paper one)."""
+    if convention == "paper":
+        weight_mode = "symmetric" if weight_mode == "asymmetric" else weight_mode
     if not fold_bn and any(v in RECON_METHODS for v in methods):
         raise ValueError("the reconstruction methods fold BatchNorm first (as the papers do); drop --no-fold-bn or "
                          "use rtn / rtn+bn only")
@@ -208,9 +250,9 @@ def _check_recon_settings(methods, weight_mode: str, fold_bn: bool) -> None:
 
 
 def apply_ptq(model: nn.Module, method: str, wbits: int, abits: int, calib, *, range_method: str = "minmax",
-              first_last_bits: int | None = 8, bits_by_layer: dict | None = None, weight_mode: str = "symmetric",
+              first_last_bits: int | None = 8, bits_by_layer: dict | None = None, weight_mode: str | None = None,
               fold_bn: bool = True, seed: int = 0, iters: int | None = None, batch_size: int = 32,
-              progress: bool = False) -> nn.Module:
+              progress: bool = False, convention: str = "dnq", lr_rule: str | None = None) -> nn.Module:
     """One PTQ method on ``model`` (not modified): the one dispatch behind ``dnq ptq`` and the study.
 
     ``rtn`` and ``rtn+bn`` are :func:`dnq.quant.quantize` (``rtn+bn`` re-estimates BatchNorm on
@@ -237,16 +279,22 @@ def apply_ptq(model: nn.Module, method: str, wbits: int, abits: int, calib, *, r
         >>> q.ptq_method, q is model
         ('rtn', False)
     """
+    weight_mode = _convention_weight_mode(check_convention(convention), weight_mode)
     if method in RECON_METHODS:
-        _check_recon_settings([method], weight_mode, fold_bn)
+        _check_recon_settings([method], weight_mode, fold_bn, convention)
         return reconstruct(model, wbits, abits, calib, method, iters=iters, batch_size=batch_size,
                            first_last_bits=first_last_bits, range_method=range_method, seed=seed, progress=progress,
-                           bits_by_layer=bits_by_layer)
+                           bits_by_layer=bits_by_layer, convention=convention, lr_rule=lr_rule)
     if method not in ("rtn", "rtn+bn"):
         raise ValueError(f"unknown PTQ method {method!r}; valid: {', '.join(PTQ_METHODS)}")
-    return quantize(model, wbits, abits, calib, weight_mode=weight_mode, range_method=range_method,
-                    first_last_bits=first_last_bits, fold_bn=fold_bn, seed=seed, bn_reestimate=method == "rtn+bn",
-                    bits_by_layer=bits_by_layer)
+    if convention == "paper":
+        return quantize_paper(model, wbits, abits, calib, range_method=range_method, first_last_bits=first_last_bits,
+                              fold_bn=fold_bn, seed=seed, bn_reestimate=method == "rtn+bn", bits_by_layer=bits_by_layer)
+    q = quantize(model, wbits, abits, calib, weight_mode=weight_mode, range_method=range_method,
+                 first_last_bits=first_last_bits, fold_bn=fold_bn, seed=seed, bn_reestimate=method == "rtn+bn",
+                 bits_by_layer=bits_by_layer)
+    q.ptq_convention = "dnq"
+    return q
 
 
 def _check_writable(run_dir: Path) -> None:
@@ -321,13 +369,15 @@ def _run_ptq(run_dir, loaded, settings, range_list, method_list, weight_mode, fi
             per_layer = None if info is None else info["bits"]
             qmodel = apply_ptq(model, v, w, a, calib_of[v], range_method=r, first_last_bits=first_last_bits,
                                bits_by_layer=per_layer, weight_mode=weight_mode, fold_bn=fold_bn, seed=seed,
-                               iters=recon["iters"], batch_size=recon["batch_size"], progress=not quiet)
+                               iters=recon["iters"], batch_size=recon["batch_size"], progress=not quiet,
+                               convention=recon["convention"], lr_rule=recon["lr_rule"])
             s = scores(qmodel)
             results.append({"bits": label, "wbits": w if info is None else info["avg_bits"], "abits": a, "range": r,
                             "method": v, "variant": qmodel.ptq_method, **s, "acc_drop": fp["test_acc"] - s["test_acc"],
                             "loss_increase": s["test_loss"] - fp["test_loss"], "calib_size": len(calib_of[v]),
                             "bn_reestimated": len(qmodel.ptq_bn_reestimated), "mixed": info,
-                            "recon": getattr(qmodel, "ptq_recon", None), "time_s": time.perf_counter() - t0})
+                            "recon": getattr(qmodel, "ptq_recon", None), "convention": recon["convention"],
+                            "sites": getattr(qmodel, "ptq_sites", None), "time_s": time.perf_counter() - t0})
     flb = ("same as the other layers" if first_last_bits is None
            else f"{first_last_bits} bits (weights and input activations)")
     report = {
@@ -336,14 +386,14 @@ def _run_ptq(run_dir, loaded, settings, range_list, method_list, weight_mode, fi
         "data": {"dataset": meta["data"], "train_size": len(ds.x_train), "val_size": ds.val_size, "val_seed": val_seed,
                  "test_size": len(ds.x_test), "calibration": "train"},
         "settings": {
+            "convention": describe_convention(recon["convention"]),
             "bits": list(dict.fromkeys(j[0] for j in jobs if j[5] is None)),
             "weights": f"{weight_mode} uniform, per output channel, W bits of each setting "
                        + ("(narrow signed grid, zero point 0)" if weight_mode == "symmetric"
                           else "(zero point per channel)"),
             "weight_mode": weight_mode,
             "weight_granularity": "per output channel",
-            "activations": "asymmetric uniform, per tensor, at the input of every Conv/Linear layer, "
-                           "A bits of each setting",
+            "activations": describe_convention(recon["convention"])["activations"] + ", A bits of each setting",
             "ranges": range_list,
             "range_method": "applies to weights (per channel) and activations (per tensor, on the float model)",
             "first_last_bits": first_last_bits,
@@ -358,8 +408,12 @@ def _run_ptq(run_dir, loaded, settings, range_list, method_list, weight_mode, fi
             "methods": method_list,
             "variants": {v: _describe(v, fold_bn, len(calib_of[v]), recon) for v in method_list},
             # the values used (learning rates, regularizer, drop probability) are in each row's "recon"
-            "recon": ({**recon, "lr_rule": "the papers' 1e-3 and 4e-5 at 20,000 steps, times 20000/steps (at most "
-                                           "100x); brecq's activation stage at a quarter of the steps",
+            "recon": ({**recon,
+                       "lr_rule": recon["lr_rule"] or ("paper" if recon["convention"] == "paper" else "scaled"),
+                       "lr_rules": {"paper": "the papers' fixed rates: rounding 1e-3, step sizes 4e-5 (qdrop) or "
+                                             "4e-4 (brecq's activation stage, a quarter of the steps)",
+                                    "scaled": "those times 20000/steps (brecq's activation stage 5000/its steps; under "
+                                              "the dnq convention 4e-5 x 20000/its steps), at most 100x"},
                        "init_ranges": "the row's range method"}
                       if any(v in RECON_METHODS for v in method_list) else None),
             "mixed": (None if mix is None else {
@@ -382,7 +436,8 @@ def _describe(method: str, fold_bn: bool, n_calib: int, recon: dict) -> str:
         return _describe_rounding(fold_bn, f"{n_calib} calibration images")[method]
     what = DESCRIPTIONS[method]
     return (f"{what}; BatchNorm folded first; {recon['iters']} steps per block, batch {recon['batch_size']}, "
-            f"{n_calib} calibration images; initial ranges from the row's range method")
+            f"{n_calib} calibration images; initial ranges from the row's range method; "
+            f"{recon['convention']} convention")
 
 
 def _column(r: dict) -> str:

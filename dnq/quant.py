@@ -545,6 +545,19 @@ def _check_quantize_args(wbits, abits, first_last_bits, range_method, act_range_
     _check_batch_size(batch_size)
 
 
+def _reestimate_and_fold(qmodel: nn.Module, calib_data, batch_size: int, pairs) -> list[str]:
+    """``rtn+bn``'s last step: re-estimate BatchNorm through the quantized model, then fold the
+    (conv, bn) ``pairs``; returns the names of the re-estimated BatchNorm layers."""
+    bns = set(batchnorm_layers(qmodel))
+    reestimated = [n for n, m in qmodel.named_modules() if m in bns]
+    if not reestimated:
+        warnings.warn("bn_reestimate=True on a model without BatchNorm running statistics: nothing to "
+                      "re-estimate, the 'rtn+bn' model equals the 'rtn' one", stacklevel=3)
+    reestimate_bn(qmodel, calib_data, batch_size)
+    _fold_pairs(qmodel, pairs or [])
+    return reestimated
+
+
 @torch.no_grad()
 def quantize(model: nn.Module, wbits: int, abits: int, calib_data, *, weight_mode: str = "symmetric",
              range_method: str = "minmax", act_range_method: str | None = None, first_last_bits: int | None = 8,
@@ -660,15 +673,7 @@ def quantize(model: nn.Module, wbits: int, abits: int, calib_data, *, weight_mod
         layer.input_quantizer = ActQuantizer(scale, zp, qmin, qmax, ab).to(device)
         layer.register_forward_pre_hook(_quantize_input_hook)
         info.append({"layer": name, "wbits": wb, "abits": ab, "act_lo": lo, "act_hi": hi})
-    reestimated: list[str] = []
-    if bn_reestimate:
-        bns = set(batchnorm_layers(qmodel))
-        reestimated = [n for n, m in qmodel.named_modules() if m in bns]
-        if not reestimated:
-            warnings.warn("bn_reestimate=True on a model without BatchNorm running statistics: nothing to "
-                          "re-estimate, the 'rtn+bn' model equals the 'rtn' one", stacklevel=2)
-        reestimate_bn(qmodel, calib_data, batch_size)
-        _fold_pairs(qmodel, pairs or [])
+    reestimated = _reestimate_and_fold(qmodel, calib_data, batch_size, pairs) if bn_reestimate else []
     qmodel.ptq_layers = info
     qmodel.ptq_method = qmodel.ptq_variant = method  # ptq_variant: the older name, kept for readers of it
     qmodel.ptq_bn_reestimated = reestimated

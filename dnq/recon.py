@@ -22,8 +22,9 @@ weight (up or down) so that a layer's or a block's *output* stays close to the f
   output (a residual block of resnet, an inverted-residual block of mobilenetv2, a transformer
   block of vit-tiny, a single layer where no block exists) with the activations in float; then,
   with the weights fixed, the activation step sizes are learned block by block (LSQ, Esser et
-  al., ICLR 2020; Adam lr 4e-5 with a cosine decay, a quarter of the weight iterations, as in
-  the authors' code).
+  al., ICLR 2020; Adam with a cosine decay over a quarter of the weight iterations, as in the
+  authors' code, whose rate is 4e-4 over 5,000 steps: the paper convention's default; the dnq
+  convention keeps its earlier rate, 4e-5 x 20,000 / activation steps, 1.6e-4 at 5,000).
 * **QDrop** (Wei et al., "QDrop: Randomly Dropping Quantization for Extremely Low-bit
   Post-Training Quantization", ICLR 2022): BRECQ's block reconstruction with the rounding and
   the activation step sizes learned together, and during the reconstruction each activation
@@ -31,10 +32,15 @@ weight (up or down) so that a layer's or a block's *output* stays close to the f
   ``1 - drop_prob`` (0.5), float otherwise. Inference never drops.
 
 Common to all three (:func:`reconstruct`): BatchNorm is folded into the preceding convolution
-first (as for ``rtn``); weights are quantized symmetric per output channel, activations
-asymmetric per tensor at the input of every Conv/Linear layer (the quantizers of
-:mod:`dnq.quant`); the initial weight and activation ranges come from ``range_method``
-(``"mse"`` by default, as in the BRECQ and QDrop code); the first and last layers (execution
+first (as for ``rtn``); under the ``dnq`` convention (:mod:`dnq.convention`) weights are
+quantized symmetric per output channel, activations asymmetric per tensor at the input of every
+Conv/Linear layer (the quantizers of :mod:`dnq.quant`); under the ``paper`` convention (the
+BRECQ / QDrop reference code's) weights are asymmetric on ``2^b`` levels, activations are
+quantized at layer and block outputs (:mod:`dnq.act_sites`), each unit's loss is taken after its
+activation and output quantizer, QDrop mixes the block input with the float model's, and the
+learning rates are the papers' (:func:`default_lrs`); the initial weight and activation ranges
+come from ``range_method`` (``"mse"`` by default, as in the BRECQ and QDrop code; under the paper
+convention QDrop's own search, :func:`dnq.quant_paper.paper_mse_range`); the first and last layers (execution
 order) get ``first_last_bits`` (8). The paper defaults are 20,000 iterations per block, batch
 32 and 1,024 calibration images (:data:`PAPER_ITERS`); on a CPU the default is
 :data:`CPU_ITERS` iterations. Inputs of the block being reconstructed are cached on the device
@@ -71,9 +77,9 @@ from tqdm.auto import tqdm
 
 from dnq_landscape_common.precision import full_precision
 
+from .act_sites import attach_sites, block_types, paper_sites, unit_tail
+from .convention import check_convention
 from .errors import ReconstructionError
-from .models.resnet import BasicBlock
-from .models.vit import Block
 from .quant import (
     RANGE_METHODS,
     ROUNDING_METHODS,
@@ -90,6 +96,8 @@ from .quant import (
     quant_layers,
     weight_qparams,
 )
+from .quant_paper import _weight_bits, observe_sites, paper_act_range, paper_weight_qparams, site_bits
+from .recon_cache import InputCache, _capture
 from .recon_step import GAMMA, ZETA, UnitStep, lsq_quantize, recon_loss, soft_round
 
 RECON_METHODS = ("adaround", "brecq", "qdrop")
@@ -129,6 +137,36 @@ def default_iters(device: torch.device | str) -> int:
     return PAPER_ITERS if torch.device(device).type == "cuda" else CPU_ITERS
 
 
+LR_RULES = ("paper", "scaled")
+"""The reconstruction learning-rate rules: the papers' fixed rates, or scaled with the step budget."""
+PAPER_LRS = {"weights": 1e-3, "qdrop": 4e-5, "brecq": 4e-4}
+"""The reference code's Adam rates: rounding variables (AdaRound / BRECQ / QDrop: Adam's default),
+QDrop's step sizes (``scale_lr``) and BRECQ's activation stage (``--lr``, 5,000 steps)."""
+BRECQ_ACT_ITERS = 5_000
+
+
+def default_lrs(method: str, iters: int, act_iters: int, lr_rule: str = "scaled",
+                convention: str = "dnq") -> tuple[float, float]:
+    """Adam rates ``(rounding variables, step sizes)`` of ``method`` at ``iters`` steps per unit
+    (``act_iters`` for BRECQ's activation stage) under a learning-rate rule and convention.
+
+    Example:
+        >>> default_lrs("brecq", 20000, 5000, "paper", "paper")
+        (0.001, 0.0004)
+        >>> default_lrs("qdrop", 2000, 500, "scaled", "paper")
+        (0.01, 0.0004)
+        >>> default_lrs("brecq", 2000, 500, "scaled", "paper")   # its own 5,000-step stage: 10x
+        (0.01, 0.004)
+    """
+    factor = min(max(PAPER_ITERS / iters, 1.0), 100.0) if lr_rule == "scaled" else 1.0
+    if method != "brecq":
+        return PAPER_LRS["weights"] * factor, PAPER_LRS["qdrop"] * factor
+    if convention == "dnq" and lr_rule == "scaled":  # the rule before conventions had names (issue 23's #5)
+        return budget_lrs(iters)[0], budget_lrs(act_iters)[1]
+    act_factor = min(max(BRECQ_ACT_ITERS / act_iters, 1.0), 100.0) if lr_rule == "scaled" else 1.0
+    return PAPER_LRS["weights"] * factor, PAPER_LRS["brecq"] * act_factor
+
+
 def budget_lrs(iters: int) -> tuple[float, float]:
     """Adam learning rates ``(rounding variables, activation step sizes)`` for ``iters`` steps per block.
 
@@ -162,9 +200,9 @@ class AdaRoundWeight(nn.Module):
     the whole unit, :class:`dnq.recon_step.UnitStep`), it is the weight.
     """
 
-    def __init__(self, weight: torch.Tensor, bits: int, mode: str = "symmetric", method: str = "mse"):
+    def __init__(self, weight: torch.Tensor, bits: int, mode: str = "symmetric", method: str = "mse", qparams=None):
         super().__init__()
-        scale, zp, self.qmin, self.qmax = weight_qparams(weight, bits, mode, method)
+        scale, zp, self.qmin, self.qmax = weight_qparams(weight, bits, mode, method) if qparams is None else qparams
         view = (-1,) + (1,) * (weight.dim() - 1)
         self.register_buffer("scale", scale.view(view))
         self.register_buffer("zero_point", zp.view(view))
@@ -259,13 +297,14 @@ class LSQActQuantizer(nn.Module):
         self.register_buffer("zero_point", torch.tensor(float(zero_point)))
         self.qmin, self.qmax, self.bits = qmin, qmax, bits
         self.enabled, self.drop_prob, self.generator = True, 0.0, None  # a generator switches the drops on
+        self.grad_numel = "sample"  # LSQ's N: values per sample; "tensor": the whole batch (QDrop's code)
 
     def forward(self, x):
         """:func:`lsq_fake_quantize` of ``x`` (fused: :func:`dnq.recon_step.lsq_quantize`), each element
         left in float with probability ``drop_prob`` while a generator is set."""
         if not self.enabled:
             return x
-        g = 1.0 / math.sqrt(x.numel() // x.shape[0] * self.qmax)
+        g = 1.0 / math.sqrt((x.numel() if self.grad_numel == "tensor" else x.numel() // x.shape[0]) * self.qmax)
         keep = None
         if self.generator is not None:  # the draws of the version before issue 22: float where rand < drop_prob
             keep = torch.rand(x.shape, generator=self.generator, device=x.device).lt_(self.drop_prob).to(x.dtype)
@@ -277,12 +316,7 @@ class LSQActQuantizer(nn.Module):
 
 
 # -- blocks -------------------------------------------------------------------------------------
-def _block_types() -> tuple[type, ...]:
-    from torchvision.models.mobilenetv2 import InvertedResidual
-    from torchvision.models.resnet import BasicBlock as TVBasic
-    from torchvision.models.resnet import Bottleneck
-
-    return (BasicBlock, TVBasic, Bottleneck, InvertedResidual, Block)
+_block_types = block_types
 
 
 def find_units(model: nn.Module, order: list[str], blocks: bool = True) -> list[tuple[str, list[str]]]:
@@ -311,74 +345,6 @@ def find_units(model: nn.Module, order: list[str], blocks: bool = True) -> list[
     return units
 
 
-class InputCache:
-    """Cached tensors (the inputs and targets of one unit over the calibration set), kept on
-    ``device`` while their total size is within ``budget`` bytes and in host memory otherwise
-    (pinned when the device is a GPU), gathered per batch and moved to the device."""
-
-    def __init__(self, device: torch.device, budget: int | None):
-        self.device, self.budget, self.used, self.streamed = device, budget, 0, []
-        self.parts: dict[str, list[torch.Tensor]] = {}
-        self.tensors: dict[str, torch.Tensor] = {}
-
-    def add(self, key: str, t: torch.Tensor) -> None:
-        self.parts.setdefault(key, []).append(t.detach())
-
-    def finish(self) -> None:
-        for k, parts in self.parts.items():
-            t = torch.cat(parts)
-            size = t.numel() * t.element_size()
-            if self.budget is not None and self.used + size > self.budget:
-                self.streamed.append(k)
-                t = t.cpu()
-                if self.device.type == "cuda":
-                    t = t.pin_memory()
-            else:
-                self.used += size
-            self.tensors[k] = t
-        self.parts.clear()
-
-    def batch(self, key: str, idx: torch.Tensor) -> torch.Tensor:
-        t = self.tensors[key]
-        return t[idx.to(t.device)].to(self.device, non_blocking=True)
-
-    def __len__(self) -> int:
-        return len(next(iter(self.tensors.values())))
-
-
-class _Stop(Exception):
-    pass
-
-
-def _capture(model: nn.Module, unit: nn.Module, calib: list[torch.Tensor], device, cache: InputCache, prefix: str,
-             output: bool) -> None:
-    """Run ``model`` over the calibration batches and cache ``unit``'s input (``output=False``) or
-    its output, stopping each pass at the unit (or right after it)."""
-    def pre(mod, args):
-        if output:  # only the output is needed (the float targets)
-            return
-        cache.add(prefix + "x", args[0])
-        raise _Stop
-
-    def post(mod, args, out):
-        cache.add(prefix + "y", out)
-        raise _Stop
-
-    handles = [unit.register_forward_pre_hook(pre, prepend=True)]
-    if output:
-        handles.append(unit.register_forward_hook(post))
-    try:
-        with torch.no_grad():
-            for x in calib:
-                try:
-                    model(x.to(device))
-                except _Stop:
-                    pass
-    finally:
-        for h in handles:
-            h.remove()
-
-
 # -- the driver ---------------------------------------------------------------------------------
 def reconstruct(model: nn.Module, wbits: int, abits: int, calib_data, method: str = "qdrop", *,
                 iters: int | None = None, batch_size: int = 32, first_last_bits: int | None = 8,
@@ -387,7 +353,7 @@ def reconstruct(model: nn.Module, wbits: int, abits: int, calib_data, method: st
                 beta: tuple[float, float] = (20.0, 2.0), warmup: float = 0.2, drop_prob: float = 0.5,
                 act_iters: int | None = None, seed: int = 0, device_budget: int | None = None,
                 calib_batch_size: int = 256, progress: bool = False, bits_by_layer: dict | None = None,
-                cuda_graph: bool | None = None) -> nn.Module:
+                cuda_graph: bool | None = None, convention: str = "dnq", lr_rule: str | None = None) -> nn.Module:
     """Quantize ``model`` with AdaRound, BRECQ or QDrop (see the module doc); the original is never touched.
 
     Args:
@@ -419,6 +385,16 @@ def reconstruct(model: nn.Module, wbits: int, abits: int, calib_data, method: st
             activation bits)}`` for named layers (:func:`dnq.quant.layer_bits`).
         cuda_graph: capture each unit's step once in a CUDA graph and replay it
             (:mod:`dnq.recon_step`); None: on for a CUDA model. True on a CPU model is refused.
+        convention: ``"dnq"`` or ``"paper"`` (:mod:`dnq.convention`): where the activation
+            quantizers sit, the weight grid, QDrop's mixing (and the meaning of ``drop_prob``:
+            the probability of float under ``dnq``, of staying quantized under ``paper``, as in
+            QDrop's code), AdaRound's loss and the default learning rates.
+        lr_rule: ``"paper"`` (the papers' rates whatever the budget: rounding 1e-3, step sizes
+            4e-5 for QDrop, 4e-4 for BRECQ's activation stage) or ``"scaled"`` (those times
+            ``20,000 / iters``, BRECQ's activation stage ``5,000 / act_iters``, at most 100x;
+            under ``dnq`` BRECQ's activation stage keeps the earlier ``4e-5 x 20,000 / act_iters``).
+            None: ``"scaled"`` under ``dnq``, ``"paper"`` under ``paper``. ``weight_lr`` /
+            ``act_lr`` override either.
 
     Returns:
         A new model in eval mode, with the quantized weights written into each Conv/Linear and an
@@ -441,15 +417,21 @@ def reconstruct(model: nn.Module, wbits: int, abits: int, calib_data, method: st
     """
     _check_settings(wbits, abits, first_last_bits, method, range_method, batch_size, calib_batch_size, iters,
                     act_iters, drop_prob, warmup, weight_lr, act_lr, reg_weight, cuda_graph)
+    check_convention(convention)
+    paper = convention == "paper"
+    lr_rule = ("paper" if paper else "scaled") if lr_rule is None else lr_rule
+    if lr_rule not in LR_RULES:
+        raise ValueError(f"unknown lr_rule {lr_rule!r}; valid: {', '.join(LR_RULES)} (paper: the papers' fixed rates; "
+                         f"scaled: times 20000/steps)")
     device = _device_of(model)
     if cuda_graph and device.type != "cuda":
         raise ValueError(f"cuda_graph=True needs a model on a CUDA device, got {device}; leave it None (auto)")
     use_graph = device.type == "cuda" if cuda_graph is None else cuda_graph
     iters = default_iters(device) if iters is None else iters
     act_iters = max(iters // 4, 1) if act_iters is None else act_iters
-    lr_w, lr_a = budget_lrs(iters)
+    lr_w, lr_a = default_lrs(method, iters, act_iters, lr_rule, convention)
     weight_lr = lr_w if weight_lr is None else weight_lr
-    act_lr = (budget_lrs(act_iters)[1] if method == "brecq" else lr_a) if act_lr is None else act_lr
+    act_lr = lr_a if act_lr is None else act_lr
     if device_budget is None and device.type == "cuda":
         device_budget = torch.cuda.mem_get_info(device)[0] // 3
     calib = [x for x in _batches(calib_data, calib_batch_size)]
@@ -463,17 +445,26 @@ def reconstruct(model: nn.Module, wbits: int, abits: int, calib_data, method: st
             p.requires_grad_(False)
         qmodel = copy.deepcopy(fp)
         order = execution_order(qmodel, calib[0].to(device))
-        bits_of = layer_bits(order, wbits, abits, first_last_bits, bits_by_layer)
+        sites = paper_sites(qmodel) if paper else None
+        bits_of = layer_bits(order, wbits, abits, first_last_bits, None if paper else bits_by_layer)
+        if paper:
+            wbits_of = _weight_bits(order, wbits, abits, first_last_bits, bits_by_layer)
+            bits_of = {n: (wbits_of[n], bits_of[n][1]) for n in order}
         units = find_units(qmodel, order, blocks=method != "adaround")
         if method != "adaround" and all(len(ls) == 1 and u == ls[0] for u, ls in units):
             warnings.warn(f"{type(model).__name__} has no block this toolkit knows (residual, inverted-residual or "
                           f"transformer block): {method} reconstructs layer by layer", stacklevel=2)
-        weights, acts = _attach(qmodel, fp, order, bits_of, calib, device, range_method, seed)
+        if paper:
+            weights, acts = _attach_paper(qmodel, fp, order, bits_of, sites, calib, device, range_method, seed,
+                                          abits, first_last_bits)
+        else:
+            weights, acts = _attach(qmodel, fp, order, bits_of, calib, device, range_method, seed)
         common = dict(qmodel=qmodel, fp=fp, weights=weights, acts=acts, calib=calib, device=device,
                       budget=device_budget, batch_size=batch_size, gen=torch.Generator().manual_seed(seed),
                       weight_lr=weight_lr, act_lr=act_lr, reg_weight=reg_weight, beta=beta, warmup=warmup,
-                      cuda_graph=use_graph)
-        stages = _stages(method, iters, act_iters, (drop_prob, torch.Generator(device=device).manual_seed(seed + 1)))
+                      cuda_graph=use_graph, sites=sites)
+        p_float = (1.0 - drop_prob) if paper else drop_prob  # the quantizers' drop_prob is always P(float)
+        stages = _stages(method, iters, act_iters, (p_float, torch.Generator(device=device).manual_seed(seed + 1)))
         log: list[dict] = []
         total = len(units) * sum(s["iters"] for s in stages)
         bar = tqdm(total=total, desc=f"{method} W{wbits}A{abits}", unit="step", disable=not progress, leave=False)
@@ -484,8 +475,9 @@ def reconstruct(model: nn.Module, wbits: int, abits: int, calib_data, method: st
                     log.append(_reconstruct_unit(unit, layers, **stage, bar=bar, **common))
         finally:
             bar.close()
-        info = _finalize(qmodel, order, bits_of, weights, acts)
+        info = _finalize(qmodel, order, bits_of, weights, acts, paper)
     qmodel.eval()
+    qmodel.ptq_convention = convention
     qmodel.ptq_layers = info
     qmodel.ptq_method = qmodel.ptq_variant = method  # ptq_variant: the older name, kept for readers of it
     qmodel.ptq_bn_reestimated = []
@@ -495,6 +487,12 @@ def reconstruct(model: nn.Module, wbits: int, abits: int, calib_data, method: st
         "batch_size": batch_size, "calib_size": sum(len(x) for x in calib), "range_method": range_method,
         "weight_lr": weight_lr, "act_lr": act_lr if method != "adaround" else None, "reg_weight": reg_weight,
         "beta": list(beta), "warmup": warmup, "drop_prob": drop_prob if method == "qdrop" else None, "seed": seed,
+        "drop_prob_meaning": (None if method != "qdrop" else "probability an element stays quantized (QDrop's code)"
+                              if paper else "probability an element is left in float"),
+        "convention": convention, "lr_rule": lr_rule,
+        "qdrop_mix": (None if method != "qdrop" else "block input mixed between the quantized and the float model's, "
+                      "every activation quantizer of the block mixed, the block output quantized in the loss"
+                      if paper else "each quantizer's output mixed with its own float input"),
         "cuda_graph": any(u["cuda_graph"] for u in log),
         "cuda_graph_note": "; ".join(notes) or (None if use_graph else
                                                  "CUDA graphs need a CUDA device" if device.type != "cuda"
@@ -580,36 +578,64 @@ _recon_loss = recon_loss
 """The output error of a unit (:func:`dnq.recon_step.recon_loss`); the steps look it up here at each unit."""
 
 
-def _evaluate(qunit: nn.Module, cache: InputCache) -> float:
+def _evaluate(forward, cache: InputCache) -> float:
     """The output error over every cached input (batches of 256, no gradients)."""
     n, tot = len(cache), 0.0
     with torch.no_grad():
         for i in range(0, n, 256):
             idx = torch.arange(i, min(i + 256, n))
-            tot += float(_recon_loss(qunit(cache.batch("qx", idx)), cache.batch("fy", idx))) * len(idx)
+            tot += float(_recon_loss(forward(cache.batch("qx", idx)), cache.batch("fy", idx))) * len(idx)
     return tot / n
+
+
+def _unit_forward(qmodel, unit: str, end: str | None, act: str | None):
+    """The unit's output as the convention defines it: the unit, then the module it ends at (its
+    activation module and output quantizer, paper convention), then its activation."""
+    qunit = qmodel.get_submodule(unit)
+    tail = None if end is None else qmodel.get_submodule(end)
+    fn = _ACTS.get(act)
+
+    def forward(x):
+        y = qunit(x)
+        if tail is not None:
+            y = tail(y)
+        return y if fn is None else fn(y)
+    return forward
+
+
+_ACTS = {"relu": torch.nn.functional.relu, "relu6": torch.nn.functional.relu6}
 
 
 def _reconstruct_unit(unit, layers, *, qmodel, fp, weights, acts, calib, device, budget, batch_size, gen, iters,
                       learn_v, learn_s, weight_lr, act_lr, reg_weight, beta, warmup, drop, stage, bar=None,
-                      cuda_graph=False) -> dict:
+                      cuda_graph=False, sites=None) -> dict:
     t0 = time.perf_counter()
-    qunit, funit = qmodel.get_submodule(unit), fp.get_submodule(unit)
+    qunit = qmodel.get_submodule(unit)
+    paper = sites is not None
+    own, end, act = unit_tail(sites, unit) if paper else ([], None, None)
+    quants = [acts[x.name] for x in own] if paper else [acts[n] for n in layers]
     cache = InputCache(device, budget)
-    _capture(qmodel, qunit, calib, device, cache, "q", output=False)  # earlier units are hard-rounded already
-    _capture(fp, funit, calib, device, cache, "f", output=True)
+    _capture(qmodel, unit, calib, device, cache, "qx", output=False)  # earlier units are hard-rounded already
+    _capture(fp, end or unit, calib, device, cache, "fy", output=True)  # the float model's sites: float, same tail
+    mix = paper and drop is not None
+    if mix:  # QDrop's code: the block input mixed between the quantized and the float model's
+        _capture(fp, unit, calib, device, cache, "fx", output=False)
     cache.finish()
+    if act is not None:
+        cache.tensors["fy"] = _ACTS[act](cache.tensors["fy"])
+    forward = _unit_forward(qmodel, unit, end, act)
     soft = [weights[n] for n in layers] if learn_v else []
-    scales = [acts[n].scale for n in layers if acts[n].enabled] if learn_s else []
+    scales = [q.scale for q in quants if q.enabled] if learn_s else []
     was = qunit.training
     qunit.eval()  # eval throughout: a float BatchNorm left unfolded keeps its statistics; drops follow the generator
     for n in layers:  # the baseline of the rounding: round to nearest
         weights[n].mode = "nearest" if learn_v else "hard"
-    before = _evaluate(qunit, cache)
+    before = _evaluate(forward, cache)
     for n in layers:
         weights[n].mode = "soft" if learn_v else "hard"
-        if drop is not None:
-            acts[n].drop_prob, acts[n].generator = drop
+    if drop is not None:
+        for q in quants:
+            q.drop_prob, q.generator = drop
     for p in scales:
         p.requires_grad_(True)
     step = None
@@ -617,30 +643,64 @@ def _reconstruct_unit(unit, layers, *, qmodel, fp, weights, acts, calib, device,
         step = UnitStep(qunit, cache.tensors["qx"], cache.tensors["fy"], device=device, iters=iters,
                         batch_size=batch_size, generator=gen, soft=soft, scales=scales, weight_lr=weight_lr,
                         act_lr=act_lr, reg_weight=reg_weight, beta=beta, warmup=warmup, loss_fn=_recon_loss,
-                        name=f"{stage} reconstruction of unit {unit!r} (layers {layers})", cuda_graph=cuda_graph)
+                        name=f"{stage} reconstruction of unit {unit!r} (layers {layers})", cuda_graph=cuda_graph,
+                        forward=forward, fx=cache.tensors.get("fx") if mix else None,
+                        mix=(1.0 - drop[0], drop[1]) if mix else None, positive_scales=paper)
         if bar is not None:
             bar.set_postfix_str(f"{unit} {stage}", refresh=False)
         step.run(bar)
     h = torch.cat([w.h().detach().flatten() for w in soft]) if soft else None
-    for n in layers:
-        acts[n].generator, acts[n].drop_prob = None, 0.0
-        weights[n].mode = "hard"
-        if acts[n].scale.detach() <= 0:
+    for q in quants:
+        q.generator, q.drop_prob = None, 0.0
+        if q.scale.detach() <= 0:
             with torch.no_grad():
-                acts[n].scale.abs_().clamp_min_(1e-8)
+                q.scale.abs_().clamp_min_(_EPS if paper else 1e-8)
+    for n in layers:
+        weights[n].mode = "hard"
     for p in scales:
         p.requires_grad_(False)
-    after = _evaluate(qunit, cache)
+    after = _evaluate(forward, cache)
     qunit.train(was)
-    return {"unit": unit, "stage": stage, "layers": list(layers), "steps": 0 if step is None else step.steps,
-            "cached": len(cache), "streamed": cache.streamed, "loss_before": before, "loss_after": after,
+    return {"unit": unit, "stage": stage, "layers": list(layers), "sites": [x.name for x in own] if paper else None,
+            "steps": 0 if step is None else step.steps, "cached": len(cache), "streamed": cache.streamed,
+            "loss_before": before, "loss_after": after,
             "h_binary": None if h is None else float(((h == 0) | (h == 1)).float().mean()),
             "cuda_graph": step is not None and step.captured,
             "cuda_graph_note": None if step is None else step.why_eager, "time_s": time.perf_counter() - t0}
 
 
+_EPS = float(torch.finfo(torch.float32).eps)
+
+
+def _attach_paper(qmodel, fp, order, bits_of, sites, calib, device, range_method, seed, abits, first_last_bits):
+    """The paper convention's quantizers: asymmetric per-channel AdaRound weights on 2^b levels,
+    LSQ quantizers at the sites (QDrop's LSQ: N of the gradient scale over the whole batch), and
+    float sites on ``fp`` (their activation only) so that its unit outputs are the targets."""
+    observers, _ = observe_sites(fp, sites, calib, device, max_samples=1 << 16, seed=seed)
+    weights = {}
+    for n in order:
+        layer = qmodel.get_submodule(n)
+        layer.weight.requires_grad_(False)
+        qp = paper_weight_qparams(layer.weight, bits_of[n][0], range_method)
+        wq = AdaRoundWeight(layer.weight, bits_of[n][0], qparams=qp).to(device)
+        parametrize.register_parametrization(layer, "weight", wq, unsafe=True)
+        weights[n] = wq
+    bits = site_bits(sites, abits, first_last_bits)
+    acts = {}
+    for x in sites:
+        lo, hi = paper_act_range(observers[x.name], bits[x.name], range_method)
+        sc, z, qmin, qmax = act_qparams(lo, hi, bits[x.name])
+        acts[x.name] = LSQActQuantizer(sc, z, qmin, qmax, bits[x.name]).to(device)
+        acts[x.name].grad_numel = "tensor"
+    attach_sites(qmodel, sites, acts)
+    attach_sites(fp, sites, {})
+    for p in qmodel.parameters():
+        p.requires_grad_(False)
+    return weights, acts
+
+
 @torch.no_grad()
-def _finalize(qmodel, order, bits_of, weights, acts) -> list[dict]:
+def _finalize(qmodel, order, bits_of, weights, acts, paper: bool = False) -> list[dict]:
     """Write the hard-rounded weights into the layers and freeze the activation quantizers."""
     mods = dict(qmodel.named_modules())
     info = []
@@ -649,18 +709,31 @@ def _finalize(qmodel, order, bits_of, weights, acts) -> list[dict]:
         weights[n].mode = "hard"
         parametrize.remove_parametrizations(layer, "weight", leave_parametrized=True)
         layer.weight.requires_grad_(True)
+        wb, ab = bits_of[n]
+        if paper:
+            info.append({"layer": n, "wbits": wb})
+            continue
         lsq = acts[n]
         layer.input_quantizer = lsq.frozen().to(layer.weight.device)
-        wb, ab = bits_of[n]
         info.append({"layer": n, "wbits": wb, "abits": ab, "act_scale": float(layer.input_quantizer.scale),
                      "act_zero_point": float(layer.input_quantizer.zero_point)})
+    if paper:
+        sites = []
+        for m in qmodel.modules():
+            for attr in ("output_site", "input_site"):
+                sq = getattr(m, attr, None)
+                if sq is not None and isinstance(sq.quantizer, LSQActQuantizer):
+                    sq.quantizer = sq.quantizer.frozen().to(sq.quantizer.scale.device)
+        for name, q in acts.items():
+            sites.append({"site": name, "abits": q.bits, "act_scale": float(q.scale.detach().abs()),
+                          "act_zero_point": float(q.zero_point)})
+        qmodel.ptq_sites = sites
     for p in qmodel.parameters():
         p.requires_grad_(True)
     return info
 
 
-__all__ = ["AdaRoundWeight", "CPU_ITERS", "DESCRIPTIONS", "InputCache", "LSQActQuantizer", "PAPER_CALIB_SIZE",
-           "PAPER_ITERS", "PTQ_METHODS", "RECON_METHODS", "ReconstructionError", "budget_lrs", "check_methods",
-           "default_iters",
-           "find_units", "lsq_fake_quantize", "reconstruct", "rectified_sigmoid"]
-
+__all__ = ["CPU_ITERS", "DESCRIPTIONS", "LR_RULES", "PAPER_CALIB_SIZE", "PAPER_ITERS", "PAPER_LRS", "PTQ_METHODS",
+           "RECON_METHODS", "AdaRoundWeight", "InputCache", "LSQActQuantizer", "ReconstructionError", "budget_lrs",
+           "check_methods", "default_iters", "default_lrs", "find_units", "lsq_fake_quantize", "reconstruct",
+           "rectified_sigmoid"]

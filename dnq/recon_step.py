@@ -65,6 +65,7 @@ from .errors import ReconstructionError
 
 ZETA, GAMMA = 1.1, -0.1
 """AdaRound's rectified sigmoid stretch: ``h(V) = clamp(sigmoid(V) (zeta - gamma) + gamma, 0, 1)``."""
+_EPS = float(torch.finfo(torch.float32).eps)
 CHECK_EVERY = 250
 """Steps between the host's reads of the losses (the finite-loss check); a read waits for the GPU."""
 WARMUP_STEPS = 3
@@ -257,6 +258,13 @@ class UnitStep:
         loss_fn: the output error (``recon_loss``).
         name: the unit and stage, as the error names them.
         cuda_graph: capture the step and replay it (CUDA only).
+        forward: the unit's output from its input (default ``unit``; the paper convention's units
+            end after their activation and output quantizer).
+        fx, mix: QDrop's input mixing (paper convention): the float model's cached inputs of the
+            unit and ``(probability of the quantized input, generator)``; each input element is the
+            quantized model's with that probability and the float model's otherwise.
+        positive_scales: keep the step sizes positive (``|s|``, at least float32's epsilon) before
+            every forward, as QDrop's ``LSQFakeQuantize`` does.
 
     Attributes:
         losses: the loss of every step (a device tensor).
@@ -267,22 +275,29 @@ class UnitStep:
     def __init__(self, unit: nn.Module, qx: torch.Tensor, fy: torch.Tensor, *, device: torch.device, iters: int,
                  batch_size: int, generator: torch.Generator, soft=(), scales=(), weight_lr: float = 0.0,
                  act_lr: float = 0.0, reg_weight: float = 0.0, beta=(20.0, 2.0), warmup: float = 0.2,
-                 loss_fn=recon_loss, name: str = "unit", cuda_graph: bool = False):
+                 loss_fn=recon_loss, name: str = "unit", cuda_graph: bool = False, forward=None,
+                 fx: torch.Tensor | None = None, mix: tuple[float, torch.Generator] | None = None,
+                 positive_scales: bool = False):
         if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
             raise ValueError(f"iters must be a positive integer, got {iters!r}")
         if cuda_graph and device.type != "cuda":
             raise ValueError(f"cuda_graph needs a CUDA device, got {device}")
         self.unit, self.device, self.iters, self.loss_fn, self.name = unit, device, iters, loss_fn, name
+        self.forward = unit if forward is None else forward
+        self.fx, self.mix, self.positive = fx, mix, positive_scales
+        if (fx is None) != (mix is None):
+            raise ValueError("fx and mix go together (QDrop's input mixing)")
         self.soft, self.scales = list(soft), list(scales)
         self.weight_lr, self.act_lr = weight_lr, act_lr
         self.qx, self.fy = qx, fy
         n = len(qx)
         table = torch.randint(0, n, (iters, min(batch_size, n)), generator=generator)
-        self.resident = qx.device == device and fy.device == device
+        self.resident = qx.device == device and fy.device == device and (fx is None or fx.device == device)
         self.idx = table.to(device) if self.resident else table
         if not self.resident:  # static device buffers, filled on the host side before each step
             self.xb = torch.empty((table.shape[1], *qx.shape[1:]), dtype=qx.dtype, device=device)
             self.yb = torch.empty((table.shape[1], *fy.shape[1:]), dtype=fy.dtype, device=device)
+            self.fb = None if fx is None else torch.empty_like(self.xb)
         tables = schedule_tables(iters, act_lr=act_lr, reg_weight=reg_weight, beta=beta, warmup=warmup)
         self.i = torch.zeros((), dtype=torch.long, device=device)
         self.losses = torch.zeros(iters, dtype=fy.dtype, device=device)
@@ -331,8 +346,15 @@ class UnitStep:
             if self.resident:
                 idx = self.idx.index_select(0, i).view(-1)
                 x, y = self.qx.index_select(0, idx), self.fy.index_select(0, idx)
+                xf = None if self.fx is None else self.fx.index_select(0, idx)
             else:
-                x, y = self.xb, self.yb
+                x, y, xf = self.xb, self.yb, self.fb
+            if xf is not None:  # QDrop: quantized where rand < p (the official code's torch.where)
+                p, gen = self.mix
+                x = torch.where(torch.rand(x.shape, generator=gen, device=x.device) < p, x, xf)
+            if self.positive:
+                for s in self.scales:
+                    s.abs_().clamp_min_(_EPS)
             if self.scales:
                 torch.index_select(self.lr_table, 0, i, out=self.lr)
             if self.soft:
@@ -344,7 +366,7 @@ class UnitStep:
             w, reg = _SoftRound.apply(self.v, self.base, self.scale, self.zero_point, self.qmin, self.qmax, beta, coef)
             for mod, part in zip(self.soft, w.split(self.sizes)):
                 mod.override = part.view(mod.base.shape)
-        loss = self.loss_fn(self.unit(x), y)
+        loss = self.loss_fn(self.forward(x), y)
         if reg is not None:
             loss = loss + reg
         if self.one is None:  # the first step (eager): the seed of the backward pass, kept
@@ -361,6 +383,8 @@ class UnitStep:
             row = self.idx[self.steps]
             self.xb.copy_(self.qx[row], non_blocking=True)
             self.yb.copy_(self.fy[row], non_blocking=True)
+            if self.fb is not None:
+                self.fb.copy_(self.fx[row], non_blocking=True)
 
     def step(self) -> None:
         """Run one step (eager, on the side stream while warming up, or as a graph replay)."""
@@ -403,6 +427,8 @@ class UnitStep:
     def _generators(self) -> list[torch.Generator]:
         gens = {id(m.generator): m.generator for m in self.unit.modules()
                 if isinstance(getattr(m, "generator", None), torch.Generator) and m.generator.device.type == "cuda"}
+        if self.mix is not None and self.mix[1].device.type == "cuda":
+            gens[id(self.mix[1])] = self.mix[1]
         return list(gens.values())
 
     # -- the unit's run --------------------------------------------------------------------------

@@ -3,6 +3,7 @@ writes its report, ``landscape sensitivity`` measures a run's per-layer quantiza
 
     landscape study --preset digits --out reports/digits
     landscape study --config my_study.toml --out reports/mine --set train.epochs=2
+    landscape study --preset paper --plan          # the stages and their estimated time; trains nothing
     landscape report reports/digits
     landscape sensitivity runs/digits-sgd --bits 2,3,4,8 --samples 512
 
@@ -47,6 +48,7 @@ from . import __version__
 from .report import build
 from .sensitivity_run import SENSITIVITY_FILE, format_sensitivity_table, run_sensitivity
 from .study import PRESETS, Study, StudyError, load_config
+from .study.plan import check_plan_json, format_plan, make_plan, write_plan_json
 
 __all__ = ["DEBUG_ENV", "OneLineParser", "UsageError", "build_parser", "debug_requested", "entry", "guarded", "main",
            "one_line", "one_line_warnings"]  # the error helpers stay importable here, their old home
@@ -94,15 +96,21 @@ def build_parser() -> OneLineParser:
     sub = p.add_subparsers(dest="command")
     s = sub.add_parser("study", help="train, quantize and measure a set of models (resumable)")
     s.add_argument("--preset", default=None, choices=list(PRESETS),
-                   help="digits (default), cifar10-subset or cifar100")
+                   help="digits (default), cifar10-subset, cifar100 or paper")
     s.add_argument("--config", default=None, help="a JSON or TOML study file (its keys override the preset's)")
-    s.add_argument("--out", required=True, help="the study directory (rerun the same command to resume)")
+    s.add_argument("--out", default=None, help="the study directory (rerun the same command to resume); required "
+                   "unless --plan")
     s.add_argument("--device", default="auto", help="auto, cpu or cuda[:i]")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a setting, e.g. train.epochs=2 or instruments.surface_steps=7 (repeatable)")
     s.add_argument("--report", action=argparse.BooleanOptionalAction, default=True,
                    help="write the report when the study is done (default: yes)")
     s.add_argument("--quiet", action="store_true", help="no progress bars")
+    s.add_argument("--plan", action="store_true",
+                   help="train nothing: time one unit of every stage on this device (synthetic data of the dataset's "
+                        "shape) and print each stage's count and estimated time, and the total; with --out, the work "
+                        "finished there is left out")
+    s.add_argument("--plan-json", default=None, metavar="PATH", help="with --plan: also write the plan as JSON")
     s.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                    help="show the traceback of an error (also LANDSCAPE_DEBUG=1)")
     r = sub.add_parser("report", help="write report.html, figures and summary.csv/json of a study")
@@ -145,6 +153,18 @@ def _run(a) -> int:
         return 0
     if a.command == "study":
         cfg = load_config(a.preset, a.config, **_parse_set(a.set))
+        if a.plan_json is not None and not a.plan:
+            raise StudyError("--plan-json writes a plan: give --plan with it")
+        if a.plan:
+            if a.plan_json is not None:
+                check_plan_json(a.plan_json)  # before the minutes of timing
+            plan = make_plan(cfg, a.out, device=a.device, progress=not a.quiet)
+            print(format_plan(plan))
+            if a.plan_json is not None:
+                print(write_plan_json(plan, a.plan_json))
+            return 0
+        if a.out is None:
+            raise StudyError("the study needs a folder: give --out FOLDER (or --plan to estimate its time)")
         Study(cfg, a.out, device=a.device, progress=not a.quiet).run()
         print(build(a.out, only_if_changed=True) if a.report else a.out)
     else:

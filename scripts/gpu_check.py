@@ -52,9 +52,9 @@ def stages(out: Path, runs: Path) -> list[tuple[str, int, list[str], object]]:
     junit = out / "pytest_cuda.xml"
     subset = _cifar10_subset()
     study = runs / "study_cifar10_subset"
+    missing = [PY, "-c", "import sys; sys.exit('cifar10-subset.npz not found: set CIFAR10_SUBSET=PATH')"]
     study_cmd = [PY, "-m", "landscape", "study", "--preset", "cifar10-subset", "--device", "cuda", "--out", str(study),
-                 "--no-report", "--quiet", "--set", f"data=npz:{subset}"] if subset else \
-        [PY, "-c", "import sys; sys.exit('cifar10-subset.npz not found: set CIFAR10_SUBSET=PATH')"]
+                 "--no-report", "--quiet", "--set", f"data=npz:{subset}"] if subset else missing
     return [
         # issue 22 first (a lease is 15 minutes): the captured steps against the eager ones, the instruments
         # against the peers, the CUDA tests, the study end to end; then the older stages
@@ -71,6 +71,15 @@ def stages(out: Path, runs: Path) -> list[tuple[str, int, list[str], object]]:
         # eager), with deterministic cuBLAS (PYTEST_ENV)
         ("pytest_cuda", 300, [PY, "-m", "pytest", "-m", "cuda", "tests", "--continue-on-collection-errors", "-q",
                               "-rA", "-p", "no:cacheprovider", f"--junitxml={junit}"], lambda: _junit(junit)),
+        # issue 23: the reconstruction budget table on real data (an SGD resnet20 on cifar10-subset, then QDrop
+        # under the paper convention at 5,000 and 20,000 steps per block, paper learning rates, W4A4 and W2A4)
+        ("budget_train", 150, [PY, "-m", "dnq", "train", "--data", f"npz:{subset}", "--model", "resnet20",
+                               "--epochs", "12", "--val-size", "1000", "--out", str(runs / "budget_sgd"), "--overwrite",
+                               "--quiet"] if subset else missing, None),
+        ("budget_table", 600, [PY, str(ROOT / "benchmarks" / "bench_budget.py"), str(runs / "budget_sgd"),
+                               "--steps", "5000,20000", "--methods", "qdrop", "--rules", "paper", "--device", "cuda",
+                               "--out", str(out / "budget_table.json")],
+         lambda: json.loads((out / "budget_table.json").read_text())),
         # the cifar10-subset study end to end on CUDA (8 models), its wall time in "seconds" (target <= 240)
         ("study_cifar10_subset", 600, study_cmd, lambda: {"models": len(list((study / "models").glob("*.json")))}),
         train("train_sgd", 150, "sgd", 3),

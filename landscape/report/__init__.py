@@ -7,12 +7,15 @@ same figure object by :mod:`landscape.plot_static`.
 
 The package: :mod:`~landscape.report.writer` (:func:`build`, what is written where),
 :mod:`~landscape.report.analysis` (the numbers), :mod:`~landscape.report.sections` (the HTML
-sections), :mod:`~landscape.report.html` (escaping, tables, CSV), and the mixed-precision and
-sampling-error sections (:mod:`~landscape.report.mixed`, :mod:`~landscape.report.sampling`).
+sections), :mod:`~landscape.report.html` (escaping, tables, CSV), the mixed-precision and
+sampling-error sections (:mod:`~landscape.report.mixed`, :mod:`~landscape.report.sampling`), and
+the published figures shown beside the grid (:mod:`~landscape.report.anchors`).
 
-Sections: the PTQ settings, the split sizes and which split every number comes from; the grid of
-training method × PTQ method (per bit-width, test accuracy mean ± std over seeds, the best of each
-column marked; :func:`training_by_ptq`, also ``grid.csv``); a summary table of all models (FP
+Sections: the quantization convention and the PTQ settings, the split sizes and which split every
+number comes from; the grid of training method × PTQ method (per bit-width, test accuracy mean ±
+std over seeds, the best of each column marked; :func:`training_by_ptq`, also ``grid.csv``; for a
+study a published table applies to, the published figures in columns of their own, labelled with
+their source and kept out of every statistic: :func:`anchors_for`); a summary table of all models (FP
 accuracy on validation and test, PTQ test accuracy of every variant at every bit-width,
 flatness); scatter plots of accuracy drop against trace, top eigenvalue and
 Tr(H Sigma), per bit-width and PTQ variant, with the fit and its confidence band; the
@@ -64,9 +67,10 @@ from .analysis import (
     training_by_ptq,
     variants,
 )
+from .anchors import anchors_for
 from .html import csv_cell
 from .writer import build, inputs_digest, main
 
-__all__ = ["VARIANTS", "build", "cluster_labels", "correlation_families", "csv_cell", "grid_csv_rows",
+__all__ = ["VARIANTS", "anchors_for", "build", "cluster_labels", "correlation_families", "csv_cell", "grid_csv_rows",
            "inputs_digest", "main", "method_comparison", "prediction_fits", "prediction_holdouts",
            "ptq_settings_text", "splits_text", "training_by_ptq", "variants"]

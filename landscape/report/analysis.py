@@ -19,6 +19,7 @@ import warnings
 
 import numpy as np
 
+from dnq.convention import CONVENTIONS, DEFAULT_CONVENTION, describe
 from dnq.recon import DESCRIPTIONS
 from dnq_landscape_common.html import esc
 from dnq_landscape_common.stats import seed_stats
@@ -26,6 +27,7 @@ from dnq_landscape_common.stats import seed_stats
 from ..plot import MEASURES, measure_column
 from ..regress import correlation_table, fit, holm, prediction_holdout
 from ..study import METHOD_SUFFIX
+from .anchors import column_label
 
 #: PTQ variants: (name, column suffix, what it is)
 _VARIANT_TEXT = {"rtn": "round to nearest, BatchNorm folded with its saved statistics",
@@ -81,15 +83,31 @@ def grid_cell(c) -> str:
     return f"{100 * c['mean']:.2f}{sd}" + (" *" if c["best"] else "")
 
 
-def grid_html(table: list[dict], vars_: list) -> str:
+def anchor_columns(anchors: dict | None, bits: str) -> list[tuple[str, float]]:
+    """The published columns of the grid at ``bits`` (``anchors``: :func:`landscape.report.anchors.anchors_for`):
+    ``[(header, percent), ...]``, FP first; empty when no published table holds ``bits``."""
+    if not anchors or bits not in anchors["bits"]:
+        return []
+    row = anchors["bits"][bits]
+    return [(column_label("fp", anchors["short"]), anchors["fp"])] + [
+        (column_label(m, anchors["short"]), row[m]) for m in anchors["methods"] if m in row]
+
+
+def grid_html(table: list[dict], vars_: list, anchors: list[tuple[str, float]] | None = None) -> str:
+    """One bit-width's grid; ``anchors`` (:func:`anchor_columns`) adds the published figures in
+    columns of their own (one cell spanning every row: one published number, not one per training)."""
+    anchors = anchors or []
     head = "<th class='l'>training</th><th>seeds</th><th>FP</th>" + "".join(f"<th>{esc(v[0])}</th>" for v in vars_)
+    head += "".join(f"<th class='anchor'>{esc(h)}</th>" for h, _ in anchors)
     body = []
-    for r in table:
+    for i, r in enumerate(table):
         cells = [f"<td class='l'>{esc(r['config'])}</td>", f"<td>{r['n']}</td>"]
         for col in ["FP", *(v[0] for v in vars_)]:
             c = r[col]
             text = esc(grid_cell(c))
             cells.append(f"<td class='best'><b>{text}</b></td>" if c and c["best"] else f"<td>{text}</td>")
+        if i == 0:
+            cells += [f"<td class='anchor' rowspan='{len(table)}'>{v:.2f}</td>" for _, v in anchors]
         body.append(f"<tr>{''.join(cells)}</tr>")
     return f"<table class='grid'><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 
@@ -228,8 +246,41 @@ def _wa(bits: str) -> tuple[str, str]:
     return (m[1], m[2]) if m else ("?", "?")
 
 
+def convention_text(ptq: dict) -> str:
+    """The sentence of the report's header that names the quantization convention of the study's
+    PTQ (``ptq``: its ``ptq`` settings; a study from before conventions had names is ``dnq``)."""
+    conv = ptq.get("convention") or DEFAULT_CONVENTION
+    if conv not in CONVENTIONS:
+        return f"Quantization convention: {conv} (not known to this version of the toolkit)."
+    d = describe(conv)
+    return (f"Quantization convention: {conv} ({d['source']}): weights {d['weights']}; activations "
+            f"{d['activations']}; first and last layers: {d['first_last']}.")
+
+
+def _recon_text(ptq: dict, recon: list[str]) -> str:
+    """The reconstruction's settings, its learning rates by the study's rule."""
+    g = ptq.get
+
+    def rec(v):
+        return "not recorded" if v is None else v
+
+    iters = g("recon_iters")
+    iters = "20,000 on a GPU and 500 on a CPU (the device default)" if iters is None else iters
+    conv = g("convention") or DEFAULT_CONVENTION
+    rule = g("recon_lr_rule") or ("paper" if conv == "paper" else "scaled")
+    lrs = ("the papers' fixed learning rates, whatever the steps" + (
+        f" ({describe(conv)['learning_rates']})" if conv == "paper" and conv in CONVENTIONS else "")
+           if rule == "paper" else
+           "learning rates scaled so that learning rate x steps is the papers' (dnq.recon.budget_lrs)")
+    return (f" Reconstruction ({', '.join(recon)}): BatchNorm folded first, initial ranges "
+            f"{rec(g('recon_range'))}, {iters} steps per block, batch {rec(g('recon_batch_size'))}, "
+            f"{rec(g('recon_calib_size'))} calibration images from the same split, {lrs}"
+            f"{'' if g('recon_lr_rule') is None else ' (ptq.recon_lr_rule ' + str(rule) + ')'}.")
+
+
 def ptq_settings_text(cfg: dict, bits: list[str]) -> str:
-    """One sentence with the exact PTQ settings of the study (``config["ptq"]``), or "not recorded"."""
+    """The exact PTQ settings of the study (``config["ptq"]``), its quantization convention
+    first, or "not recorded"."""
     ptq = cfg.get("ptq")
     wb = "; ".join(f"{b}: weights {_wa(b)[0]} bits, activations {_wa(b)[1]} bits" for b in bits)
     if not isinstance(ptq, dict):
@@ -244,20 +295,14 @@ def ptq_settings_text(cfg: dict, bits: list[str]) -> str:
     named = {n: d for n, _, d in VARIANTS}
     var = "; ".join(f"{v}: {named.get(v, 'as named')}" for v in (g("variants") or [])) or "not recorded"
     recon = [v for v in (g("variants") or []) if v in ("adaround", "brecq", "qdrop")]
-    recon_text = ""
-    if recon:
-        iters = g("recon_iters")
-        iters = "20,000 on a GPU and 500 on a CPU (the device default)" if iters is None else iters
-        recon_text = (f" Reconstruction ({', '.join(recon)}): BatchNorm folded first, initial ranges "
-                      f"{rec(g('recon_range'))}, {iters} steps per block, batch {rec(g('recon_batch_size'))}, "
-                      f"{rec(g('recon_calib_size'))} calibration images from the same split, learning rates scaled "
-                      f"so that learning rate x steps is the papers' (dnq.recon.budget_lrs).")
-    return (f"PTQ settings: {wb}. Weights: {rec(g('weight_mode'))}, {rec(g('weight_granularity'))}. "
-            f"Activations: {rec(g('act'))}. Range: {rec(g('range'))}. First and last layers at "
-            f"{rec(g('first_last_bits'))} bits. Calibration: {rec(g('calib_size'))} images from "
+    own = (g("convention") or DEFAULT_CONVENTION) == DEFAULT_CONVENTION  # the fixed fields describe dnq's quantizer
+    quantizer = (f" Weights: {rec(g('weight_mode'))}, {rec(g('weight_granularity'))}. Activations: {rec(g('act'))}."
+                 if own else "")
+    return (f"{convention_text(ptq)} PTQ settings: {wb}.{quantizer} Range: {rec(g('range'))}. First and last layers "
+            f"at {rec(g('first_last_bits'))} bits. Calibration: {rec(g('calib_size'))} images from "
             f"{rec(g('calib_split'))}. BatchNorm folded into the convolutions: "
             f"{'yes' if fold is True else 'no' if fold is False else 'not recorded'}. Variants: {var}."
-            + recon_text)
+            + (_recon_text(ptq, recon) if recon else ""))
 
 
 def splits_text(meta: dict, cfg: dict) -> str:

@@ -139,6 +139,7 @@ h2 { border-bottom: 1px solid #ccc; padding-bottom: 4px; margin-top: 36px; }
 .grid2 { display: grid; grid-template-columns: 1fr 1fr; gap: 8px; }
 details { margin: 10px 0; } summary { cursor: pointer; font-weight: 600; }
 #report-status { color: #888; font-size: 11px; }
+td.anchor, th.anchor { color: #666; font-style: italic; background: #fafafa; }
 """
 
 

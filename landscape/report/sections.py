@@ -27,35 +27,60 @@ from ..plot import (
     plot_sharpness,
     plot_surface_2d,
 )
-from .analysis import grid_html, ptq_settings_text, splits_text
+from .analysis import anchor_columns, grid_html, ptq_settings_text, splits_text
 from .html import esc, table
 
 __all__ = ["correlation_section", "grid_section", "header", "methods_section", "model_section",
            "prediction_section", "scatter_section", "summary_section"]
 
 
+def _trained_for(cfg: dict) -> str:
+    """The bit-widths the noise methods were trained for: the study's ``train_bits``, and those
+    runs name themselves (a run's ``train_bits``)."""
+    own = []
+    for r in cfg.get("runs") or []:
+        v = r.get("train_bits") if isinstance(r, dict) else None
+        own += [str(b) for b in (v if isinstance(v, list) else [v] if v is not None else [])]
+    own = list(dict.fromkeys(own))
+    text = f"noise methods trained for {cfg.get('train_bits')}"
+    return text + (f", or for the bit-width their run names ({', '.join(own)}: the run's label ends with it)"
+                   if own else "")
+
+
 def header(cfg: dict, meta: dict, bits: list[str], n_models: int) -> list[str]:
-    """The title, the study in one line, its PTQ settings and splits, and the rendering status."""
+    """The title, the study in one line, its PTQ settings (quantization convention first) and
+    splits, and the rendering status."""
     return [f"<h1>Flatness and PTQ accuracy: {esc(cfg.get('name'))}</h1>",
             f"<p class='note'>{n_models} models ({esc(cfg.get('model'))} on {esc(cfg.get('data'))}), bit-widths "
-            f"{esc(', '.join(bits))}; noise methods trained for {esc(cfg.get('train_bits'))}. Study hash "
-            f"{esc(meta.get('hash'))}.</p>",
+            f"{esc(', '.join(bits))}; {esc(_trained_for(cfg))}. Study hash {esc(meta.get('hash'))}.</p>",
             f"<p class='note' id='ptq-settings'>{esc(ptq_settings_text(cfg, bits))}</p>",
             f"<p class='note' id='splits'>{esc(splits_text(meta, cfg))}</p>",
             "<p id='report-status'>rendering...</p>"]
 
 
-def grid_section(grid: dict, bits: list[str], vars_: list) -> list[str]:
-    """The training method × PTQ method tables, one per bit-width."""
+def grid_section(grid: dict, bits: list[str], vars_: list, anchors: dict | None = None,
+                 convention: str | None = None) -> list[str]:
+    """The training method × PTQ method tables, one per bit-width; ``anchors``
+    (:func:`landscape.report.anchors.anchors_for`) adds the published figures in columns of their
+    own, with their source (``convention``: the study's, compared with the published one)."""
     parts = ["<h2 id='grid'>Training method × PTQ method</h2>",
              "<p class='note'>Test accuracy (%): mean ± standard deviation over seeds, per training configuration "
              "(rows) and PTQ method (columns), one table per bit-width; FP is the full-precision model. * and bold: "
              "the highest mean of the column (read a difference smaller than the standard deviations as none). Every "
              "training configuration gets the same PTQ, calibration images and BatchNorm rule; compare training "
              "methods within a column and PTQ methods within a row.</p>"]
+    if anchors:
+        conv = convention or "dnq"
+        caveat = ("" if conv == "paper" else f" This study quantizes under the {conv} convention, not the papers': "
+                  "the published figures are a reference, not the same quantizer.")
+        parts.append("<p class='note' id='anchors'>" + esc(
+            f"Columns marked ({anchors['short']}), in grey italics: published figures, not measured here. Source: "
+            f"{anchors['source']}; {anchors['setting']}; FP {anchors['fp']:.2f}. One published number per column, "
+            "beside every training row; never part of the * marking, of grid.csv or of any statistic of this report "
+            "(summary.json keeps them under published_anchors)." + caveat) + "</p>")
     for b in bits:
         parts.append(f"<h3 id='grid-{esc(b)}'>{esc(b)}</h3>")
-        parts.append(grid_html(grid[b], vars_))
+        parts.append(grid_html(grid[b], vars_, anchor_columns(anchors, b)))
     return parts
 
 

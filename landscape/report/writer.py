@@ -33,6 +33,7 @@ from .analysis import (
     training_by_ptq,
     variants,
 )
+from .anchors import anchors_for
 from .html import CSS, RENDER_JS, STATUS_JS, esc, json_default, script_json, write_csv
 from .sections import (
     correlation_section,
@@ -112,6 +113,7 @@ class _Report:
         self.mrows = report_mixed.mixed_rows(records, self.cfg)
         self.mtable = report_mixed.budget_table(self.mrows, self.cfg) if self.mrows else []
         self.comparison = method_comparison(self.rows, self.bits, self.vars_)  # the page and summary.json
+        self.anchors = anchors_for(self.cfg)  # published figures beside ours (never in a statistic)
 
     def write_tables(self, dest: Path, digest: str) -> None:
         """``summary.csv``, ``correlations.csv``, ``grid.csv``, ``mixed.csv`` (with mixed
@@ -143,6 +145,7 @@ class _Report:
                           if self.mrows else None),
                 "models": self.rows, "correlations": self.corr, "skipped_fits": self.skipped,
                 "methods_chosen_on_validation": self.comparison,
+                "published_anchors": self.anchors,
                 "prediction": {k: {"slope": f.slope, "slope_ci": f.slope_ci, "intercept": f.intercept, "n": f.n,
                                    "pearson_r": f.pearson_r, "spearman_rho": f.spearman_rho,
                                    "bootstrap_slope_ci": f.bootstrap_slope_ci, "bootstrap_unit": f.bootstrap_unit,
@@ -155,7 +158,9 @@ class _Report:
     def parts(self, dest: Path, place) -> list[str]:
         """The page's HTML sections, in order (figures through ``place``)."""
         bits, rows, vars_, note = self.bits, self.rows, self.vars_, unit_note(self.n_configs)
-        parts = header(self.cfg, self.meta, bits, len(self.records)) + grid_section(self.grid, bits, vars_)
+        conv = (self.cfg.get("ptq") or {}).get("convention") if isinstance(self.cfg.get("ptq"), dict) else None
+        parts = header(self.cfg, self.meta, bits, len(self.records))
+        parts += grid_section(self.grid, bits, vars_, self.anchors, conv)
         parts += report_mixed.section(self.mrows, self.cfg, place)
         parts += report_sampling.section(self.records, dest)  # sampling.csv; [] without instruments.replicates
         parts += summary_section(rows, bits, vars_) + methods_section(self.comparison, bits, vars_)

@@ -7,9 +7,12 @@ list of run specifications (method and noise strength ``lambda_max`` or SAM radi
 a list of values sweeps them), seeds, the PTQ bit-widths, and the budgets of the instruments.
 Presets: ``digits`` (the default, sized for a 2-core CPU), ``cifar10-subset`` (resnet20 on the
 CIFAR-10 subset in an ``.npz`` file: sgd, dnq, gaussian and sam, 2 seeds, PTQ rtn, rtn+bn and qdrop
-at 500 steps per block) and ``cifar100`` (the DNQ paper's setting for a GPU: 120 epochs, W4A4 /
-W2A4 / W2A2, every PTQ method at the papers' 20,000 steps); their measured wall times are in
-BENCHMARKS.md. Custom studies come from a JSON or TOML file with the same keys.
+at 500 steps per block), ``cifar100`` (the DNQ paper's setting for a GPU: 120 epochs, W4A4 /
+W2A4 / W2A2, every PTQ method at the papers' 20,000 steps) and ``paper`` (the seed's table:
+resnet18 on CIFAR-100, sgd and dnq trained for each bit-width, 3 seeds, PTQ under the papers'
+quantization convention, ``ptq.convention = "paper"``); their measured wall times are in
+BENCHMARKS.md, and :func:`~landscape.study.plan.make_plan` (``landscape study --plan``) estimates
+a study's before it runs. Custom studies come from a JSON or TOML file with the same keys.
 
 Layout of ``out/``::
 
@@ -92,7 +95,10 @@ The package, by job (each module imports only those above it in this list, and
   function) and :class:`Measure` (skip what is recorded, record the rest at once, the
   mixed-precision loop);
 * :mod:`~landscape.study.runner`: :class:`Study` (checks, lock, training, records) and
-  :func:`load_records`.
+  :func:`load_records`;
+* :mod:`~landscape.study.plan_timing`, :mod:`~landscape.study.plan`: the plan of a study (unit costs
+  timed on synthetic data of the dataset's shape, times the study's counts; nothing trained or
+  written), :func:`make_plan`, :func:`format_plan`.
 
 This module only re-exports their names (``from landscape.study import X`` works for all of them).
 
@@ -148,6 +154,7 @@ from .keys import (
 )
 from .measure import MEASUREMENTS, Measure
 from .measure_sampling import spread
+from .plan import Plan, format_plan, make_plan
 from .presets import DEFAULT_MIXED, DEFAULT_PTQ, PRESETS
 from .runner import Study, load_records
 from .summary import METHOD_SUFFIX, VARIANT_SUFFIX, summary_rows
@@ -162,10 +169,10 @@ _frozen, _hash = keys.frozen, keys.stable_hash
 __all__ = [
     "DEFAULT_MIXED", "DEFAULT_PTQ", "MEASUREMENTS", "METHOD_SUFFIX", "PRESETS", "STUDY_VERSION", "VARIANT_SUFFIX",
     "AccuracyKey", "BlockTraceKey", "CurvatureKey", "DensityKey", "EigenKey", "Instruments", "Measure",
-    "MeasureContext", "MeasurementKey", "MixedKey", "NoiseKey", "ReconPTQKey", "RoundingPTQKey", "SamplingKey",
-    "SensitivityKey", "SliceKey", "Study", "StudyConfig", "StudyError", "SurfaceKey", "TraceKey",
-    "WeightQuantizationLossKey", "check_device", "check_record", "load_config", "load_records", "measurement_keys",
-    "method_suffix", "mixed_measurement", "ptq_column", "ptq_key", "ptq_measurement", "read_record",
-    "read_study_json", "sensitivity_range", "spread", "summary_rows", "training_batches", "training_subsets",
-    "uniform_measurement",
+    "MeasureContext", "MeasurementKey", "MixedKey", "NoiseKey", "Plan", "ReconPTQKey", "RoundingPTQKey",
+    "SamplingKey", "SensitivityKey", "SliceKey", "Study", "StudyConfig", "StudyError", "SurfaceKey", "TraceKey",
+    "WeightQuantizationLossKey", "check_device", "check_record", "format_plan", "load_config", "load_records",
+    "make_plan", "measurement_keys", "method_suffix", "mixed_measurement", "ptq_column", "ptq_key",
+    "ptq_measurement", "read_record", "read_study_json", "sensitivity_range", "spread", "summary_rows",
+    "training_batches", "training_subsets", "uniform_measurement",
 ]

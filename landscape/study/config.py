@@ -12,6 +12,9 @@ Example:
     ...                              "seeds": [0, 1]})
     >>> [r["id"] for r in cfg.expand()]
     ['dnq-lam0.5-s0', 'dnq-lam0.5-s1', 'dnq-lam1-s0', 'dnq-lam1-s1']
+    >>> bits = StudyConfig.from_dict({"name": "demo", "runs": [{"method": "dnq", "train_bits": ["W4A4", "W2A2"]}]})
+    >>> [(r["id"], r["config"]) for r in bits.expand()]
+    [('dnq-W4A4-s0', 'dnq-W4A4'), ('dnq-W2A2-s0', 'dnq-W2A2')]
     >>> try:
     ...     StudyConfig.from_dict({"name": "demo", "seeds": []})
     ... except StudyError as e:
@@ -46,7 +49,7 @@ from .config_checks import (
     parse_ptq,
 )
 from .keys import stable_hash
-from .presets import DEFAULT_PTQ, PRESETS
+from .presets import DEFAULT_PTQ, PRESETS, PTQ_KEYS_OMITTED_AT_DEFAULT
 
 __all__ = ["Instruments", "StudyConfig", "StudyError", "load_config"]
 
@@ -86,9 +89,12 @@ class Instruments:
 class StudyConfig:
     """What to train and measure. ``runs`` is a list of dicts with a ``method`` and, optionally,
     ``lambda_max`` / ``sam_rho`` / any other :class:`dnq.train.TrainConfig` field; a list value
-    sweeps it; an optional ``name`` labels the run in the report. Every run is trained with each
-    of ``seeds``. ``ptq["variants"]`` lists the PTQ methods (the key keeps the name it has in
-    users' files and in the config hash; ``methods`` is accepted as its alias)."""
+    sweeps it; an optional ``name`` labels the run in the report; an optional ``train_bits`` (a
+    bit-width, or a list that sweeps) is the target the run's models are trained for, instead of
+    the study's ``train_bits``. Every run is trained with each of ``seeds``. ``ptq["variants"]``
+    lists the PTQ methods (the key keeps the name it has in users' files and in the config hash;
+    ``methods`` is accepted as its alias); ``ptq["convention"]`` is the quantization convention
+    (:mod:`dnq.convention`) and ``ptq["recon_lr_rule"]`` the reconstruction's learning-rate rule."""
 
     name: str = "study"
     data: str = "digits"
@@ -145,13 +151,24 @@ class StudyConfig:
         check_ptq(self.ptq)
         if self.mixed is not None:
             check_mixed(self.mixed)
+            if self.ptq["convention"] != "dnq":
+                raise StudyError(f"mixed precision is defined under the dnq convention only, and ptq.convention is "
+                                 f"{self.ptq['convention']!r}; set mixed to null (--set mixed=null) or "
+                                 "ptq.convention to \"dnq\"")
         check_instruments(self.instruments)
         for r in self.expand():  # every model's settings, sweeps expanded (duplicates refused there)
             for key, value in r["settings"].items():
                 check_setting(key, value, f"run {r['name']!r}")
 
     def hash(self) -> str:
-        return stable_hash(self.to_dict())
+        """The hash of the configuration (``study.json``, the report's header); the ``ptq`` keys
+        added after studies were stored (:data:`~landscape.study.presets.PTQ_KEYS_OMITTED_AT_DEFAULT`:
+        the quantization convention and the learning-rate rule) count only away from their default,
+        so an earlier study keeps its hash."""
+        d = self.to_dict()
+        d["ptq"] = {k: v for k, v in d["ptq"].items()
+                    if not (k in PTQ_KEYS_OMITTED_AT_DEFAULT and v == PTQ_KEYS_OMITTED_AT_DEFAULT[k])}
+        return stable_hash(d)
 
     def expand(self) -> list[dict]:
         """One dict of training settings per model, with its run id."""
@@ -186,8 +203,10 @@ def _run_id(s: dict, seed: bool = True) -> str:
         parts.append(f"lam{_fmt(s['lambda_max'])}")
     if s["method"] == "sam" and "sam_rho" in s:
         parts.append(f"rho{_fmt(s['sam_rho'])}")
+    if "train_bits" in s:  # the run's own target bit-width (a run key, not a training field)
+        parts.append(str(s["train_bits"]))
     for k in sorted(s):
-        if k not in ("method", "lambda_max", "sam_rho", "seed"):
+        if k not in ("method", "lambda_max", "sam_rho", "seed", "train_bits"):
             parts.append(f"{k}{_fmt(s[k])}")
     if seed:
         parts.append(f"s{s['seed']}")

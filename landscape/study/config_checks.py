@@ -23,6 +23,7 @@ import dataclasses
 import math
 import typing
 
+from dnq.convention import CONVENTIONS, check_convention
 from dnq.mixed import BUDGET_KINDS, OBJECTIVES
 from dnq.quant import MAX_BITS, MIN_BITS, RANGE_METHODS, parse_bits
 from dnq.recon import PTQ_METHODS
@@ -31,11 +32,16 @@ from dnq.train import TrainConfig
 from ..records import StudyError
 from .presets import DEFAULT_MIXED, DEFAULT_PTQ
 
-__all__ = ["check_bits", "check_instruments", "check_mixed", "check_ptq", "check_runs", "check_setting",
-           "check_top_level", "check_train", "parse_instruments", "parse_mixed", "parse_ptq"]
+__all__ = ["LR_RULES", "RUN_KEYS", "check_bits", "check_instruments", "check_mixed", "check_ptq", "check_runs",
+           "check_setting", "check_top_level", "check_train", "parse_instruments", "parse_mixed", "parse_ptq"]
 
 #: the fields of a training configuration (a run's or ``train``'s settings)
 TRAIN_FIELDS = frozenset(f.name for f in dataclasses.fields(TrainConfig))
+#: the keys a run may hold besides the training fields: a label, and the bit-width the run's model is trained for
+#: (``train_bits``, a bit-width or a list of them that sweeps; default the study's ``train_bits``)
+RUN_KEYS = frozenset({"name", "train_bits"})
+#: the reconstruction's learning-rate rules (``ptq.recon_lr_rule``; null: the convention's own)
+LR_RULES = ("paper", "scaled")
 #: the allowed types of every :class:`dnq.train.TrainConfig` field
 SETTING_TYPES = {k: typing.get_args(v) or (v,) for k, v in typing.get_type_hints(TrainConfig).items()}
 _TYPE_NAMES = {type(None): "null", bool: "true/false", int: "an integer", float: "a number", str: "a string"}
@@ -140,9 +146,10 @@ def check_runs(runs: list) -> None:
     for i, r in enumerate(runs):
         if "method" not in r:
             raise StudyError(f"run {i} has no 'method' (one of sgd, dnq, dnq-w, dnq-a, gaussian, sam)")
-        bad = sorted(set(r) - TRAIN_FIELDS - {"name"})
+        bad = sorted(set(r) - TRAIN_FIELDS - RUN_KEYS)
         if bad:
             raise StudyError(f"run {i}: unknown training settings {bad}")
+        _check_run_bits(i, r)
         if "seed" in r or "out" in r:
             raise StudyError(f"run {i}: {'seed' if 'seed' in r else 'out'} has no effect in a run (the study's "
                              "seeds and folder set it); remove it")
@@ -151,6 +158,25 @@ def check_runs(runs: list) -> None:
             raise StudyError(f"run {i}: {empty} sweep an empty list; give at least one value")
         if not isinstance(r.get("name", ""), (str, int, float)):
             raise StudyError(f"run {i}: name must be a string, got {r['name']!r}")
+
+
+def _check_run_bits(i: int, r: dict) -> None:
+    """A run's ``train_bits``: one bit-width (or a list) of one weight and one activation width, and
+    not together with ``wbits`` / ``abits``, which it sets."""
+    if "train_bits" not in r:
+        return
+    both = sorted({"wbits", "abits"} & set(r))
+    if both:
+        raise StudyError(f"run {i}: train_bits sets the target bits; remove {both} from the run (or train_bits)")
+    values = r["train_bits"] if isinstance(r["train_bits"], list) else [r["train_bits"]]
+    for v in values:
+        try:
+            ok = isinstance(v, str) and len(parse_bits(v)) == 1
+        except ValueError:
+            ok = False
+        if not ok:
+            raise StudyError(f"run {i}: train_bits must be a bit-width such as \"W4A4\" or a list of them (one "
+                             f"model per bit-width), got {v!r}")
 
 
 def check_train(train: dict) -> None:
@@ -205,14 +231,29 @@ def _check_recon(ptq: dict) -> None:
         raise StudyError(f"ptq.recon_range must be one of {', '.join(RANGE_METHODS)}, got {ptq['recon_range']!r}")
 
 
+def _check_convention(ptq: dict) -> None:
+    """``ptq.convention`` (:data:`dnq.convention.CONVENTIONS`) and ``ptq.recon_lr_rule``."""
+    try:
+        check_convention(ptq["convention"])
+    except ValueError:
+        raise StudyError(f"ptq.convention must be one of {', '.join(CONVENTIONS)} (dnq: this toolkit's own; paper: "
+                         f"the BRECQ / QDrop reference code's), got {ptq['convention']!r}") from None
+    rule = ptq["recon_lr_rule"]
+    if rule is not None and rule not in LR_RULES:
+        raise StudyError(f"ptq.recon_lr_rule must be null (the convention's own), {' or '.join(map(repr, LR_RULES))} "
+                         f"(the papers' fixed learning rates, or scaled by 20000 / recon_iters), got {rule!r}")
+
+
 def check_ptq(ptq: dict) -> None:
     """The ``ptq`` section (with its defaults): known keys, the methods, the reconstruction
-    settings, the fixed quantizer, ``first_last_bits`` and ``calib_size``."""
+    settings, the quantization convention and learning-rate rule, the fixed quantizer,
+    ``first_last_bits`` and ``calib_size``."""
     unknown = sorted(set(ptq) - set(DEFAULT_PTQ))
     if unknown:
         raise StudyError(f"ptq: unknown keys {unknown}; valid: {sorted(DEFAULT_PTQ)}")
     _check_ptq_methods(ptq)
     _check_recon(ptq)
+    _check_convention(ptq)
     fixed = {k: DEFAULT_PTQ[k] for k in ("weight_mode", "weight_granularity", "act", "range", "calib_split",
                                          "fold_bn")}
     changed = {k: ptq[k] for k in fixed if k in ptq and ptq[k] != fixed[k]}

@@ -24,7 +24,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from typing import ClassVar
 
+from dnq.convention import DEFAULT_CONVENTION
 from dnq.recon import RECON_METHODS, default_iters
 
 from ..records import ptq_measurement
@@ -63,12 +65,35 @@ class MeasurementKey:
     Records written before these classes (``study.json`` version 2 and older: hand-written dicts
     with one-letter fields, and a ``ptq`` key without the calibration seed) never match, so
     rerunning a study on such a folder measures every model again (trainings are kept).
+
+    A field added to a key class after studies were stored with it is listed in
+    :attr:`OMITTED_AT_DEFAULT` with the value every earlier measurement had: at that value it
+    is left out of the digest, so the stored measurements keep their keys (the PTQ keys'
+    ``convention``, issue 23), and any other value is hashed like every field.
     """
 
+    #: fields left out of the digest at the value given here (see the class doc)
+    OMITTED_AT_DEFAULT: ClassVar[dict] = {}
+
+    def digest_fields(self) -> dict:
+        """The fields the digest hashes: :func:`dataclasses.asdict` of the key without the
+        :attr:`OMITTED_AT_DEFAULT` fields at their default (recursively, for a key inside a key)."""
+        out = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if f.name in self.OMITTED_AT_DEFAULT and v == self.OMITTED_AT_DEFAULT[f.name]:
+                continue
+            if isinstance(v, MeasurementKey):
+                out[f.name] = v.digest_fields()
+            else:
+                out[f.name] = dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v
+        return out
+
     def digest(self, train_key: str, name: str) -> str:
-        """The stored key: a hash of ``train_key``, ``name``, the class name and every field."""
+        """The stored key: a hash of ``train_key``, ``name``, the class name and every field
+        (:meth:`digest_fields`)."""
         return stable_hash({"train": train_key, "name": name, "kind": type(self).__name__,
-                      "fields": dataclasses.asdict(self)})
+                            "fields": self.digest_fields()})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,8 +108,12 @@ class AccuracyKey(MeasurementKey):
 class RoundingPTQKey(MeasurementKey):
     """``ptq:<bits>`` / ``ptq+bn:<bits>`` (and the mixed-precision PTQ with ``rtn`` / ``rtn+bn``):
     :func:`dnq.quant.quantize` at ``bits`` with ``method``, ``calib_size`` calibration images drawn
-    with ``seed``, ``first_last_bits``, the weight ``range`` method and, for mixed precision, the
-    weight bits per layer (``bits_by_layer``, else None)."""
+    with ``seed``, ``first_last_bits``, the weight ``range`` method, for mixed precision the
+    weight bits per layer (``bits_by_layer``, else None), and the quantization ``convention``
+    (:mod:`dnq.convention`; left out of the digest at ``"dnq"``, the convention of every study
+    stored before conventions had names)."""
+
+    OMITTED_AT_DEFAULT: ClassVar[dict] = {"convention": DEFAULT_CONVENTION}
 
     bits: str
     method: str
@@ -93,14 +122,19 @@ class RoundingPTQKey(MeasurementKey):
     first_last_bits: int | None
     range: str
     bits_by_layer: tuple | None
+    convention: str = DEFAULT_CONVENTION
 
 
 @dataclasses.dataclass(frozen=True)
 class ReconPTQKey(MeasurementKey):
     """``ptq+<method>:<bits>`` for a reconstruction method (:func:`dnq.recon.reconstruct`): the
     steps per block (resolved for the device), calibration size and batch, initial ranges, the
-    seed of the calibration images and of the reconstruction, ``first_last_bits`` and the weight
-    bits per layer of mixed precision (else None)."""
+    seed of the calibration images and of the reconstruction, ``first_last_bits``, the weight
+    bits per layer of mixed precision (else None), the quantization ``convention`` and the
+    learning-rate rule ``lr_rule`` (None: the convention's own; :func:`dnq.ptq.apply_ptq`), both
+    left out of the digest at their defaults (``"dnq"``, None)."""
+
+    OMITTED_AT_DEFAULT: ClassVar[dict] = {"convention": DEFAULT_CONVENTION, "lr_rule": None}
 
     bits: str
     method: str
@@ -111,6 +145,8 @@ class ReconPTQKey(MeasurementKey):
     first_last_bits: int | None
     range: str
     bits_by_layer: tuple | None
+    convention: str = DEFAULT_CONVENTION
+    lr_rule: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -227,17 +263,21 @@ class SamplingKey(CurvatureKey):
 
 def ptq_key(cfg, bits: str, method: str, device, bits_by_layer: dict | None = None) -> RoundingPTQKey | ReconPTQKey:
     """The key of the study's PTQ (``cfg``: a :class:`landscape.study.StudyConfig`) at ``bits``
-    with ``method`` on ``device`` (``recon_iters`` resolved for it), optionally with
+    with ``method`` on ``device`` (``recon_iters`` resolved for it), under the study's
+    ``ptq.convention`` (and ``ptq.recon_lr_rule`` for a reconstruction), optionally with
     mixed-precision ``bits_by_layer``."""
     p, seed = cfg.ptq, cfg.instruments.seed
     per_layer = None if bits_by_layer is None else frozen(bits_by_layer)
+    convention = p.get("convention", DEFAULT_CONVENTION)
     if method in RECON_METHODS:
         iters = default_iters(device) if p["recon_iters"] is None else p["recon_iters"]
         return ReconPTQKey(bits=bits, method=method, seed=seed, calib_size=p["recon_calib_size"],
                            batch_size=p["recon_batch_size"], iters=iters, first_last_bits=p["first_last_bits"],
-                           range=p["recon_range"], bits_by_layer=per_layer)
+                           range=p["recon_range"], bits_by_layer=per_layer, convention=convention,
+                           lr_rule=p.get("recon_lr_rule"))
     return RoundingPTQKey(bits=bits, method=method, seed=seed, calib_size=p["calib_size"],
-                          first_last_bits=p["first_last_bits"], range=p["range"], bits_by_layer=per_layer)
+                          first_last_bits=p["first_last_bits"], range=p["range"], bits_by_layer=per_layer,
+                          convention=convention)
 
 
 def measurement_keys(cfg, device="cpu") -> dict[str, MeasurementKey]:

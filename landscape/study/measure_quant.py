@@ -18,14 +18,16 @@ Example:
     ['test_acc', 'test_loss', 'val_acc', 'val_loss']
     >>> key = RoundingPTQKey(bits="W4A4", method="rtn", seed=0, calib_size=32, first_last_bits=8,
     ...                      range="minmax", bits_by_layer=None)
-    >>> ptq(ctx, key)["variant"]
-    'rtn'
+    >>> r = ptq(ctx, key)
+    >>> r["variant"], r["convention"]
+    ('rtn', 'dnq')
 """
 
 from __future__ import annotations
 
 import torch.nn as nn
 
+from dnq.convention import describe
 from dnq.data import BatchLoader
 from dnq.ptq import apply_ptq
 from dnq.quant import parse_bits
@@ -59,20 +61,26 @@ def ptq(ctx: MeasureContext, key: RoundingPTQKey | ReconPTQKey) -> dict:
     """The study's PTQ (:data:`~landscape.study.presets.DEFAULT_PTQ`) at ``key.bits`` with one
     method (:func:`dnq.ptq.apply_ptq`): ``rtn``, ``rtn+bn`` (BatchNorm statistics re-estimated on
     the calibration images through the quantized model) or a reconstruction method (seeded with
-    the instruments' seed); ``key.bits_by_layer``: mixed-precision weight bits."""
+    the instruments' seed, its learning rates by ``key.lr_rule``); ``key.bits_by_layer``:
+    mixed-precision weight bits; ``key.convention``: the quantization convention
+    (:mod:`dnq.convention`), recorded with its description (``convention``,
+    ``convention_details``)."""
     (w, a), = parse_bits(key.bits)
     per_layer = None if key.bits_by_layer is None else dict(key.bits_by_layer)
     calib = ctx.ds.calibration_inputs(key.calib_size, key.seed)
     recon = isinstance(key, ReconPTQKey)
     q = apply_ptq(ctx.model, key.method, w, a, calib, range_method=key.range, first_last_bits=key.first_last_bits,
                   bits_by_layer=per_layer, seed=key.seed, iters=key.iters if recon else None,
-                  batch_size=key.batch_size if recon else 32, progress=ctx.progress)
-    out = {**accuracy(ctx, q), "variant": key.method}  # "variant": the record's name of the PTQ method
+                  batch_size=key.batch_size if recon else 32, progress=ctx.progress, convention=key.convention,
+                  lr_rule=key.lr_rule if recon else None)
+    out = {**accuracy(ctx, q), "variant": key.method,  # "variant": the record's name of the PTQ method
+           "convention": key.convention, "convention_details": describe(key.convention)}
     if recon:
-        units = [{k: u[k] for k in ("unit", "stage", "loss_before", "loss_after", "time_s")}
-                 for u in q.ptq_recon["units"]]
-        out.update({"calib_size": len(calib), "recon_iters": key.iters, "recon_time_s": q.ptq_recon["time_s"],
-                    "recon_units": units})
+        info = q.ptq_recon
+        units = [{k: u[k] for k in ("unit", "stage", "loss_before", "loss_after", "time_s")} for u in info["units"]]
+        out.update({"calib_size": len(calib), "recon_iters": key.iters, "recon_time_s": info["time_s"],
+                    "recon_units": units, "recon_lr_rule": info.get("lr_rule", key.lr_rule),
+                    "recon_lrs": {"weight_lr": info.get("weight_lr"), "act_lr": info.get("act_lr")}})
     return out
 
 

@@ -39,6 +39,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from dnq.convention import describe
 from dnq.data import load_dataset
 from dnq.errors import ConfigError, DataError, LockedError
 from dnq.models import build_model
@@ -110,7 +111,8 @@ class Study:
                     loaded[key] = load_dataset(tc.data, tc.data_root, tc.download, val_size=tc.val_size,
                                                val_seed=tc.val_seed)
                 except DataError as e:
-                    raise StudyError(f"{where}: cannot load dataset {tc.data!r}: {first_line(e)}") from None
+                    raise StudyError(f"{where}: cannot load dataset {tc.data!r}: {first_line(e)}"
+                                     + _study_data_hint(tc.data)) from None
             ds = loaded[key]
             n = len(ds.x_train)
             if tc.batch_size > n:
@@ -204,7 +206,7 @@ class Study:
             (self.out / "models").mkdir(parents=True, exist_ok=True)
             (self.out / "runs").mkdir(parents=True, exist_ok=True)
             new = {"version": STUDY_VERSION, "config": self.cfg.to_dict(), "hash": self.cfg.hash(),
-                   "updated": time.strftime("%Y-%m-%dT%H:%M:%S")}
+                   "convention": describe(self.cfg.ptq["convention"]), "updated": time.strftime("%Y-%m-%dT%H:%M:%S")}
             if "splits" in old and old.get("hash") == new["hash"]:
                 new["splits"] = old["splits"]
             atomic_write_json(meta, new)
@@ -325,16 +327,28 @@ class Study:
             atomic_write_json(self._record_path(rec["id"]), rec)
 
     def train_config(self, settings: dict, out: Path):
-        (w, a), = parse_bits(self.cfg.train_bits)
+        """The :class:`dnq.train.TrainConfig` of a model (``settings``: its expanded settings; a
+        ``train_bits`` among them is the model's target bit-width, else the study's)."""
+        settings = dict(settings)
+        (w, a), = parse_bits(settings.pop("train_bits", self.cfg.train_bits))
         base = {"data": self.cfg.data, "model": self.cfg.model, "wbits": w, "abits": a,
                 "data_root": self.cfg.data_root, "first_last_bits": self.cfg.ptq["first_last_bits"],
                 "device": "cpu" if self.device.type == "cpu" else ("cuda" if self.world > 1 else str(self.device))}
         return TrainConfig(**{**base, **settings, "out": str(out)})
 
+    def train_key(self, settings: dict) -> str:
+        """A model's training key: the hash of its training configuration without the settings that
+        do not change the model (its folder, device and data root)."""
+        cfg_train = self.train_config(settings, Path("."))
+        return stable_hash({k: v for k, v in cfg_train.to_dict().items() if k not in ("out", "device", "data_root")})
+
+    def run_dir(self, r: dict, tkey: str) -> Path:
+        """The run folder of model ``r`` (an item of :meth:`StudyConfig.expand`) with training key ``tkey``."""
+        return self.out / "runs" / f"{r['id']}-{tkey[:8]}"
+
     def run_one(self, r: dict) -> dict:
-        cfg_train = self.train_config(r["settings"], Path("."))
-        tkey = stable_hash({k: v for k, v in cfg_train.to_dict().items() if k not in ("out", "device", "data_root")})
-        run_dir = self.out / "runs" / f"{r['id']}-{tkey[:8]}"
+        tkey = self.train_key(r["settings"])
+        run_dir = self.run_dir(r, tkey)
         where = f"run {r['name']!r} ({run_dir})"
         rec = self._load_record(r["id"])
         if rec is None or rec.get("train_key") != tkey:
@@ -376,6 +390,16 @@ class Study:
         if meta.get("splits") != splits:
             atomic_write_json(path, {**meta, "splits": splits})
 
+
+
+def _study_data_hint(data: str) -> str:
+    """What a study's user sets for a torchvision dataset that is missing (the flags the data
+    layer names are ``dnq train``'s)."""
+    if data not in ("cifar10", "cifar100", "cifar10-subset"):
+        return ""
+    name = "cifar10" if data == "cifar10-subset" else data
+    return (f"; in a study: --set data_root=PATH for a folder that holds it (`dnq train --data {name} --download "
+            f"--data-root PATH ...` fetches it there), or --set data=npz:PATH")
 
 
 def load_records(path: str | os.PathLike, include_other: bool = False) -> list[dict]:
