@@ -231,7 +231,11 @@ CASES = [
     # flags: wrong values, missing values, unknown flags
     ("no-command-flag", lambda t: ["--nope"], "unrecognized arguments: --nope", None),
     ("unknown-command", lambda t: ["bogus"], "invalid choice: 'bogus'", None),
-    ("study-no-out", lambda t: ["study", "--config", _cfg(t)], "required: --out", None),
+    ("study-no-out", lambda t: ["study", "--config", _cfg(t)], "give --out FOLDER (or --plan", None),
+    ("plan-json-without-plan", lambda t: ["study", "--config", _cfg(t), "--plan-json", str(t / "p.json")],
+     "give --plan with it", None),
+    ("plan-json-a-folder", lambda t: ["study", "--config", _cfg(t), "--plan", "--plan-json", str(t)],
+     "give a file name in an existing folder", None),
     ("preset-unknown", lambda t: ["study", "--preset", "imagenet", "--out", str(t / "o")], "invalid choice", None),
     ("preset-no-value", lambda t: ["study", "--out", str(t / "o"), "--preset"], "expected one argument", None),
     ("preset-several-models", lambda t: ["study", "--preset", "cifar100", "--out", str(t / "o")], "several models",
