@@ -239,12 +239,10 @@ def _convention_weight_mode(convention: str, weight_mode: str | None) -> str:
 def _check_recon_settings(methods, weight_mode: str, fold_bn: bool, convention: str = "dnq") -> None:
     """Refuse settings the reconstruction methods do not take (they fold BatchNorm, and quantize
     weights symmetric per channel under the dnq convention, asymmetric under the paper one)."""
-    if convention == "paper":
-        weight_mode = "symmetric" if weight_mode == "asymmetric" else weight_mode
     if not fold_bn and any(v in RECON_METHODS for v in methods):
         raise ValueError("the reconstruction methods fold BatchNorm first (as the papers do); drop --no-fold-bn or "
                          "use rtn / rtn+bn only")
-    if weight_mode != "symmetric" and any(v in RECON_METHODS for v in methods):
+    if convention == "dnq" and weight_mode != "symmetric" and any(v in RECON_METHODS for v in methods):
         raise ValueError("the reconstruction methods quantize weights symmetric per channel; use --weight-mode "
                          "symmetric, or rtn / rtn+bn only")
 

@@ -316,9 +316,6 @@ class LSQActQuantizer(nn.Module):
 
 
 # -- blocks -------------------------------------------------------------------------------------
-_block_types = block_types
-
-
 def find_units(model: nn.Module, order: list[str], blocks: bool = True) -> list[tuple[str, list[str]]]:
     """The reconstruction units of ``model``: ``(module name, its Conv/Linear layers)`` in execution order.
 
@@ -327,7 +324,7 @@ def find_units(model: nn.Module, order: list[str], blocks: bool = True) -> list[
     vit-tiny) is one unit and every other Conv/Linear layer a unit of its own; without, every
     layer is a unit (AdaRound).
     """
-    kinds = _block_types() if blocks else ()
+    kinds = block_types() if blocks else ()
     block_of: dict[str, str] = {}
     for name, mod in model.named_modules():
         if name and isinstance(mod, kinds) and not any(name.startswith(b + ".") for b in set(block_of.values())):
