@@ -16,8 +16,17 @@ $(STAMP): $(PY) pyproject.toml
 
 venv: $(STAMP)
 
+# the whole suite. tests/test_readme.py (every README block, the digits demo study included: about half the suite's
+# time, one test) runs beside the rest, each with one thread, so that a 2-core machine is busy without asking for
+# more threads than it has; its report follows the rest's, and the target fails if either part fails
+TEST_ENV := OMP_NUM_THREADS=1 DNQ_TEST_THREADS=1
+
 test: $(STAMP)
-	$(PY) -m pytest
+	@rm -f .pytest-readme.log
+	@$(TEST_ENV) $(PY) -m pytest -p no:cacheprovider tests/test_readme.py >.pytest-readme.log 2>&1 & readme=$$!; \
+	$(TEST_ENV) $(PY) -m pytest --ignore=tests/test_readme.py; rest=$$?; \
+	wait $$readme; code=$$?; echo "--- tests/test_readme.py (ran beside the rest)"; cat .pytest-readme.log; \
+	test $$rest -eq 0 -a $$code -eq 0
 
 # ruff: pyflakes, pycodestyle at 120 columns, import order, bugbear, complexity <= 15, imports at the top
 # ([tool.ruff] in pyproject.toml); lint-imports: the layering contracts ([tool.importlinter])

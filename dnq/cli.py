@@ -1,4 +1,4 @@
-"""The ``dnq`` command: ``dnq train`` and ``dnq ptq``.
+"""The ``dnq`` command: ``dnq train``, ``dnq ptq`` and ``dnq export``.
 
 Every error a user can cause is one line on stderr and exit code 2
 (:func:`dnq_landscape_common.cli.guarded`); ``--debug`` or ``DNQ_DEBUG=1`` shows the traceback.
@@ -19,18 +19,23 @@ Example:
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 
 from dnq_landscape_common.cli import OneLineParser, UsageError, debug_requested, guarded
 from dnq_landscape_common.distributed import exit_distributed
 
 from .convention import CONVENTIONS
 from .data import DATASET_NAMES
+from .export.command import CheckFailed, export_run, sidecar_path
+from .export.onnx_graph import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET
+from .export.report import format_export
 from .methods import METHODS
 from .models import MODELS
 from .ptq import format_table, run_ptq
 from .quant import RANGE_METHODS, WEIGHT_MODES
-from .recon import LR_RULES
+from .recon import LR_RULES, PTQ_METHODS
 from .train import TrainConfig, train
 
 
@@ -180,7 +185,54 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--data-root", default=None, help="folder of the torchvision datasets (default: the run's)")
     q.add_argument("--quiet", action="store_true")
     q.add_argument("--debug", action="store_true", help="show the traceback of an error (also: DNQ_DEBUG=1)")
+    _export_parser(sub)
     return p
+
+
+def _export_parser(sub) -> None:
+    e = sub.add_parser("export", help="quantize a finished run with one PTQ setting and write it as an ONNX QDQ model",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    e.add_argument("run", help="run folder written by dnq train")
+    e.add_argument("--out", required=True, help="the ONNX file to write (and OUT.json, its sidecar); an earlier "
+                   "export is replaced only with --overwrite, a file dnq export did not write never")
+    e.add_argument("--bits", default=None, help="one WxAy setting, e.g. W4A4 (or --mixed)")
+    e.add_argument("--method", default="rtn", choices=PTQ_METHODS, help="the PTQ method")
+    e.add_argument("--range", dest="range_method", default="minmax", choices=RANGE_METHODS,
+                   help="clipping-range method of weights and activations")
+    e.add_argument("--convention", default="dnq", choices=CONVENTIONS, help="quantization convention (as dnq ptq)")
+    e.add_argument("--lr-rule", default=None, choices=LR_RULES, help="reconstruction learning rates (as dnq ptq)")
+    e.add_argument("--weight-mode", default=None, choices=WEIGHT_MODES,
+                   help="per-channel weight grid (default: the convention's)")
+    e.add_argument("--first-last-bits", type=_opt_bits, default=8,
+                   help="bits of the first and last layer ('none' quantizes them like the rest)")
+    e.add_argument("--calib-size", type=int, default=None,
+                   help="calibration training images (default: 256 for rtn and rtn+bn, 1024 for the reconstructions)")
+    e.add_argument("--iters", type=int, default=None,
+                   help="reconstruction steps per block (default: 20000 on a GPU, 500 on a CPU)")
+    e.add_argument("--recon-batch-size", type=int, default=32, help="images per reconstruction step")
+    e.add_argument("--mixed", default=None, metavar="KIND=VALUE",
+                   help="one mixed-precision budget (avg-bits=3, bytes=N or bops=N) instead of --bits, allocated as "
+                        "dnq ptq --mixed allocates it")
+    e.add_argument("--objective", default="predicted", help="the sensitivity the allocation minimises (one of "
+                   "predicted, hawq, measured)")
+    e.add_argument("--sensitivity", default=None, help="sensitivity file (default RUN/sensitivity.json)")
+    e.add_argument("--abits", type=int, default=4, help="activation bits with --mixed")
+    e.add_argument("--tie-shortcuts", action="store_true",
+                   help="with --mixed, layers reading the same input get the same bits")
+    e.add_argument("--opset", type=int, default=DEFAULT_OPSET,
+                   help=f"ONNX opset ({MIN_OPSET}..{MAX_OPSET}): 4-bit weights are stored as INT4 from 21, 2-bit as "
+                        "INT2 from 25, anything else in 8-bit integers")
+    e.add_argument("--check", action="store_true",
+                   help="run the export in onnxruntime on the test split and compare it with the fake-quantized "
+                        "model (exit code 1 when the accuracy differs by more than 0.1 point or the argmax "
+                        "agreement is below 99.5%%)")
+    e.add_argument("--overwrite", action="store_true", help="replace an earlier dnq export at --out")
+    e.add_argument("--device", default="auto", help="where the PTQ runs: auto (CUDA when present), cpu, cuda, cuda:N")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--data", default=None, metavar="npz:PATH", help="the run's dataset at another place")
+    e.add_argument("--data-root", default=None, help="folder of the torchvision datasets (default: the run's)")
+    e.add_argument("--quiet", action="store_true")
+    e.add_argument("--debug", action="store_true", help="show the traceback of an error (also: DNQ_DEBUG=1)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -214,7 +266,22 @@ def _run(args) -> int:
         conv = report["settings"]["convention"]
         print(f"quantization convention: {conv['convention']} ({conv['source']})")
         print(f"wrote {args.run}/ptq.json")
+    elif args.command == "export":
+        return _export(args)
     return 0
+
+
+def _export(args) -> int:
+    opts = {k: v for k, v in vars(args).items() if k not in ("command", "run", "out", "debug", "tie_shortcuts")}
+    try:
+        side = export_run(args.run, args.out, tie_shared_inputs=args.tie_shortcuts, **opts)
+    except CheckFailed as e:
+        print(f"dnq export: check failed: {e}", file=sys.stderr)
+        side, code = json.loads(sidecar_path(Path(args.out).expanduser()).read_text()), 1
+    else:
+        code = 0
+    print(format_export(side, args.out))
+    return code
 
 
 def entry() -> None:

@@ -33,6 +33,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import re
 import warnings
@@ -164,6 +165,80 @@ def quantize_weight(w: torch.Tensor, bits: int, mode: str = "symmetric", method:
     """Fake-quantize a weight tensor per output channel (see :func:`weight_qparams`)."""
     scale, zp, qmin, qmax = weight_qparams(w, bits, mode, method, percentile)
     return fake_quantize(w, _channel_view(scale, w), _channel_view(zp, w), qmin, qmax)
+
+
+@dataclasses.dataclass
+class WeightGrid:
+    """The per-output-channel integer grid a quantized layer's weight lies on:
+    ``weight[c] = (q - zero_point[c]) * scale[c]`` with integers ``q`` in ``[qmin, qmax]``.
+
+    Every PTQ method records it on the layer it quantizes (``layer.weight_grid``, a plain
+    attribute: it is not in the ``state_dict``), and :func:`dnq.quant._fold_pairs` keeps it true
+    when a BatchNorm is folded into an already quantized weight. The exporter
+    (:mod:`dnq.export`) stores the integers ``q`` it gives.
+
+    Example:
+        >>> w = torch.tensor([[-0.5, 0.25, 0.5]])
+        >>> grid = WeightGrid(torch.tensor([0.25]), torch.tensor([0.0]), -7, 7, 4)
+        >>> grid.levels(w).tolist()
+        [[-2, 1, 2]]
+        >>> flipped = grid.folded(torch.tensor([-2.0]))   # a BatchNorm with a negative factor
+        >>> flipped.levels(w * -2.0).tolist(), float(flipped.scale[0])
+        ([[2, -1, -2]], 0.5)
+    """
+
+    scale: torch.Tensor
+    zero_point: torch.Tensor
+    qmin: int
+    qmax: int
+    bits: int
+
+    @classmethod
+    def of(cls, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int, bits: int) -> "WeightGrid":
+        """A grid from a quantizer's parameters (any shape that flattens to one value per channel)."""
+        scale = scale.detach().reshape(-1).cpu().clone()
+        zp = zero_point.detach().reshape(-1).cpu().to(scale.dtype).clone()
+        return cls(scale, zp, int(qmin), int(qmax), int(bits))
+
+    def folded(self, factor: torch.Tensor) -> "WeightGrid":
+        """The grid of ``weight * factor[c]`` (a BatchNorm folded into the quantized weight): the
+        step scales by ``|factor|``; a negative factor mirrors the levels (``q -> qmin + qmax - q``),
+        so that the zero point moves to ``qmin + qmax - zero_point``. A zero factor keeps the grid."""
+        f = factor.detach().reshape(-1).cpu().to(self.scale.dtype)
+        neg = f < 0
+        scale = torch.where(f == 0, self.scale, self.scale * f.abs())
+        zp = torch.where(neg, self.qmin + self.qmax - self.zero_point, self.zero_point)
+        return WeightGrid(scale, zp, self.qmin, self.qmax, self.bits)
+
+    def dequantized(self, weight: torch.Tensor) -> torch.Tensor:
+        """``(levels(weight) - zero_point) * scale`` in the weight's dtype and device: the weight as
+        ONNX's ``DequantizeLinear`` computes it from the stored integers."""
+        view = (-1,) + (1,) * (weight.dim() - 1)
+        q = self.levels(weight).clamp(self.qmin, self.qmax).to(self.scale.dtype)
+        return ((q - self.zero_point.view(view)) * self.scale.view(view)).to(device=weight.device, dtype=weight.dtype)
+
+    def levels(self, weight: torch.Tensor) -> torch.Tensor:
+        """The integers ``q`` of ``weight`` on this grid (int64, the weight's shape), unchecked."""
+        view = (-1,) + (1,) * (weight.dim() - 1)
+        w = weight.detach().cpu().to(self.scale.dtype)
+        return (torch.round(w / self.scale.view(view)) + self.zero_point.view(view)).to(torch.int64)
+
+
+def record_weight_grid(layer: nn.Module, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
+                       bits: int) -> None:
+    """Set ``layer.weight_grid`` (:class:`WeightGrid`) for a weight just quantized with these parameters."""
+    object.__setattr__(layer, "weight_grid", WeightGrid.of(scale, zero_point, qmin, qmax, bits))
+
+
+def set_quantized_weight(layer: nn.Module, qparams, bits: int) -> None:
+    """Write the round-to-nearest weight on the per-channel grid ``qparams`` (``(scale, zero_point,
+    qmin, qmax)``, :func:`weight_qparams`'s) into ``layer.weight`` (:func:`quantize_weight`'s values)
+    and record the grid (:func:`record_weight_grid`)."""
+    scale, zp, qmin, qmax = qparams
+    w = layer.weight
+    with torch.no_grad():
+        w.copy_(fake_quantize(w, _channel_view(scale, w), _channel_view(zp, w), qmin, qmax))
+    record_weight_grid(layer, scale, zp, qmin, qmax, bits)
 
 
 def act_qparams(lo: float, hi: float, bits: int):
@@ -379,6 +454,11 @@ def _fold_pairs(model: nn.Module, pairs: list[tuple[str, str]]) -> None:
         bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
         conv.weight.mul_(_channel_view(factor, conv.weight))
         conv.bias = nn.Parameter((bias - bn.running_mean) * factor + beta)
+        grid = getattr(conv, "weight_grid", None)
+        if grid is not None:  # rtn+bn: the BatchNorm folds into an already quantized weight
+            grid = grid.folded(factor)
+            conv.weight.copy_(grid.dequantized(conv.weight))  # on the grid exactly, as an integer runtime has it
+            object.__setattr__(conv, "weight_grid", grid)
         model.set_submodule(bn_name, nn.Identity())
 
 
@@ -667,7 +747,7 @@ def quantize(model: nn.Module, wbits: int, abits: int, calib_data, *, weight_mod
     for name in order:
         layer = mods[name]
         wb, ab = bits_of[name]
-        layer.weight.copy_(quantize_weight(layer.weight, wb, weight_mode, range_method, percentile))
+        set_quantized_weight(layer, weight_qparams(layer.weight, wb, weight_mode, range_method, percentile), wb)
         lo, hi = observers[name].range(ab, act_range_method, percentile)
         scale, zp, qmin, qmax = act_qparams(lo, hi, ab)
         layer.input_quantizer = ActQuantizer(scale, zp, qmin, qmax, ab).to(device)

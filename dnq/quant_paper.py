@@ -50,6 +50,7 @@ from .quant import (
     layer_bits,
     ptq_method,
     quant_layers,
+    set_quantized_weight,
     weight_qparams,
 )
 
@@ -231,7 +232,8 @@ def quantize_paper(model: nn.Module, wbits: int, abits: int, calib_data, *, rang
     observers, _ = observe_sites(qmodel, sites, batches, device, seed=seed)
     for name in order:
         layer = qmodel.get_submodule(name)
-        layer.weight.copy_(paper_quantize_weight(layer.weight, wbits_of[name], range_method, percentile))
+        b = wbits_of[name]
+        set_quantized_weight(layer, paper_weight_qparams(layer.weight, b, range_method, percentile), b)
     bits = site_bits(sites, abits, first_last_bits)
     quantizers, info = {}, []
     for s in sites:

@@ -94,6 +94,7 @@ from .quant import (
     layer_bits,
     observe_inputs,
     quant_layers,
+    record_weight_grid,
     weight_qparams,
 )
 from .quant_paper import _weight_bits, observe_sites, paper_act_range, paper_weight_qparams, site_bits
@@ -706,6 +707,8 @@ def _finalize(qmodel, order, bits_of, weights, acts, paper: bool = False) -> lis
         weights[n].mode = "hard"
         parametrize.remove_parametrizations(layer, "weight", leave_parametrized=True)
         layer.weight.requires_grad_(True)
+        wq = weights[n]
+        record_weight_grid(layer, wq.scale, wq.zero_point, wq.qmin, wq.qmax, wq.bits)
         wb, ab = bits_of[n]
         if paper:
             info.append({"layer": n, "wbits": wb})

@@ -10,7 +10,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 CIFAR_NPZ = ROOT.parent / "shared" / "data" / "cifar10-subset.npz"
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# torch's threads in the tests: 2 (the development machines' cores), or DNQ_TEST_THREADS (`make test` runs the README
+# test beside the rest of the suite, one thread each, so that the two never ask for more threads than there are cores)
+TEST_THREADS = int(os.environ.get("DNQ_TEST_THREADS") or min(2, os.cpu_count() or 1))
+torch.set_num_threads(TEST_THREADS)
 
 
 def run_dnq(*args, timeout=600, check=True, **kw):

@@ -16,7 +16,7 @@ from dnq.data import BatchLoader, load_dataset
 from dnq.ptq import format_table
 from dnq.quant import PTQ_VARIANTS, fold_batchnorm, ptq_variant, quant_layers, quantize, quantize_weight, reestimate_bn
 from dnq.train import TrainConfig, evaluate, load_model, train
-from tests.conftest import UntraceableConvBN
+from tests.conftest import TEST_THREADS, UntraceableConvBN
 
 
 # ------------------------------------------------------------------------------ hand formulas
@@ -328,7 +328,7 @@ def test_bn_reestimate_never_touches_the_original(tiny_cnn, mode):
 def digits_run(tmp_path_factory):
     """A cnn-digits trained briefly on digits; its model.pt metadata names a validation split
     of 300 images (seed 1), as runs written with a validation split do."""
-    torch.set_num_threads(2)
+    torch.set_num_threads(TEST_THREADS)
     out = tmp_path_factory.mktemp("ptq_bn") / "run"
     train(TrainConfig(data="digits", model="cnn-digits", method="sgd", epochs=15, out=str(out), device="cpu", seed=0),
           quiet=True)

@@ -273,6 +273,46 @@ if not torch.cuda.is_available():
     PTQ_CASES.append((["--device", "cuda"], ["CUDA is not available"]))
 
 
+# every flag of dnq export with a bad value (or a bad combination): one line, nothing written
+EXPORT_CASES = [(["--bits", "junk"], ["bad bit setting"]), (["--bits", "W4A4,W2A4"], ["one bit setting"]),
+                (["--method", "gptq"], ["--method", "qdrop"]), (["--range", "kl"], ["--range", "minmax"]),
+                (["--convention", "x"], ["--convention"]), (["--lr-rule", "x"], ["--lr-rule"]),
+                (["--weight-mode", "x"], ["--weight-mode"]), (["--first-last-bits", "9"], ["2..8"]),
+                (["--calib-size", "0"], ["calib_size"]), (["--iters", "0"], ["iters"]),
+                (["--recon-batch-size", "0"], ["recon_batch_size"]), (["--mixed", "avg_bits=3"], ["bad budget"]),
+                (["--mixed", "avg-bits=3,4"], ["one budget"]),
+                (["--mixed", "avg-bits=3", "--objective", "curv"], ["one objective", "hawq"]),
+                (["--mixed", "avg-bits=3", "--abits", "9"], ["2..8"]),
+                (["--mixed", "avg-bits=3", "--sensitivity", "/nonexistent/s.json"], ["does not exist"]),
+                (["--mixed", "avg-bits=3", "--weight-mode", "asymmetric"], ["symmetric"]),
+                (["--tie-shortcuts"], ["--mixed"]), (["--opset", "30"], ["13..25"]), (["--opset", "x"], ["--opset"]),
+                (["--device", "tpu"], ["unknown device"]), (["--seed", "x"], ["--seed"]),
+                (["--data", "npz:/nonexistent/d.npz"], ["not found"]), (["--data-root", "/nonexistent",
+                 "--data", "cifar10"], ["cifar10"])]
+
+
+@pytest.mark.parametrize("args, needles", EXPORT_CASES, ids=[" ".join(a) for a, _ in EXPORT_CASES])
+def test_every_bad_export_input_is_one_line_and_writes_nothing(tmp_path, capsys, finished, args, needles):
+    pytest.importorskip("onnx")
+    run = _copy_run(finished, tmp_path / "run")
+    bits = [] if {"--bits", "--mixed"} & set(args) else ["--bits", "W4A4"]
+    bad, err = _one_line_refusal(capsys, ["export", str(run), "--quiet", "--out", str(tmp_path / "m.onnx"), *bits,
+                                          *args], needles, tmp_path)
+    assert not bad, (bad, err)
+
+
+def test_export_out_paths_are_refused_before_any_work(tmp_path, capsys, finished):
+    pytest.importorskip("onnx")
+    run = _copy_run(finished, tmp_path / "run")
+    for out, needles in ((tmp_path, ["is a folder"]), (tmp_path / "no" / "m.onnx", ["does not exist"])):
+        bad, err = _one_line_refusal(capsys, ["export", str(run), "--bits", "W4A4", "--out", str(out)], needles,
+                                     tmp_path)
+        assert not bad, (bad, err)
+    bad, err = _one_line_refusal(capsys, ["export", str(tmp_path / "nothing"), "--bits", "W4A4", "--out",
+                                          str(tmp_path / "m.onnx")], ["nothing does not exist"], tmp_path)
+    assert not bad, (bad, err)
+
+
 @pytest.mark.parametrize("args, needles", PTQ_CASES, ids=[" ".join(a) for a, _ in PTQ_CASES])
 def test_every_bad_ptq_input_is_one_line_and_writes_nothing(tmp_path, capsys, finished, args, needles):
     run = _copy_run(finished, tmp_path / "run")

@@ -8,6 +8,7 @@ itself in a fresh process (its peak RSS is then the instrument's, not the test s
 from __future__ import annotations
 
 import json
+import os
 import resource
 import sys
 import time
@@ -76,7 +77,7 @@ def least_squares_case(n: int = DIM, samples: int = 6, seed: int = 1):
 def main(case: str) -> None:
     import landscape
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(int(os.environ.get("DNQ_TEST_THREADS") or 2))  # tests/conftest.py's TEST_THREADS
     model, loss_fn, data, values, trace = (least_squares_case if case == "least-squares" else diagonal_case)()
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     op = landscape.HessianOperator(model, loss_fn, data, reduction="mean")

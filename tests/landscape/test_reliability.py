@@ -40,6 +40,7 @@ from landscape import (
 )
 from landscape.cli import main
 from landscape.study import Study, StudyConfig, StudyError
+from tests.conftest import TEST_THREADS
 
 ROOT = Path(__file__).resolve().parents[2]
 CE = nn.functional.cross_entropy
@@ -463,7 +464,7 @@ def test_the_report_module_entry_point_is_guarded_too(tmp_path, capsys):
 # -- a real (tiny) study: corrupt records, non-finite measurements, locks, CSV ------------------------
 @pytest.fixture(scope="module")
 def mini(tmp_path_factory):
-    torch.set_num_threads(2)
+    torch.set_num_threads(TEST_THREADS)
     out = tmp_path_factory.mktemp("mini") / "study"
     Study(StudyConfig.from_dict(MINI), out, device="cpu", progress=False).run()
     return out

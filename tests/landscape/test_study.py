@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from landscape.study import Study, StudyConfig, StudyError, load_config, load_records, summary_rows
+from tests.conftest import TEST_THREADS
 
 EVIL = "<script>alert(1)</script>"
 TINY = {
@@ -32,7 +33,7 @@ TINY = {
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
-    torch.set_num_threads(2)
+    torch.set_num_threads(TEST_THREADS)
     out = tmp_path_factory.mktemp("study") / "tiny"
     cfg = StudyConfig.from_dict(TINY)
     records = Study(cfg, out, device="cpu", progress=False).run()
@@ -469,7 +470,7 @@ def test_training_subsets_are_disjoint_and_the_first_is_the_study_images():
 
 @pytest.fixture(scope="module")
 def sampled(tmp_path_factory):
-    torch.set_num_threads(2)
+    torch.set_num_threads(TEST_THREADS)
     out = tmp_path_factory.mktemp("sampled") / "s"
     cfg = StudyConfig.from_dict({**TINY, "name": "sampled", "runs": [{"method": "sgd"}], "seeds": [0, 1],
                                  "bits": ["W4A4"], "instruments": {**TINY["instruments"], "replicates": 3,
