@@ -58,7 +58,7 @@ from ..sensitivity_file import model_hash, read_sensitivity
 from ..train import evaluate, load_model
 from .errors import ExportError, require
 from .onnx_graph import DEFAULT_OPSET, Normalization, build_onnx, check_opset
-from .roundtrip import ACC_TOLERANCE, MIN_AGREEMENT, checker, round_trip
+from .roundtrip import ACC_TOLERANCE, MIN_AGREEMENT, checker, round_trip, torch_logits
 
 SIDECAR_FORMAT = "dnq-export"
 WRITTEN_BY = "dnq export"
@@ -231,7 +231,8 @@ def export_run(run_dir, out, *, bits: str | None = None, method: str = "rtn", ra
                   "dnq.source_model_hash": model_hash(model)}
     proto, info = build_onnx(qmodel, calib[:2], opset=opset, normalization=norm, metadata=meta_props)
     data_bytes = proto.SerializeToString()
-    checker(data_bytes)
+    if not check:
+        checker(data_bytes)  # with check, check_export runs it
     float_proto, _ = build_onnx(fold_batchnorm(model), calib[:2], opset=opset, normalization=norm)
     float_bytes = float_proto.ByteSize()
     side = {
@@ -301,10 +302,12 @@ def _accuracy(qmodel, ds) -> dict:
 def check_export(qmodel, onnx_model, ds, norm: Normalization) -> dict:
     """The round trip on the test split: the export as written (gating the check) and under
     onnxruntime's default optimizations (reported; an error there is recorded, not raised)."""
+    checker(onnx_model)
     x, y = ds.x_test.cpu(), ds.y_test.cpu()
-    exported = round_trip(qmodel, onnx_model, x, y, norm, quantize_bias=False)
+    ref = torch_logits(qmodel, x, norm)  # ours once, for both sessions
+    exported = round_trip(qmodel, onnx_model, x, y, norm, quantize_bias=False, reference=ref, check_model=False)
     try:
-        default = round_trip(qmodel, onnx_model, x, y, norm, quantize_bias=True)
+        default = round_trip(qmodel, onnx_model, x, y, norm, quantize_bias=True, reference=ref, check_model=False)
     except Exception as e:  # noqa: BLE001 - onnxruntime's optimizer may refuse what its plain kernels run
         default = {"error": " ".join(str(e).split())[:300]}
     return {"split": "test", "exported": exported, "onnxruntime_default": default, "passed": exported["passed"],

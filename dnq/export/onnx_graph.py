@@ -54,9 +54,10 @@ from .trace import trace_quantized
 
 MIN_OPSET, DEFAULT_OPSET, MAX_OPSET = 13, 21, 25
 """13: per-channel ``DequantizeLinear``; 21: INT4/UINT4; 25: INT2/UINT2 (onnxruntime runs all three)."""
-SUPPORTED = ("Conv1d", "Conv2d", "Conv3d", "Linear", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "ReLU", "ReLU6",
-             "Hardtanh", "Identity", "Dropout", "Flatten", "MaxPool2d", "AvgPool2d", "AdaptiveAvgPool2d",
-             "add", "mul", "cat", "relu", "relu6", "flatten", "view", "reshape", "mean", "adaptive_avg_pool2d")
+_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.ReLU,
+           nn.ReLU6, nn.Hardtanh, nn.Identity, nn.Dropout, nn.Flatten, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d)
+SUPPORTED = (*(t.__name__ for t in _LAYERS), "add", "mul", "cat", "relu", "relu6", "flatten", "view", "reshape", "mean",
+             "adaptive_avg_pool2d")
 """The layers and functions the exporter translates (by class or function name)."""
 # ONNX tensor element types by name (onnx.TensorProto values), so that this module imports onnx lazily
 _ELEM = {"FLOAT": 1, "UINT8": 2, "INT8": 3, "INT64": 7, "UINT4": 21, "INT4": 22, "UINT2": 25, "INT2": 26}
@@ -400,9 +401,7 @@ class _Converter:
         self.refuse(f"the tensor method .{name}()", node.name)
 
 
-_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.modules.batchnorm._BatchNorm, nn.ReLU, nn.ReLU6, nn.Hardtanh,
-            nn.Identity, nn.Dropout, nn.Flatten, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, ActQuantizer,
-            nn.Sequential, nn.ModuleList, nn.ModuleDict)
+_MODULES = (*_LAYERS, ActQuantizer, nn.Sequential, nn.ModuleList, nn.ModuleDict)  # containers hold the others
 
 
 def _check_layers(model: nn.Module) -> None:

@@ -121,7 +121,7 @@ def torch_logits(model: nn.Module, images: torch.Tensor, normalization: Normaliz
 
 def round_trip(model: nn.Module, onnx_model, images: torch.Tensor, labels: torch.Tensor,
                normalization: Normalization | None, *, optimization: str = "all", quantize_bias: bool = False,
-               batch_size: int = 500) -> dict:
+               batch_size: int = 500, reference: np.ndarray | None = None, check_model: bool = True) -> dict:
     """Compare ``model`` with its export on ``images`` (see the module's notes on where they differ).
 
     Args:
@@ -133,6 +133,8 @@ def round_trip(model: nn.Module, onnx_model, images: torch.Tensor, labels: torch
         optimization: onnxruntime's graph optimization level (:data:`OPTIMIZATIONS`).
         quantize_bias: let onnxruntime quantize the float biases to int32 (its default; see
             :func:`session`).
+        reference: our logits for ``images`` when already computed (:func:`torch_logits`).
+        check_model: run ``onnx.checker`` first (off when the caller has).
 
     Returns:
         ``n``, ``acc_ours``, ``acc_onnx`` (percent), ``acc_diff`` (points), ``agreement`` (argmax,
@@ -143,8 +145,9 @@ def round_trip(model: nn.Module, onnx_model, images: torch.Tensor, labels: torch
         agreement at least :data:`MIN_AGREEMENT`).
     """
     ort = require("onnxruntime")
-    checker(onnx_model)
-    ref = torch_logits(model, images, normalization, batch_size)
+    if check_model:
+        checker(onnx_model)
+    ref = torch_logits(model, images, normalization, batch_size) if reference is None else reference
     got = onnx_logits(session(onnx_model, optimization, quantize_bias), images, batch_size)
     y = labels.detach().cpu().numpy()
     acc_ours = float((ref.argmax(1) == y).mean() * 100)
