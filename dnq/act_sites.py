@@ -43,8 +43,8 @@ import torch.nn.functional as F
 
 from .models.resnet import BasicBlock
 from .models.vit import Block
+from .quant import QUANT_LAYERS
 
-QUANT_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 _PASS = (nn.Identity, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.Dropout)
 _ACT_MODULES = (nn.ReLU, nn.ReLU6)
 _ACT_FUNCTIONS = {F.relu: "relu", torch.relu: "relu", F.relu6: "relu6", "relu": "relu", "relu_": "relu"}

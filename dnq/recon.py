@@ -77,7 +77,7 @@ from tqdm.auto import tqdm
 
 from dnq_landscape_common.precision import full_precision
 
-from .act_sites import attach_sites, block_types, paper_sites, unit_tail
+from .act_sites import _PRE_ACTS, attach_sites, block_types, paper_sites, unit_tail
 from .convention import check_convention
 from .errors import ReconstructionError
 from .quant import (
@@ -601,7 +601,7 @@ def _unit_forward(qmodel, unit: str, end: str | None, act: str | None):
     return forward
 
 
-_ACTS = {"relu": torch.nn.functional.relu, "relu6": torch.nn.functional.relu6}
+_ACTS = _PRE_ACTS  # the activations a unit's output can end in (the paper convention's, dnq.act_sites)
 
 
 def _reconstruct_unit(unit, layers, *, qmodel, fp, weights, acts, calib, device, budget, batch_size, gen, iters,
